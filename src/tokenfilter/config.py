@@ -1,0 +1,108 @@
+"""The one configuration object, and the verb that applies it: ``TokenFilter(...).apply(model)``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from tokenfilter.algorithm.scores import FUSIONS
+
+if TYPE_CHECKING:
+    from tokenfilter.integration.run import FilterRun
+
+
+@dataclass(frozen=True)
+class TokenFilter:
+    """Token Filtering configuration (see SPEC.md for every choice).
+
+    Set exactly one of ``ratio`` (target fraction of (real token, layer) attention computations skipped,
+    over all layers) or ``threshold`` (fixed score threshold: one number, or one per layer with ``None``
+    for layers that never filter).
+    """
+
+    ratio: float | None = None
+    threshold: float | Sequence[float | None] | None = None
+    gamma: float = 0.9
+    warmup: int = 4
+    fusion: Literal["variance", "mean", "key", "value"] = "variance"
+    lam: float = 1.0
+    schedule: str | Sequence[float] = "tail-linear"
+    start_layer: int | None = None
+    max_layer_ratio: float = 0.95
+    skip: Literal["attention", "block"] = "attention"
+    kv: Literal["drop", "keep"] = "drop"
+    pre_rope: bool = True
+    score: Literal["similarity", "random"] = "similarity"
+    seed: int = 0
+    record_decisions: bool = False
+    path: Literal["fast", "reference"] = "fast"
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.ratio is not None and self.threshold is not None:
+            raise ValueError("Set either ratio or threshold, not both.")
+        if self.ratio is None and self.threshold is None:
+            if not isinstance(self.schedule, str):
+                object.__setattr__(self, "ratio", sum(self.schedule) / len(self.schedule))
+            else:
+                raise ValueError("Set ratio (e.g. TokenFilter(ratio=0.5)) or threshold.")
+        if self.ratio is not None:
+            if isinstance(self.ratio, bool) or not isinstance(self.ratio, int | float) or math.isnan(self.ratio):
+                raise ValueError(f"ratio must be a number in [0, 1), got {self.ratio!r}.")
+            if not 0 <= self.ratio < 1:
+                raise ValueError(f"ratio must be in [0, 1), got {self.ratio}.")
+        if self.threshold is not None and not isinstance(self.threshold, int | float):
+            for t in self.threshold:
+                if t is not None and not isinstance(t, int | float):
+                    raise ValueError(f"Every per-layer threshold must be a number or None, got {t!r}.")
+        if not 0 <= self.gamma < 1:
+            raise ValueError(f"gamma must be in [0, 1), got {self.gamma}.")
+        if not isinstance(self.warmup, int) or self.warmup < 1:
+            raise ValueError(f"warmup must be an integer >= 1 (the first token seeds the anchors), got {self.warmup}.")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}.")
+        if self.lam < 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam}.")
+        if isinstance(self.schedule, str) and self.schedule not in ("tail-linear", "uniform"):
+            raise ValueError(f"schedule must be 'tail-linear', 'uniform' or a per-layer list, got {self.schedule!r}.")
+        if not isinstance(self.schedule, str):
+            object.__setattr__(self, "schedule", tuple(float(r) for r in self.schedule))
+            if self.ratio is not None and abs(sum(self.schedule) / len(self.schedule) - self.ratio) > 1e-6:
+                raise ValueError("With an explicit per-layer schedule, ratio must equal its mean (or be left out).")
+        if self.start_layer is not None and self.start_layer < 0:
+            raise ValueError(f"start_layer must be >= 0, got {self.start_layer}.")
+        if not 0 < self.max_layer_ratio <= 1:
+            raise ValueError(f"max_layer_ratio must be in (0, 1], got {self.max_layer_ratio}.")
+        if self.ratio is not None and self.ratio > self.max_layer_ratio:
+            raise ValueError(
+                f"ratio={self.ratio} is above max_layer_ratio={self.max_layer_ratio}; lower the ratio or raise the cap."
+            )
+        for name, allowed in (
+            ("skip", ("attention", "block")),
+            ("kv", ("drop", "keep")),
+            ("score", ("similarity", "random")),
+            ("path", ("fast", "reference")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}.")
+
+    @property
+    def mode(self) -> Literal["ratio", "threshold"]:
+        return "ratio" if self.ratio is not None else "threshold"
+
+    def replace(self, **changes: object) -> TokenFilter:
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        if "threshold" in changes and changes["threshold"] is not None and "ratio" not in changes:
+            changes["ratio"] = None
+        if "ratio" in changes and changes["ratio"] is not None and "threshold" not in changes:
+            changes["threshold"] = None
+        return dataclasses.replace(self, **changes)
+
+    def apply(self, model: object) -> FilterRun:
+        """Patch ``model`` for the duration of a ``with`` block; the returned run carries stats and decisions."""
+        from tokenfilter.integration.run import FilterRun
+
+        return FilterRun(self, model)

@@ -1,0 +1,290 @@
+"""The attention path of a filtered layer, installed in place of ``self_attn.forward``.
+
+Shapes: B batch, T tokens in this call, D hidden size, H/Hq key-value/query heads, d head dim.
+
+Per call, for one layer:
+1. K and V projections for every token (the decision needs them), the family's k-norm if any.
+2. Scores against the running anchors (pre- or post-RoPE keys), then decisions (True = filtered).
+3. Keys (with RoPE) and values of the stored tokens go into the layer's ``FilteredCacheLayer``.
+4. Fast path: only the kept tokens are gathered and run through the Q projection, attention and the
+   output projection, then scattered back; filtered tokens get a zero output so the residual passes.
+   Reference path: everything is computed and masked instead (same decisions, used to check the fast one).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenfilter.algorithm.anchors import ema_scan
+from tokenfilter.algorithm.decisions import above, running_quantile, top_ratio
+from tokenfilter.algorithm.scores import fuse, head_cosine
+from tokenfilter.integration.cache_layer import FilteredCacheLayer
+from tokenfilter.integration.families import sliding_window
+
+if TYPE_CHECKING:
+    from tokenfilter.integration.run import FilterRun
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as the supported families apply it. ``x``: ``[B, T, H, d]``; ``cos, sin``: ``[B, T, d]``."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+def compact_order(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Indices that bring each row's True entries to the front, in order.
+
+    ``mask``: ``[B, T]`` -> ``(order [B, N], valid [B, N], N)`` with N the largest row count.
+    """
+    counts = mask.sum(-1)
+    n = int(counts.max()) if mask.numel() else 0
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :n]
+    valid = torch.arange(n, device=mask.device)[None, :] < counts[:, None]
+    return order, valid, n
+
+
+def gather_rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``x``: ``[B, T, ...]``, ``order``: ``[B, N]`` -> ``[B, N, ...]``."""
+    idx = order.view(*order.shape, *([1] * (x.dim() - 2))).expand(*order.shape, *x.shape[2:])
+    return x.gather(1, idx)
+
+
+def attend(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    q_valid: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    k_pos: torch.Tensor,
+    k_valid: torch.Tensor,
+    scale: float,
+    window: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention by original column positions.
+
+    ``q``: ``[B, Hq, Q, d]``; ``q_pos, q_valid``: ``[B, Q]``; ``keys, values``: ``[B, H, K, d]``;
+    ``k_pos, k_valid``: ``[B, K]``. Returns ``(out [B, Hq, Q, d], pairs)`` where ``pairs`` counts the
+    (valid query, key) pairs attended.
+    """
+    allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
+    if window is not None:
+        allowed &= k_pos[:, None, :] > q_pos[:, :, None] - window
+    pairs = (allowed & q_valid[:, :, None]).sum()
+    allowed = allowed | ~allowed.any(-1, keepdim=True)  # rows of padding queries: any finite output
+    out = F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=allowed[:, None], scale=scale, enable_gqa=q.shape[1] != keys.shape[1]
+    )
+    return out, pairs
+
+
+class FilteredAttention:
+    """Replacement forward for one layer's attention module (see the module docstring)."""
+
+    def __init__(self, run: FilterRun, layer_idx: int, attn: nn.Module, target: float) -> None:
+        self.run, self.idx, self.attn = run, layer_idx, attn
+        self.cfg = run.config
+        self.target = target  # ratio of this layer (ratio mode) or its threshold (threshold mode)
+        self.window = sliding_window(attn)
+        self.fast = self.cfg.path == "fast"
+
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: object | None = None,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, None]:
+        attn, call = self.attn, self.run.call
+        b, t, _ = hidden_states.shape
+        d = attn.head_dim
+        real = call.real
+        cos, sin = (x.expand(b, -1, -1) for x in position_embeddings)
+
+        k = attn.k_proj(hidden_states).view(b, t, -1, d)
+        if getattr(attn, "k_norm", None) is not None:
+            k = attn.k_norm(k)
+        v = attn.v_proj(hidden_states).view(b, t, -1, d)
+        k_rot = rope(k, cos, sin)
+
+        state = self._state(past_key_values, b, k.shape[2], d, hidden_states.device)
+        decoding = t == 1 and state.columns > 0
+        cols = state.columns + torch.arange(t, device=hidden_states.device)
+        scores, eligible = self._score(k if self.cfg.pre_rope else k_rot, v, real, state)
+        filtered = self._decide(scores, eligible, real, state, decoding)
+        keep = real & ~filtered
+        store = keep if self.cfg.kv == "drop" else real
+        state.kv.append(k_rot.transpose(1, 2), v.transpose(1, 2), cols, store)
+        state.columns += t
+
+        q_sel = None
+        if self.fast:
+            out, pairs, q_sel = self._attend_fast(hidden_states, keep, cols, cos, sin, state)
+        else:
+            out, pairs = self._attend_reference(hidden_states, keep, real, cols, cos, sin, state)
+        call.keep[self.idx] = (keep, q_sel)
+        self.run.record_layer(self.idx, filtered=filtered, real=real, store=store, pairs=pairs)
+        return out, None
+
+    # -- state -----------------------------------------------------------------------------------
+    def _state(self, cache: object | None, b: int, heads: int, d: int, device: torch.device) -> FilteredCacheLayer:
+        if cache is None:  # use_cache=False: state for this call only
+            layer = self.run.call.transient.setdefault(self.idx, FilteredCacheLayer(ragged=self.fast))
+        else:
+            layers = cache.layers
+            while len(layers) <= self.idx:
+                layers.append(cache.layer_class_to_replicate())
+            layer = layers[self.idx]
+            if not isinstance(layer, FilteredCacheLayer):
+                if layer.get_seq_length() > 0:
+                    raise ValueError(
+                        "This cache was filled without Token Filtering; start from an empty cache inside the "
+                        "`with TokenFilter(...).apply(model)` block."
+                    )
+                layer = FilteredCacheLayer(ragged=self.fast)
+                layers[self.idx] = layer
+        layer.init_state(b, heads, d, device)
+        return layer
+
+    # -- scores and decisions ----------------------------------------------------------------------
+    def _score(
+        self, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor, state: FilteredCacheLayer
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores ``[B, T]`` (NaN for padding) and eligibility ``[B, T]``; advances anchors and counts."""
+        b, t = real.shape
+        order, valid, n = compact_order(real)
+        scores = torch.full((b, t), float("nan"), device=k.device)
+        eligible = torch.zeros(b, t, dtype=torch.bool, device=k.device)
+        if n == 0:
+            return scores, eligible
+        kc, vc = gather_rows(k, order), gather_rows(v, order)  # [B, N, H, d] real tokens, left-aligned
+        started = (state.real_seen > 0)[:, None, None]
+        init_k = torch.where(started, state.anchor_k, kc[:, 0].float())
+        init_v = torch.where(started, state.anchor_v, vc[:, 0].float())
+        a_k, a_v = ema_scan(kc, init_k, self.cfg.gamma), ema_scan(vc, init_v, self.cfg.gamma)
+        prev_k = torch.cat([init_k[:, None], a_k[:, :-1]], dim=1)  # anchor before each token's update
+        prev_v = torch.cat([init_v[:, None], a_v[:, :-1]], dim=1)
+        if self.cfg.score == "random":
+            s = self.run.random_scores(b, n).to(k.device)
+        else:
+            s = fuse(head_cosine(kc, prev_k), head_cosine(vc, prev_v), self.cfg.fusion, self.cfg.lam)
+
+        counts = valid.sum(-1)
+        last = (counts - 1).clamp(min=0)
+        rows = torch.arange(b, device=k.device)
+        has_new = (counts > 0)[:, None, None]
+        state.anchor_k = torch.where(has_new, a_k[rows, last], state.anchor_k)
+        state.anchor_v = torch.where(has_new, a_v[rows, last], state.anchor_v)
+        real_index = state.real_seen[:, None] + torch.arange(n, device=k.device)[None, :]
+        state.real_seen = state.real_seen + counts
+
+        scores.scatter_(1, order, s.float().masked_fill(~valid, float("nan")))
+        eligible.scatter_(1, order, valid & (real_index >= self.cfg.warmup))
+        return scores, eligible
+
+    def _decide(
+        self,
+        scores: torch.Tensor,
+        eligible: torch.Tensor,
+        real: torch.Tensor,
+        state: FilteredCacheLayer,
+        decoding: bool,
+    ) -> torch.Tensor:
+        if self.cfg.mode == "threshold":
+            return above(scores, eligible, self.target)
+        if decoding:
+            filtered = above(scores, eligible, running_quantile(state.history, 1 - self.target))
+        else:
+            filtered = top_ratio(scores, eligible, real.sum(-1), self.target)
+        state.add_history(scores, eligible)
+        return filtered
+
+    # -- attention ---------------------------------------------------------------------------------
+    def _queries(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``h``: ``[B, Q, D]`` -> queries with RoPE ``[B, Hq, Q, d]``."""
+        attn = self.attn
+        q = attn.q_proj(h).view(*h.shape[:2], -1, attn.head_dim)
+        if getattr(attn, "q_norm", None) is not None:
+            q = attn.q_norm(q)
+        return rope(q, cos, sin).transpose(1, 2)
+
+    def _attend_fast(
+        self,
+        h: torch.Tensor,
+        keep: torch.Tensor,
+        cols: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        state: FilteredCacheLayer,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        b, t, dim = h.shape
+        sel, q_valid, n = compact_order(keep)
+        if n == 0:
+            return h.new_zeros(b, t, dim), torch.zeros((), dtype=torch.long), None
+        all_kept = n == t and bool(q_valid.all())
+        if all_kept:  # nothing to gather
+            hs, cs, ss, q_pos = h, cos, sin, cols.expand(b, t)
+        else:
+            hs, cs, ss, q_pos = gather_rows(h, sel), gather_rows(cos, sel), gather_rows(sin, sel), cols[sel]
+        q = self._queries(hs, cs, ss)
+        keys, values, k_pos, k_valid = state.kv.view()
+        o, pairs = attend(q, q_pos, q_valid, keys, values, k_pos, k_valid, self.attn.scaling, self.window)
+        o = self.attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+        if all_kept:
+            return o, pairs, None
+        o = o * q_valid[..., None].to(o.dtype)
+        out = h.new_zeros(b, t, dim)
+        out.scatter_(1, sel[..., None].expand(-1, -1, dim), o)
+        return out, pairs, (sel, q_valid)
+
+    def _attend_reference(
+        self,
+        h: torch.Tensor,
+        keep: torch.Tensor,
+        real: torch.Tensor,
+        cols: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        state: FilteredCacheLayer,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, _ = h.shape
+        q = self._queries(h, cos, sin)
+        keys, values, k_pos, k_valid = state.kv.view()
+        o, _ = attend(q, cols.expand(b, t), real, keys, values, k_pos, k_valid, self.attn.scaling, self.window)
+        # count the pairs the kept queries attend, as the fast path does
+        allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= cols[None, :, None])
+        if self.window is not None:
+            allowed &= k_pos[:, None, :] > cols[None, :, None] - self.window
+        pairs = (allowed & keep[:, :, None]).sum()
+        o = self.attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+        return o * keep[..., None].to(o.dtype), pairs
+
+
+class FilteredMLP:
+    """Replacement MLP forward for ``skip="block"``: filtered tokens skip the MLP too (zero output)."""
+
+    def __init__(self, run: FilterRun, layer_idx: int, mlp: nn.Module) -> None:
+        self.run, self.idx, self.mlp = run, layer_idx, mlp
+        self.original = type(mlp).forward
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        keep, q_sel = self.run.call.keep[self.idx]
+        if self.run.config.path == "reference":
+            return self.original(self.mlp, x) * keep[..., None].to(x.dtype)
+        b, t, dim = x.shape
+        if q_sel is None:  # nothing filtered (or nothing kept) in this call
+            return self.original(self.mlp, x) if bool(keep.any()) else x.new_zeros(b, t, dim)
+        sel, q_valid = q_sel
+        y = self.original(self.mlp, gather_rows(x, sel)) * q_valid[..., None].to(x.dtype)
+        out = x.new_zeros(b, t, dim)
+        out.scatter_(1, sel[..., None].expand(-1, -1, dim), y)
+        return out

@@ -1,0 +1,106 @@
+"""``FilteredCacheLayer``: a transformers cache layer for one filtered decoder layer.
+
+It sits in ``DynamicCache.layers[l]`` in place of a ``DynamicLayer`` and holds everything the filter
+needs per sequence, so the state lives exactly as long as the cache (one ``generate`` call, or one
+user-managed cache): the stored keys/values (only the kept tokens with ``kv="drop"``), the anchors, the
+number of real tokens seen (for warm-up) and the history of scores (for the decode-time quantile).
+
+To the rest of transformers it reports the number of *columns* processed, as a ``DynamicLayer`` would,
+so positions and masks built for the unfiltered layers stay right.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from tokenfilter.integration.kv_store import MaskedKV, RaggedKV
+
+
+class FilteredCacheLayer(CacheLayerMixin):
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, ragged: bool = True) -> None:
+        super().__init__()
+        self.kv = RaggedKV() if ragged else MaskedKV()
+        self.columns = 0  # columns (real or padding) processed so far
+        self.anchor_k: torch.Tensor | None = None  # [B, H_kv, d] float32
+        self.anchor_v: torch.Tensor | None = None
+        self.real_seen: torch.Tensor | None = None  # [B] real tokens seen
+        self.history: torch.Tensor | None = None  # [B, N] eligible scores so far, NaN-padded
+        self.history_len: torch.Tensor | None = None  # [B]
+        self.is_initialized = True
+
+    # -- state used by the filter -------------------------------------------------------------
+    def init_state(self, batch: int, heads: int, head_dim: int, device: torch.device) -> None:
+        if self.real_seen is None:
+            self.anchor_k = torch.zeros(batch, heads, head_dim, device=device)
+            self.anchor_v = torch.zeros(batch, heads, head_dim, device=device)
+            self.real_seen = torch.zeros(batch, dtype=torch.long, device=device)
+            self.history = torch.empty(batch, 0, device=device)
+            self.history_len = torch.zeros(batch, dtype=torch.long, device=device)
+        elif self.real_seen.shape[0] != batch:
+            raise ValueError(
+                f"The cache holds {self.real_seen.shape[0]} sequences but this call has {batch}; "
+                "use a new cache for a new batch."
+            )
+
+    def add_history(self, scores: torch.Tensor, eligible: torch.Tensor) -> None:
+        """Append each row's eligible scores ``[B, T]`` to its history (left-aligned, NaN beyond)."""
+        n_new = eligible.sum(-1)
+        new_len = self.history_len + n_new
+        need = int(new_len.max())
+        if need > self.history.shape[1]:
+            grow = max(need, 2 * self.history.shape[1], 64) - self.history.shape[1]
+            pad = torch.full((self.history.shape[0], grow), float("nan"), device=self.history.device)
+            self.history = torch.cat([self.history, pad], dim=1)
+        bi, ti = eligible.nonzero(as_tuple=True)
+        dest = (self.history_len[:, None] + eligible.long().cumsum(-1) - 1)[bi, ti]
+        self.history[bi, dest] = scores[bi, ti].float()
+        self.history_len = new_len
+
+    # -- the CacheLayerMixin interface ------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        raise RuntimeError("A filtered layer's cache is written by Token Filtering's attention, not by update().")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.columns + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.columns
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def offload(self) -> None:
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+    def reset(self) -> None:
+        self.__init__(ragged=isinstance(self.kv, RaggedKV))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("Cropping a Token Filtering cache (assisted/speculative decoding) is not supported.")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.kv.select_batch(indices)
+        for name in ("anchor_k", "anchor_v", "real_seen", "history", "history_len"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t[indices.to(t.device)])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.real_seen is not None:
+            n = self.real_seen.shape[0]
+            self.batch_select_indices(torch.arange(n, device=self.real_seen.device).repeat_interleave(repeats))

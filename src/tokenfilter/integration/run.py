@@ -1,0 +1,201 @@
+"""``FilterRun``: installs Token Filtering on a model for the duration of a ``with`` block.
+
+Installed: a replacement ``forward`` on the attention module of every layer that filters (and on its
+MLP with ``skip="block"``), and a pre-hook on the decoder that reads each call's 2D attention mask (which
+tokens are real) and counts the dense work for the statistics. Layers that never filter keep their
+original code, so with nothing to filter the model is exactly the unmodified one. Everything is removed
+on exit, also when the body raises.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tokenfilter.algorithm.schedule import Schedule, resolve
+from tokenfilter.config import TokenFilter
+from tokenfilter.integration.attention import FilteredAttention, FilteredMLP
+from tokenfilter.integration.families import decoder_layers, sliding_window
+from tokenfilter.stats import FilterStats, FlopModel, LayerCounts
+
+_RUN_ATTR = "_tokenfilter_run"
+
+
+@dataclass
+class CallContext:
+    """What one forward call of the decoder shares between its layers."""
+
+    real: torch.Tensor  # [B, T] True = real token, False = padding
+    keep: dict[int, tuple] = field(default_factory=dict)  # layer -> (keep [B,T], kept-token gather or None)
+    transient: dict = field(default_factory=dict)  # layer -> state, when the call has no cache
+
+
+class FilterRun:
+    """The handle returned by ``TokenFilter.apply``; use it as a context manager."""
+
+    def __init__(self, config: TokenFilter, model: nn.Module) -> None:
+        self.config = config
+        self.model = model
+        self.layers = decoder_layers(model)
+        self.num_layers = len(self.layers)
+        self.flops = FlopModel.from_config(model.config)
+        self.schedule, self.targets = self._targets()
+        self.call: CallContext | None = None
+        self._handles: list = []
+        self._patched: list[nn.Module] = []
+        self._generator = torch.Generator().manual_seed(config.seed)
+        self.reset_stats()
+
+    # -- which layers filter, and how much -------------------------------------------------------------
+    def _targets(self) -> tuple[Schedule | None, dict[int, float]]:
+        cfg, n = self.config, self.num_layers
+        if not cfg.enabled:
+            return None, {}
+        if cfg.mode == "ratio":
+            sched = resolve(cfg.schedule, cfg.ratio, n, cfg.start_layer, cfg.max_layer_ratio)
+            return sched, {i: r for i, r in enumerate(sched.ratios) if r > 0}
+        start = n // 2 if cfg.start_layer is None else cfg.start_layer
+        if not 0 <= start < n:
+            raise ValueError(f"start_layer must be in [0, {n - 1}] for this model, got {cfg.start_layer}.")
+        if isinstance(cfg.threshold, int | float):
+            return None, {i: float(cfg.threshold) for i in range(start, n)}
+        taus = list(cfg.threshold)
+        if len(taus) != n:
+            raise ValueError(f"Give one threshold per layer ({n} for this model), got {len(taus)}.")
+        return None, {i: float(t) for i, t in enumerate(taus) if t is not None}
+
+    @property
+    def filtered_layers(self) -> list[int]:
+        return sorted(self.targets)
+
+    # -- install / remove ------------------------------------------------------------------------------
+    def __enter__(self) -> FilterRun:
+        if getattr(self.model, _RUN_ATTR, None) is not None:
+            raise RuntimeError("Token Filtering is already applied to this model; exit the other `with` block first.")
+        try:
+            for idx in self.filtered_layers:
+                layer = self.layers[idx]
+                self._patch(layer.self_attn, FilteredAttention(self, idx, layer.self_attn, self.targets[idx]))
+                if self.config.skip == "block":
+                    self._patch(layer.mlp, FilteredMLP(self, idx, layer.mlp))
+            decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model
+            self._signature = inspect.signature(decoder.forward)
+            self._handles.append(decoder.register_forward_pre_hook(self._before_call, with_kwargs=True))
+            self._handles.append(decoder.register_forward_hook(self._after_call, always_call=True))
+            setattr(self.model, _RUN_ATTR, self)
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._remove()
+
+    def _patch(self, module: nn.Module, forward: object) -> None:
+        module.forward = forward  # instance attribute shadows the class's forward
+        self._patched.append(module)
+
+    def _remove(self) -> None:
+        for module in self._patched:
+            module.__dict__.pop("forward", None)
+        self._patched.clear()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.call = None
+        if getattr(self.model, _RUN_ATTR, None) is self:
+            delattr(self.model, _RUN_ATTR)
+
+    # -- per call ----------------------------------------------------------------------------------------
+    def _before_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        ids, embeds = bound.get("input_ids"), bound.get("inputs_embeds")
+        ref = ids if ids is not None else embeds
+        if ref is None:
+            return
+        b, t = ref.shape[:2]
+        if b == 0 or t == 0:
+            raise ValueError("The input is empty: give at least one token per sequence.")
+        cache = bound.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        mask = bound.get("attention_mask")
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            mask = None if not self.targets else _raise_mask()
+        if mask is not None and mask.dim() != 2:
+            if self.targets:
+                _raise_mask()
+            mask = None
+        if mask is None:
+            real = torch.ones(b, t, dtype=torch.bool, device=ref.device)
+            seen = past + torch.arange(1, t + 1, device=ref.device).expand(b, t)
+        else:
+            real = mask[:, -t:].bool()
+            seen = mask.long().cumsum(-1)[:, -t:] if mask.shape[1] >= t else None
+            if seen is None or mask.shape[1] < past + t:  # mask covers only this chunk: past assumed real
+                seen = past + mask[:, -t:].long().cumsum(-1)
+        if past == 0:
+            self._decisions = []
+        self.call = CallContext(real=real)
+        self._call_decisions = {}
+        tokens = int(real.sum())
+        for idx, c in enumerate(self._counts):
+            window = sliding_window(self.layers[idx].self_attn)
+            s = seen.clamp(max=window) if window else seen
+            dense_pairs = int((s * real).sum())
+            c.tokens += tokens
+            c.pairs_dense += dense_pairs
+            if idx not in self.targets:
+                c.pairs += dense_pairs
+
+    def _after_call(self, module: nn.Module, args: tuple, output: object) -> None:
+        if self.call is not None and self.config.record_decisions:
+            b, t = self.call.real.shape
+            none = torch.zeros(b, t, dtype=torch.bool, device=self.call.real.device)
+            self._decisions.append([self._call_decisions.get(i, none) for i in range(self.num_layers)])
+        self.call = None
+
+    def record_layer(
+        self, idx: int, filtered: torch.Tensor, real: torch.Tensor, store: torch.Tensor, pairs: torch.Tensor
+    ) -> None:
+        c = self._counts[idx]
+        n_filtered = int(filtered.sum())
+        c.filtered += n_filtered
+        c.pairs += int(pairs)
+        c.kv_dropped += int((real & ~store).sum())
+        if self.config.skip == "block":
+            c.mlp_skipped += n_filtered
+        if self.config.record_decisions:
+            self._call_decisions[idx] = filtered.detach().clone()
+
+    def random_scores(self, b: int, n: int) -> torch.Tensor:
+        return torch.rand(b, n, generator=self._generator)
+
+    # -- results -------------------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self._counts = [LayerCounts() for _ in range(self.num_layers)]
+        self._decisions: list[list[torch.Tensor]] = []
+        self._call_decisions: dict[int, torch.Tensor] = {}
+
+    @property
+    def stats(self) -> FilterStats:
+        param = next(self.model.parameters())
+        return FilterStats.from_counts(self.flops, self._counts, param.element_size())
+
+    @property
+    def decisions(self) -> list[torch.Tensor]:
+        """Per layer, ``[batch, seq]`` bool (True = filtered) for the latest sequence (prompt + decoded)."""
+        if not self.config.record_decisions:
+            raise RuntimeError("Decisions were not recorded: use TokenFilter(..., record_decisions=True).")
+        if not self._decisions:
+            return []
+        return [torch.cat([call[i] for call in self._decisions], dim=1) for i in range(self.num_layers)]
+
+
+def _raise_mask() -> None:
+    raise ValueError(
+        "Token Filtering needs a 2D attention_mask [batch, length] (1 = real token); "
+        "a 4D or custom mask is not supported."
+    )
