@@ -132,7 +132,7 @@ class FilteredAttention:
         else:
             out, pairs = self._attend_reference(hidden_states, keep, real, cols, cos, sin, state)
         call.keep[self.idx] = (keep, q_sel)
-        self.run.record_layer(self.idx, filtered=filtered, real=real, store=store, pairs=pairs)
+        self.run.record_layer(self.idx, filtered=filtered, real=real, store=store, pairs=pairs, scores=scores)
         return out, None
 
     # -- state -----------------------------------------------------------------------------------

@@ -137,9 +137,9 @@ class FilterRun:
             if seen is None or mask.shape[1] < past + t:  # mask covers only this chunk: past assumed real
                 seen = past + mask[:, -t:].long().cumsum(-1)
         if past == 0:
-            self._decisions = []
+            self._decisions, self._scores = [], []
         self.call = CallContext(real=real)
-        self._call_decisions = {}
+        self._call_decisions, self._call_scores = {}, {}
         tokens = int(real.sum())
         for idx, c in enumerate(self._counts):
             window = sliding_window(self.layers[idx].self_attn)
@@ -154,11 +154,19 @@ class FilterRun:
         if self.call is not None and self.config.record_decisions:
             b, t = self.call.real.shape
             none = torch.zeros(b, t, dtype=torch.bool, device=self.call.real.device)
+            nan = torch.full((b, t), float("nan"), device=self.call.real.device)
             self._decisions.append([self._call_decisions.get(i, none) for i in range(self.num_layers)])
+            self._scores.append([self._call_scores.get(i, nan) for i in range(self.num_layers)])
         self.call = None
 
     def record_layer(
-        self, idx: int, filtered: torch.Tensor, real: torch.Tensor, store: torch.Tensor, pairs: torch.Tensor
+        self,
+        idx: int,
+        filtered: torch.Tensor,
+        real: torch.Tensor,
+        store: torch.Tensor,
+        pairs: torch.Tensor,
+        scores: torch.Tensor,
     ) -> None:
         c = self._counts[idx]
         n_filtered = int(filtered.sum())
@@ -169,6 +177,7 @@ class FilterRun:
             c.mlp_skipped += n_filtered
         if self.config.record_decisions:
             self._call_decisions[idx] = filtered.detach().clone()
+            self._call_scores[idx] = scores.detach().clone()
 
     def random_scores(self, b: int, n: int) -> torch.Tensor:
         return torch.rand(b, n, generator=self._generator)
@@ -177,7 +186,9 @@ class FilterRun:
     def reset_stats(self) -> None:
         self._counts = [LayerCounts() for _ in range(self.num_layers)]
         self._decisions: list[list[torch.Tensor]] = []
+        self._scores: list[list[torch.Tensor]] = []
         self._call_decisions: dict[int, torch.Tensor] = {}
+        self._call_scores: dict[int, torch.Tensor] = {}
 
     @property
     def stats(self) -> FilterStats:
@@ -187,11 +198,19 @@ class FilterRun:
     @property
     def decisions(self) -> list[torch.Tensor]:
         """Per layer, ``[batch, seq]`` bool (True = filtered) for the latest sequence (prompt + decoded)."""
+        return self._concat(self._decisions)
+
+    @property
+    def scores(self) -> list[torch.Tensor]:
+        """Per layer, ``[batch, seq]`` float32 scores (NaN for padding and for layers that never filter)."""
+        return self._concat(self._scores)
+
+    def _concat(self, calls: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         if not self.config.record_decisions:
             raise RuntimeError("Decisions were not recorded: use TokenFilter(..., record_decisions=True).")
-        if not self._decisions:
+        if not calls:
             return []
-        return [torch.cat([call[i] for call in self._decisions], dim=1) for i in range(self.num_layers)]
+        return [torch.cat([call[i] for call in calls], dim=1) for i in range(self.num_layers)]
 
 
 def _raise_mask() -> None:

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random-weight models of every supported family, and the real stories260K."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+STORIES = SHARED / "models" / "stories260K"
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+_COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    pad_token_id=0,
+    eos_token_id=None,
+)
+
+
+def make_tiny(family: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """A tiny random model of ``family``: GQA everywhere; Mistral with a 24-token sliding window,
+    Qwen2 with q/k/v biases, Qwen3 with q/k norms, Llama with attention biases."""
+    torch.manual_seed(seed)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**_COMMON, attention_bias=True))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**_COMMON, sliding_window=24))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**_COMMON))
+    elif family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**_COMMON, head_dim=16))
+    else:
+        raise ValueError(family)
+    model.config._attn_implementation = attn
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny(request: pytest.FixtureRequest) -> torch.nn.Module:
+    return make_tiny(request.param)
+
+
+@pytest.fixture(scope="session")
+def stories() -> torch.nn.Module:
+    if not (STORIES / "config.json").exists():
+        pytest.skip(f"{STORIES} is absent: the real-weights tests need ../shared/models/stories260K")
+    return AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
+
+
+def random_ids(batch: int, length: int, vocab: int = 128, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=g)
+
+
+def left_pad(seqs: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad 1-D id tensors into ``(input_ids, attention_mask)``."""
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), n, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, n - len(s) :] = s
+        mask[i, n - len(s) :] = 1
+    return ids, mask
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)

@@ -1,0 +1,77 @@
+"""Unit tests of the algorithm pieces: schedule, anchors, fusion, decision rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenfilter.algorithm.anchors import ema_scan
+from tokenfilter.algorithm.decisions import running_quantile, top_ratio
+from tokenfilter.algorithm.schedule import resolve
+from tokenfilter.algorithm.scores import fuse
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.2, 0.3, 0.45, 0.5, 0.7])
+@pytest.mark.parametrize("layers", [5, 30])
+def test_tail_linear_water_filling(ratio, layers):
+    sched = resolve("tail-linear", ratio, layers, None, 0.95)
+    r = sched.ratios
+    assert sum(r) / layers == pytest.approx(ratio, abs=1e-9)
+    assert max(r) <= 0.95 + 1e-12
+    assert all(x == 0 for x in r[: sched.start])
+    tail = r[sched.start :]
+    assert all(a <= b + 1e-12 for a, b in zip(tail, tail[1:], strict=False)), "non-decreasing ramp"
+    assert sched.start <= layers // 2
+
+
+def test_tail_extends_when_the_cap_binds():
+    sched = resolve("tail-linear", 0.6, 10, None, 0.95)  # 5 tail layers x 0.95 = 4.75 < 6
+    assert sched.start < 5
+    assert sum(sched.ratios) == pytest.approx(6.0)
+    with pytest.raises(ValueError, match="above max_layer_ratio"):
+        resolve("tail-linear", 0.96, 10, None, 0.95)
+
+
+def test_uniform_and_explicit():
+    u = resolve("uniform", 0.25, 8, 4, 0.95)
+    assert u.ratios == (0, 0, 0, 0, 0.5, 0.5, 0.5, 0.5)
+    e = resolve([0, 0.1, 0.2], 0.1, 3, None, 0.95)
+    assert e.ratios == (0, 0.1, 0.2) and e.start == 1
+
+
+def test_ema_scan_matches_recurrence():
+    torch.manual_seed(0)
+    x = torch.randn(2, 150, 3, 4)
+    init = torch.randn(2, 3, 4)
+    got = ema_scan(x, init, 0.9)
+    a = init.clone()
+    for t in range(150):
+        a = 0.9 * a + 0.1 * x[:, t]
+        torch.testing.assert_close(got[:, t], a, atol=1e-5, rtol=1e-5)
+
+
+def test_fusion_variance_prefers_consistent_signal():
+    s_k = torch.tensor([[0.9, 0.9, 0.9, 0.9]])  # heads agree
+    s_v = torch.tensor([[0.1, 0.9, 0.1, 0.9]])  # heads disagree
+    fused = fuse(s_k, s_v, "variance", lam=1.0)
+    assert fused.item() == pytest.approx(0.9, abs=1e-3)  # almost all weight on K, which has no spread
+    assert fuse(s_k, s_v, "mean", 1.0).item() == pytest.approx(0.7)
+    # disagreement lowers the score of V alone by lam * sigma
+    assert fuse(s_v, s_v, "variance", lam=1.0).item() == pytest.approx(0.5 - 0.4)
+
+
+def test_top_ratio_counts_and_eligibility():
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0]])
+    eligible = torch.ones(1, 10, dtype=torch.bool)
+    eligible[0, :2] = False
+    out = top_ratio(scores, eligible, torch.tensor([10]), 0.3)
+    assert out.tolist() == [[False, False, True, True, True, False, False, False, False, False]]
+    # never more than the eligible tokens
+    out = top_ratio(scores, eligible, torch.tensor([10]), 0.9)
+    assert int(out.sum()) == 8
+
+
+def test_running_quantile_ignores_empty_slots():
+    hist = torch.tensor([[1.0, 2.0, 3.0, float("nan")], [float("nan")] * 4])
+    q = running_quantile(hist, 0.5)
+    assert q[0].item() == 2.0 and q[1].isnan()

@@ -1,0 +1,193 @@
+"""SPEC guarantees 1-4: identity when nothing is filtered, prefill == decode, fast == reference, padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import left_pad, make_tiny, positions, random_ids
+from tokenfilter import TokenFilter
+
+
+def logits(model, ids, mask=None, **kw):
+    with torch.no_grad():
+        pos = positions(mask) if mask is not None else None
+        return model(ids, attention_mask=mask, position_ids=pos, **kw).logits
+
+
+def thresholds_that_filter(model, ids, level: float = 0.5) -> list[float | None]:
+    """Per-layer thresholds at a quantile of the observed scores, so that some tokens are really filtered."""
+    with TokenFilter(threshold=2.0, record_decisions=True).apply(model) as run:
+        logits(model, ids)
+    taus = []
+    for s in run.scores:
+        s = s[~s.isnan()]
+        taus.append(float(s.quantile(level)) if s.numel() else None)
+    return taus
+
+
+# -- 1. nothing filtered: the unmodified model, bit for bit ------------------------------------------------
+@pytest.mark.parametrize(
+    "cfg",
+    [TokenFilter(ratio=0.0), TokenFilter(ratio=0.5, enabled=False), TokenFilter(threshold=1.5)],
+    ids=["ratio0", "disabled", "threshold>1"],
+)
+def test_nothing_filtered_is_bit_identical(tiny, cfg):
+    """torch.equal: with ratio 0 / disabled no layer is patched; with a threshold above 1 the filtered path runs
+    but keeps every token, and its attention (SDPA over the same keys) happens to give the same bits on CPU."""
+    ids = random_ids(2, 40)
+    dense = logits(tiny, ids)
+    with torch.no_grad():
+        dense_gen = tiny.generate(ids[:, :12], max_new_tokens=8, do_sample=False)
+    with cfg.apply(tiny) as run:
+        out = logits(tiny, ids)
+        with torch.no_grad():
+            gen = tiny.generate(ids[:, :12], max_new_tokens=8, do_sample=False)
+    assert torch.equal(dense, out)
+    assert torch.equal(dense_gen, gen)
+    assert run.stats.ratio == 0.0
+
+
+@pytest.mark.parametrize("cfg", [TokenFilter(ratio=0.0), TokenFilter(threshold=1.5)], ids=["ratio0", "threshold>1"])
+def test_nothing_filtered_real_weights(stories, cfg):
+    ids = torch.tensor([[1] + list(range(20, 120))])
+    dense = logits(stories, ids)
+    with torch.no_grad():
+        dense_gen = stories.generate(torch.tensor([[1]]), max_new_tokens=30, do_sample=False)
+    with cfg.apply(stories):
+        assert torch.equal(dense, logits(stories, ids))
+        with torch.no_grad():
+            assert torch.equal(dense_gen, stories.generate(torch.tensor([[1]]), max_new_tokens=30, do_sample=False))
+
+
+def test_nothing_filtered_bf16(tiny):
+    tiny = tiny.to(torch.bfloat16)
+    ids = random_ids(2, 40)
+    with TokenFilter(ratio=0.0).apply(tiny):
+        assert torch.equal(logits(tiny, ids), logits(tiny, ids))
+    dense = logits(tiny, ids)
+    with TokenFilter(threshold=1.5).apply(tiny):
+        torch.testing.assert_close(logits(tiny, ids), dense, atol=2e-2, rtol=2e-2)
+
+
+# -- 2. threshold mode is causal: prefill == token-by-token decode -------------------------------------------
+@pytest.mark.parametrize("kv", ["drop", "keep"])
+@pytest.mark.parametrize("skip", ["attention", "block"])
+def test_threshold_prefill_equals_decode(tiny, kv, skip):
+    ids = random_ids(1, 48)
+    taus = thresholds_that_filter(tiny, ids)
+    cfg = TokenFilter(threshold=taus, kv=kv, skip=skip, record_decisions=True)
+    with cfg.apply(tiny) as run, torch.no_grad():
+        prefill = tiny(ids).logits
+        prefill_dec = run.decisions
+        out = tiny(ids[:, :1], use_cache=True)
+        steps = [out.logits]
+        cache = out.past_key_values
+        for t in range(1, ids.shape[1]):
+            out = tiny(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+        decode_dec = run.decisions
+    assert sum(int(d.sum()) for d in prefill_dec) > 0, "the thresholds should filter some tokens"
+    for a, b in zip(prefill_dec, decode_dec, strict=True):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(torch.cat(steps, dim=1), prefill, atol=1e-5, rtol=1e-5)
+
+
+def test_threshold_prefill_equals_decode_real_weights(stories):
+    ids = torch.tensor([[1] + list(range(40, 100))])
+    taus = thresholds_that_filter(stories, ids)
+    with TokenFilter(threshold=taus).apply(stories) as run, torch.no_grad():
+        prefill = stories(ids).logits
+        cache, steps = None, []
+        for t in range(ids.shape[1]):
+            out = stories(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+    assert run.stats.ratio > 0
+    torch.testing.assert_close(torch.cat(steps, dim=1), prefill, atol=1e-5, rtol=1e-5)
+
+
+# -- 3. fast path == reference path ------------------------------------------------------------------------
+@pytest.mark.parametrize("kv", ["drop", "keep"])
+@pytest.mark.parametrize("skip", ["attention", "block"])
+@pytest.mark.parametrize("mode", ["ratio", "threshold"])
+def test_fast_equals_reference(tiny, kv, skip, mode):
+    ids, mask = left_pad([random_ids(1, 70, seed=2)[0], random_ids(1, 52, seed=3)[0]])
+    extra = dict(ratio=0.4) if mode == "ratio" else dict(threshold=thresholds_that_filter(tiny, ids))
+    results = {}
+    for path in ("fast", "reference"):
+        cfg = TokenFilter(**extra, kv=kv, skip=skip, path=path, record_decisions=True)
+        with cfg.apply(tiny) as run:
+            out = logits(tiny, ids, mask)
+            with torch.no_grad():
+                gen = tiny.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+            results[path] = (out, run.decisions, gen, run.stats)
+    (f_out, f_dec, f_gen, f_stats), (r_out, r_dec, r_gen, r_stats) = results["fast"], results["reference"]
+    real = mask.bool()
+    torch.testing.assert_close(f_out[real], r_out[real], atol=1e-5, rtol=1e-5)
+    for a, b in zip(f_dec, r_dec, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(f_gen, r_gen)
+    assert f_stats.ratio > 0
+    assert f_stats.as_dict() == r_stats.as_dict()
+
+
+def test_fast_equals_reference_bf16(tiny):
+    tiny = tiny.to(torch.bfloat16)
+    ids = random_ids(2, 64)
+    outs, decs = [], []
+    for path in ("fast", "reference"):
+        with TokenFilter(ratio=0.4, path=path, record_decisions=True).apply(tiny) as run:
+            outs.append(logits(tiny, ids).float())
+            decs.append(run.decisions)
+    assert all(torch.equal(a, b) for a, b in zip(*decs, strict=True))
+    torch.testing.assert_close(outs[0], outs[1], atol=3e-2, rtol=3e-2)
+
+
+# -- 4. left padding: each sequence as if alone ----------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["ratio", "threshold"])
+@pytest.mark.parametrize("path", ["fast", "reference"])
+def test_left_padded_batch_equals_alone(tiny, mode, path):
+    seqs = [random_ids(1, n, seed=s)[0] for n, s in ((72, 4), (64, 5), (90, 6))]
+    ids, mask = left_pad(seqs)
+    extra = dict(ratio=0.5) if mode == "ratio" else dict(threshold=thresholds_that_filter(tiny, ids[:1]))
+    cfg = TokenFilter(**extra, path=path, record_decisions=True)
+    with cfg.apply(tiny) as run:
+        batch = logits(tiny, ids, mask)
+        batch_dec = run.decisions
+        with torch.no_grad():
+            batch_gen = tiny.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        for i, s in enumerate(seqs):
+            alone = logits(tiny, s[None])
+            n = len(s)
+            torch.testing.assert_close(batch[i, -n:], alone[0], atol=1e-5, rtol=1e-5)
+            for layer_dec, alone_dec in zip(batch_dec, run.decisions, strict=True):
+                assert torch.equal(layer_dec[i, -n:], alone_dec[0])
+                assert not layer_dec[i, :-n].any(), "padding is never 'filtered'"
+            with torch.no_grad():
+                gen = tiny.generate(s[None], max_new_tokens=8, do_sample=False)
+            assert torch.equal(batch_gen[i, -8:], gen[0, -8:])
+
+
+def test_sampling_generate_runs_and_is_seeded(tiny):
+    ids = random_ids(2, 30)
+    outs = []
+    with TokenFilter(ratio=0.3).apply(tiny) as run:
+        for _ in range(2):
+            torch.manual_seed(7)
+            with torch.no_grad():
+                outs.append(tiny.generate(ids, max_new_tokens=10, do_sample=True, top_k=20))
+    assert torch.equal(outs[0], outs[1])
+    assert outs[0].shape == (2, 40)
+    assert 0 < run.stats.ratio < 0.5
+
+
+def test_eager_attention_model(tiny):
+    """The filtered path does not depend on the model's attention implementation."""
+    eager = make_tiny(tiny.config.model_type, attn="eager")
+    ids = random_ids(1, 50)
+    outs = []
+    for m in (tiny, eager):
+        with TokenFilter(ratio=0.4).apply(m):
+            outs.append(logits(m, ids))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)

@@ -1,0 +1,139 @@
+"""SPEC guarantee 5 and the cache: realized ratio, warm-up, tail layers, what the cache really holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import left_pad, make_tiny, random_ids
+from tokenfilter import TokenFilter
+from tokenfilter.integration.cache_layer import FilteredCacheLayer
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 0.7])
+@pytest.mark.parametrize("schedule", ["tail-linear", "uniform"])
+def test_realized_ratio_matches_target(tiny, ratio, schedule):
+    ids, mask = left_pad([random_ids(1, n, seed=n)[0] for n in (64, 100, 81)])
+    cfg = TokenFilter(ratio=ratio, schedule=schedule, max_layer_ratio=0.95, record_decisions=True)
+    with cfg.apply(tiny) as run, torch.no_grad():
+        tiny(ids, attention_mask=mask)
+    assert abs(run.stats.ratio - ratio) <= 0.02
+    assert run.stats.tokens == int(mask.sum())
+    # per sequence too: the realized ratio of each row is on target
+    for row in range(3):
+        n_real = int(mask[row].sum())
+        per_row = sum(int(d[row].sum()) for d in run.decisions) / (n_real * len(run.decisions))
+        assert abs(per_row - ratio) <= 0.02
+
+
+def test_warmup_and_head_layers_never_filtered(tiny):
+    ids = random_ids(2, 80)
+    cfg = TokenFilter(ratio=0.6, warmup=7, record_decisions=True)
+    with cfg.apply(tiny) as run, torch.no_grad():
+        tiny.generate(ids, max_new_tokens=10, do_sample=False)
+    filtered_layers = set(run.filtered_layers)
+    assert filtered_layers == {i for i, r in enumerate(run.schedule.ratios) if r > 0}
+    assert min(filtered_layers) >= run.schedule.start
+    for layer, dec in enumerate(run.decisions):
+        assert dec.shape == (2, 89)
+        assert not dec[:, :7].any(), "warm-up tokens are never filtered"
+        if layer not in filtered_layers:
+            assert not dec.any()
+        else:
+            assert dec.any()
+
+
+def test_decode_uses_running_quantile(tiny):
+    """In decoding, each filtered layer keeps filtering close to its per-layer target."""
+    ids = random_ids(1, 64)
+    with TokenFilter(ratio=0.5, record_decisions=True).apply(tiny) as run, torch.no_grad():
+        tiny.generate(ids, max_new_tokens=120, do_sample=False, min_new_tokens=120)
+    ratios = run.schedule.ratios
+    for layer in run.filtered_layers:
+        decode_part = run.decisions[layer][0, 64:].float().mean().item()
+        assert abs(decode_part - ratios[layer]) < 0.2, (layer, decode_part, ratios[layer])
+
+
+@pytest.mark.parametrize("path", ["fast", "reference"])
+def test_kv_drop_cache_holds_exactly_the_kept_tokens(tiny, path):
+    ids, mask = left_pad([random_ids(1, 70, seed=8)[0], random_ids(1, 66, seed=9)[0]])
+    cfg = TokenFilter(ratio=0.5, path=path, record_decisions=True)
+    with cfg.apply(tiny) as run, torch.no_grad():
+        out = tiny(ids, attention_mask=mask, use_cache=True)
+        out = tiny(torch.tensor([[5], [6]]), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+                   past_key_values=out.past_key_values, use_cache=True)
+    cache = out.past_key_values
+    real = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1).bool()
+    dropped = 0
+    for layer, dec in enumerate(run.decisions):
+        entry = cache.layers[layer]
+        if layer not in run.filtered_layers:
+            assert not isinstance(entry, FilteredCacheLayer)
+            continue
+        assert isinstance(entry, FilteredCacheLayer)
+        kept = real & ~dec
+        dropped += int((real & dec).sum())
+        keys, _, pos, valid = entry.kv.view()
+        for row in range(2):
+            stored_cols = pos[row][valid[row]]
+            assert torch.equal(stored_cols, kept[row].nonzero().flatten())
+        assert entry.kv.stored_entries() == int(kept.sum())
+    assert run.stats.kv_bytes_saved == dropped * run.flops.kv_entry_bytes(4)
+    assert cache.get_seq_length() == ids.shape[1] + 1
+
+
+def test_kv_keep_stores_every_real_token(tiny):
+    ids = random_ids(1, 60)
+    with TokenFilter(ratio=0.5, kv="keep").apply(tiny) as run, torch.no_grad():
+        cache = tiny(ids, use_cache=True).past_key_values
+    for layer in run.filtered_layers:
+        assert cache.layers[layer].kv.stored_entries() == 60
+    assert run.stats.kv_bytes_saved == 0
+    assert run.stats.ratio > 0
+
+
+def test_skip_block_saves_mlp_flops(tiny):
+    ids = random_ids(1, 64)
+    stats = {}
+    for skip in ("attention", "block"):
+        with TokenFilter(ratio=0.3, skip=skip).apply(tiny) as run, torch.no_grad():
+            tiny(ids)
+        stats[skip] = run.stats
+    assert stats["block"].ratio == pytest.approx(stats["attention"].ratio)
+    assert stats["block"].total_flops_skipped > stats["attention"].total_flops_skipped
+    assert stats["attention"].attention_flops_skipped > stats["attention"].total_flops_skipped > 0
+
+
+def test_stats_dense_flops_match_flop_model(tiny):
+    """With nothing filtered, the actual FLOPs equal the dense FLOPs of the closed-form model."""
+    n = 50
+    with TokenFilter(threshold=2.0).apply(tiny) as run, torch.no_grad():
+        tiny(random_ids(1, n))
+    s, fm = run.stats, run.flops
+    window = getattr(tiny.config, "sliding_window", None) if tiny.config.model_type == "mistral" else None
+    pairs = sum(min(i, window) if window else i for i in range(1, n + 1))
+    per_layer = n * (fm.qo_proj + fm.kv_proj + fm.mlp) + pairs * fm.per_pair
+    assert s.flops_dense == pytest.approx(fm.layers * per_layer + n * fm.lm_head)
+    assert s.flops_actual == pytest.approx(s.flops_dense)
+    assert s.total_flops_skipped == pytest.approx(0.0)
+
+
+def test_bf16_ratio(tiny):
+    tiny = tiny.to(torch.bfloat16)
+    with TokenFilter(ratio=0.5).apply(tiny) as run, torch.no_grad():
+        out = tiny(random_ids(2, 80)).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert abs(run.stats.ratio - 0.5) <= 0.02
+    assert run.stats.kv_bytes_saved % run.flops.kv_entry_bytes(2) == 0
+
+
+def test_random_score_is_seeded_and_on_target():
+    model = make_tiny("llama")
+    decs = []
+    for _ in range(2):
+        cfg = TokenFilter(ratio=0.4, score="random", seed=3, record_decisions=True)
+        with cfg.apply(model) as run, torch.no_grad():
+            model(random_ids(1, 80))
+        decs.append(run.decisions)
+        assert abs(run.stats.ratio - 0.4) <= 0.02
+    assert all(torch.equal(a, b) for a, b in zip(*decs, strict=True))
