@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import left_pad, make_tiny, positions, random_ids
 from tokenfilter import TokenFilter
+
+from conftest import left_pad, make_tiny, positions, random_ids
 
 
 def logits(model, ids, mask=None, **kw):

@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import left_pad, random_ids
 from tokenfilter import TokenFilter, UnsupportedModelError
+
+from conftest import left_pad, random_ids
 
 
 def _patch_state(model):

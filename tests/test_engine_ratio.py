@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import left_pad, make_tiny, random_ids
 from tokenfilter import TokenFilter
 from tokenfilter.integration.cache_layer import FilteredCacheLayer
+
+from conftest import left_pad, make_tiny, random_ids
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 0.7])

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import left_pad, random_ids
-from spec_loop import loop_decisions, loop_scores
 from tokenfilter import TokenFilter
 from tokenfilter.integration.attention import rope
+
+from conftest import left_pad, random_ids
+from spec_loop import loop_decisions, loop_scores
 
 
 def capture_layer_inputs(model, layers):
