@@ -42,6 +42,7 @@ class FilterRun:
         self.layers = decoder_layers(model)
         self.num_layers = len(self.layers)
         self.flops = FlopModel.from_config(model.config)
+        self._windows = [sliding_window(layer.self_attn) for layer in self.layers]
         self.schedule, self.targets = self._targets()
         self.call: CallContext | None = None
         self._handles: list = []
@@ -141,10 +142,13 @@ class FilterRun:
         self.call = CallContext(real=real)
         self._call_decisions, self._call_scores = {}, {}
         tokens = int(real.sum())
+        pairs_by_window: dict[int | None, int] = {}
         for idx, c in enumerate(self._counts):
-            window = sliding_window(self.layers[idx].self_attn)
-            s = seen.clamp(max=window) if window else seen
-            dense_pairs = int((s * real).sum())
+            window = self._windows[idx]
+            if window not in pairs_by_window:
+                s = seen.clamp(max=window) if window else seen
+                pairs_by_window[window] = int((s * real).sum())
+            dense_pairs = pairs_by_window[window]
             c.tokens += tokens
             c.pairs_dense += dense_pairs
             if idx not in self.targets:
