@@ -1,0 +1,36 @@
+"""The methods the evaluation compares, by name. Token Filtering variants are ``TokenFilter`` changes
+from the SPEC default; ``shortgpt*`` are layer-removal baselines matched to Token Filtering's FLOPs."""
+
+from __future__ import annotations
+
+from tokenfilter.config import TokenFilter
+
+FILTER_VARIANTS: dict[str, dict] = {
+    "token-filter": {},
+    "fusion-mean": {"fusion": "mean"},
+    "fusion-key": {"fusion": "key"},
+    "fusion-value": {"fusion": "value"},
+    "kv-keep": {"kv": "keep"},
+    "uniform": {"schedule": "uniform"},
+    "post-rope": {"pre_rope": False},
+    "random": {"score": "random"},
+}
+LAYER_REMOVAL = ("shortgpt", "shortgpt-calib2")
+ALL_METHODS = ("dense", *FILTER_VARIANTS, *LAYER_REMOVAL)
+DEFAULT_METHODS = ("dense", "token-filter")
+
+
+def filter_for(method: str, ratio: float) -> TokenFilter:
+    return TokenFilter(ratio=ratio, **FILTER_VARIANTS[method])
+
+
+def resolve_methods(names: list[str]) -> list[str]:
+    out: list[str] = []
+    for name in names:
+        if name == "all":
+            out.extend(ALL_METHODS)
+        elif name in ALL_METHODS:
+            out.append(name)
+        else:
+            raise ValueError(f"Unknown method {name!r}; choose from {', '.join(ALL_METHODS)} or all.")
+    return list(dict.fromkeys(out))
