@@ -55,6 +55,7 @@ def _run_eval(args: argparse.Namespace) -> int:
                      lambada=not args.no_lambada, calib_file=args.calib_file)
     result = run_eval(cfg)
     command = "tokenfilter " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result["command"] = command
     print_table(result)
     paths = write_outputs(result, args.output, command)
     if args.results_md:
