@@ -28,7 +28,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="local folder, .gguf file or hub id (default: SmolLM2-135M)")
     p.add_argument("--ratios", type=_floats, default=[0.3, 0.5], help="comma-separated, default 0.3,0.5")
     p.add_argument("--tasks", type=_names, default=["zeroshot", "mmlu"],
-                   help="boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,mmlu | zeroshot | all")
+                   help="boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,mmlu | zeroshot | all; "
+                   "or longctx (needle in a haystack + MiniLongBench, on its own)")
     p.add_argument("--limit", type=int, default=40, help="examples per task (default 40; 0 = all)")
     p.add_argument("--methods", type=_names, default=["dense", "token-filter"],
                    help="dense,token-filter,fusion-mean,fusion-key,fusion-value,kv-keep,uniform,post-rope,random,"
@@ -49,6 +50,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     from tokenfilter.eval.report import print_table, write_markdown, write_outputs
     from tokenfilter.eval.suite import EvalConfig, run_eval
 
+    if "longctx" in args.tasks:
+        return _run_longctx(args)
     cfg = EvalConfig(model=args.model, methods=args.methods, ratios=args.ratios, tasks=args.tasks,
                      limit=args.limit or None, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
                      ppl_file=args.ppl_file, ppl_window=args.ppl_window, ppl_windows=args.ppl_windows,
@@ -62,6 +65,33 @@ def _run_eval(args: argparse.Namespace) -> int:
         write_markdown(result, args.results_md, command)
         paths.append(args.results_md)
     print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _run_longctx(args: argparse.Namespace) -> int:
+    """``--tasks longctx``: needle in a haystack + MiniLongBench, dense vs Token Filtering (+ the random floor)."""
+    import json
+
+    from tokenfilter.config import TokenFilter
+    from tokenfilter.loading import load_model
+    from tokenfilter.longctx import run_longctx, summary_table
+
+    if [t for t in args.tasks if t != "longctx"]:
+        raise ValueError("Run --tasks longctx on its own (it is a separate task group).")
+    methods: dict[str, TokenFilter | None] = {"dense": None}
+    for ratio in args.ratios:
+        methods[f"token-filter-{ratio}"] = TokenFilter(ratio=ratio)
+        if "random" in args.methods or "all" in args.methods:
+            methods[f"random-{ratio}"] = TokenFilter(ratio=ratio, score="random")
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    out_dir = args.output / "longctx"
+    result = run_longctx(model, tok, methods, limit=args.limit or 1, output_dir=out_dir)
+    print(summary_table(result))
+    if args.results_md:
+        args.results_md.parent.mkdir(parents=True, exist_ok=True)
+        args.results_md.write_text("# Long-context results\n\n" + summary_table(result) + "\n", encoding="utf-8")
+    print(f"wrote {out_dir}")
+    (out_dir / "command.json").write_text(json.dumps({"argv": sys.argv}), encoding="utf-8")
     return 0
 
 

@@ -41,6 +41,8 @@ class TokenFilterLM(HFLM):
             if token_filter is not None:
                 raise ValueError("Give either token_filter or TokenFilter fields, not both.")
             token_filter = TokenFilter(**fields)
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cpu"  # lm-eval's CLI passes device=cuda:0 by default; its HFLM falls back the same way
         if pretrained is None or isinstance(pretrained, str):
             pretrained, tokenizer = load_model(pretrained, dtype=dtype, device=device)
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=batch_size, device=device, **kwargs)

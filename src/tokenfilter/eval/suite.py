@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from tokenfilter.eval.harness_tasks import resolve_tasks, task_config
+from tokenfilter.eval.harness_tasks import task_manager as task_manager_for_our_tasks
 from tokenfilter.eval.methods import FILTER_VARIANTS, LAYER_REMOVAL, filter_for, resolve_methods
 from tokenfilter.eval.ppl import lambada_text, perplexity, wikitext_text, windows
 from tokenfilter.eval.shortgpt import block_influence, layers_to_remove, removed_layers
@@ -69,7 +70,6 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     """Run the comparison; returns a JSON-able dict with the configuration and one row per method x ratio."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     from tokenfilter.eval.harness_model import TokenFilterLM
 
@@ -83,7 +83,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     ppl_sets = {"wikitext2": windows(tok, ppl_text, cfg.ppl_window, cfg.ppl_windows)}
     if cfg.lambada:
         ppl_sets["lambada"] = windows(tok, lambada_text(), cfg.ppl_window, cfg.ppl_windows)
-    task_manager = TaskManager()
+    task_manager = task_manager_for_our_tasks()
 
     plan = [(m, 0.0) for m in methods if m == "dense"]
     plan += [(m, r) for m in methods if m in FILTER_VARIANTS for r in cfg.ratios]

@@ -9,6 +9,13 @@ Per call, for one layer:
 4. Fast path: only the kept tokens are gathered and run through the Q projection, attention and the
    output projection, then scattered back; filtered tokens get a zero output so the residual passes.
    Reference path: everything is computed and masked instead (same decisions, used to check the fast one).
+
+The fast path has two shortcuts that compute the same thing with less work:
+* a prefill into an empty store whose stored tokens are exactly the queries (``kv="drop"``, or nothing
+  filtered) is plain causal attention over the compacted rows: SDPA with ``is_causal=True`` and no mask;
+* a decode step (one token per row, every row real and past warm-up) runs a lean path: no compaction,
+  gathers or scatters, no mask when every row stores the same number of entries, host syncs only for the
+  number of kept rows, and the statistics counted in Python.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from tokenfilter.algorithm.decisions import above, running_quantile, top_ratio
 from tokenfilter.algorithm.scores import fuse, head_cosine
 from tokenfilter.integration.cache_layer import FilteredCacheLayer
 from tokenfilter.integration.families import sliding_window
+from tokenfilter.integration.kv_store import RaggedKV
 
 if TYPE_CHECKING:
     from tokenfilter.integration.run import FilterRun
@@ -68,13 +76,24 @@ def attend(
     k_valid: torch.Tensor,
     scale: float,
     window: int | None,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention by original column positions.
 
     ``q``: ``[B, Hq, Q, d]``; ``q_pos, q_valid``: ``[B, Q]``; ``keys, values``: ``[B, H, K, d]``;
     ``k_pos, k_valid``: ``[B, K]``. Returns ``(out [B, Hq, Q, d], pairs)`` where ``pairs`` counts the
     (valid query, key) pairs attended.
+
+    ``causal=True`` promises that row b's keys are its valid queries, in the same order, left-aligned
+    (``K == Q``) and all within the window: then the mask is plain causal and is not built.
     """
+    if causal:
+        counts = q_valid.sum(-1)
+        pairs = (counts * (counts + 1) // 2).sum()
+        out = F.scaled_dot_product_attention(
+            q, keys, values, is_causal=True, scale=scale, enable_gqa=q.shape[1] != keys.shape[1]
+        )
+        return out, pairs
     allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
     if window is not None:
         allowed &= k_pos[:, None, :] > q_pos[:, :, None] - window
@@ -118,17 +137,28 @@ class FilteredAttention:
 
         state = self._state(past_key_values, b, k.shape[2], d, hidden_states.device)
         decoding = t == 1 and state.columns > 0
+        if (
+            decoding
+            and self.fast
+            and call.all_real
+            and state.min_real_seen >= self.cfg.warmup
+            and (self.window is None or state.columns < self.window)
+        ):
+            return self._decode_step(hidden_states, k, v, k_rot, cos, sin, state)
         cols = state.columns + torch.arange(t, device=hidden_states.device)
         scores, eligible = self._score(k if self.cfg.pre_rope else k_rot, v, real, state)
         filtered = self._decide(scores, eligible, real, state, decoding)
         keep = real & ~filtered
         store = keep if self.cfg.kv == "drop" else real
+        fresh = isinstance(state.kv, RaggedKV) and state.kv.total == 0
         state.kv.append(k_rot.transpose(1, 2), v.transpose(1, 2), cols, store)
         state.columns += t
 
         q_sel = None
         if self.fast:
-            out, pairs, q_sel = self._attend_fast(hidden_states, keep, cols, cos, sin, state)
+            # stored == queries when the store was empty and every kept token is stored and nothing else is
+            causal = fresh and (self.window is None or t <= self.window)
+            out, pairs, q_sel = self._attend_fast(hidden_states, keep, cols, cos, sin, state, causal)
         else:
             out, pairs = self._attend_reference(hidden_states, keep, real, cols, cos, sin, state)
         call.keep[self.idx] = (keep, q_sel)
@@ -186,6 +216,8 @@ class FilteredAttention:
         state.anchor_v = torch.where(has_new, a_v[rows, last], state.anchor_v)
         real_index = state.real_seen[:, None] + torch.arange(n, device=k.device)[None, :]
         state.real_seen = state.real_seen + counts
+        if state.min_real_seen < self.cfg.warmup:  # a lower bound; once past warm-up it needs no more syncs
+            state.min_real_seen = int(state.real_seen.min())
 
         scores.scatter_(1, order, s.float().masked_fill(~valid, float("nan")))
         eligible.scatter_(1, order, valid & (real_index >= self.cfg.warmup))
@@ -202,7 +234,8 @@ class FilteredAttention:
         if self.cfg.mode == "threshold":
             return above(scores, eligible, self.target)
         if decoding:
-            filtered = above(scores, eligible, running_quantile(state.history, 1 - self.target))
+            history = state.history[:, : state.history_max]  # the columns beyond are NaN padding
+            filtered = above(scores, eligible, running_quantile(history, 1 - self.target))
         else:
             filtered = top_ratio(scores, eligible, real.sum(-1), self.target)
         state.add_history(scores, eligible)
@@ -225,6 +258,7 @@ class FilteredAttention:
         cos: torch.Tensor,
         sin: torch.Tensor,
         state: FilteredCacheLayer,
+        causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         b, t, dim = h.shape
         sel, q_valid, n = compact_order(keep)
@@ -236,8 +270,11 @@ class FilteredAttention:
         else:
             hs, cs, ss, q_pos = gather_rows(h, sel), gather_rows(cos, sel), gather_rows(sin, sel), cols[sel]
         q = self._queries(hs, cs, ss)
+        causal = causal and (all_kept or self.cfg.kv == "drop") and state.kv.max_len == n
         keys, values, k_pos, k_valid = state.kv.view()
-        o, pairs = attend(q, q_pos, q_valid, keys, values, k_pos, k_valid, self.attn.scaling, self.window)
+        o, pairs = attend(
+            q, q_pos, q_valid, keys, values, k_pos, k_valid, self.attn.scaling, self.window, causal=causal
+        )
         o = self.attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
         if all_kept:
             return o, pairs, None
@@ -245,6 +282,75 @@ class FilteredAttention:
         out = h.new_zeros(b, t, dim)
         out.scatter_(1, sel[..., None].expand(-1, -1, dim), o)
         return out, pairs, (sel, q_valid)
+
+    def _decode_step(
+        self,
+        h: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_rot: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        state: FilteredCacheLayer,
+    ) -> tuple[torch.Tensor, None]:
+        """One decode step when every row's token is real and past warm-up: the same scores, anchors,
+        decisions, cache entries and outputs as the general path, with far fewer operators."""
+        cfg, b, dim = self.cfg, h.shape[0], h.shape[2]
+        x_k, x_v = (k if cfg.pre_rope else k_rot)[:, 0], v[:, 0]  # [B, H, d]
+        if cfg.score == "random":
+            scores = self.run.random_scores(b, 1).to(h.device)[:, 0]
+        else:
+            scores = fuse(head_cosine(x_k, state.anchor_k), head_cosine(x_v, state.anchor_v), cfg.fusion, cfg.lam)
+        scores = scores.float()
+        g = cfg.gamma  # the anchor update, written as ema_scan writes it for one token
+        state.anchor_k = g * state.anchor_k.float() + (1 - g) * x_k.float()
+        state.anchor_v = g * state.anchor_v.float() + (1 - g) * x_v.float()
+        state.real_seen = state.real_seen + 1
+        state.min_real_seen += 1
+        if cfg.mode == "threshold":
+            filtered = scores > self.target
+        else:
+            tau = running_quantile(state.history[:, : state.history_max], 1 - self.target)
+            filtered = scores > tau[:, 0]
+            state.add_history_one(scores)
+        keep = ~filtered
+        n_keep = int(keep.sum())
+        drop = cfg.kv == "drop"
+        n_store = n_keep if drop else b
+        store = keep if drop and n_keep < b else None
+        state.kv.append_one(k_rot[:, 0], v[:, 0], state.columns, store, n_store)
+        state.columns += 1
+
+        if n_keep == 0:
+            out, pairs = h.new_zeros(b, 1, dim), 0
+        else:
+            q = self._queries(h, cos, sin)  # [B, Hq, 1, d]
+            keys, values, mask = state.kv.lean_view()  # every entry is in the past (and in the window)
+            o = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=self.attn.scaling, enable_gqa=q.shape[1] != keys.shape[1]
+            )
+            out = self.attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
+            if n_keep == b:
+                pairs = state.kv.total  # every row attends to all its entries (its own included)
+            else:
+                out = out * keep[:, None, None].to(out.dtype)
+                pairs = int((state.kv.lengths * keep).sum())
+        mixed = 0 < n_keep < b
+        q_sel = (torch.zeros(b, 1, dtype=torch.long, device=h.device), keep[:, None]) if mixed else None
+        self.run.call.keep[self.idx] = (keep[:, None], q_sel)
+        if cfg.record_decisions:
+            real = torch.ones(b, 1, dtype=torch.bool, device=h.device)
+            self.run.record_layer(
+                self.idx,
+                filtered=filtered[:, None],
+                real=real,
+                store=keep[:, None] if drop else real,
+                pairs=torch.tensor(pairs),
+                scores=scores[:, None],
+            )
+        else:
+            self.run.record_counts(self.idx, filtered=b - n_keep, pairs=pairs, dropped=b - n_keep if drop else 0)
+        return out, None
 
     def _attend_reference(
         self,

@@ -32,6 +32,8 @@ class FilteredCacheLayer(CacheLayerMixin):
         self.real_seen: torch.Tensor | None = None  # [B] real tokens seen
         self.history: torch.Tensor | None = None  # [B, N] eligible scores so far, NaN-padded
         self.history_len: torch.Tensor | None = None  # [B]
+        self.min_real_seen = 0  # Python lower bound of real_seen.min() (decides the decode fast path)
+        self.history_max = 0  # Python upper bound of history_len.max()
         self.is_initialized = True
 
     # -- state used by the filter -------------------------------------------------------------
@@ -53,14 +55,26 @@ class FilteredCacheLayer(CacheLayerMixin):
         n_new = eligible.sum(-1)
         new_len = self.history_len + n_new
         need = int(new_len.max())
-        if need > self.history.shape[1]:
-            grow = max(need, 2 * self.history.shape[1], 64) - self.history.shape[1]
-            pad = torch.full((self.history.shape[0], grow), float("nan"), device=self.history.device)
-            self.history = torch.cat([self.history, pad], dim=1)
+        self._reserve_history(need)
         bi, ti = eligible.nonzero(as_tuple=True)
         dest = (self.history_len[:, None] + eligible.long().cumsum(-1) - 1)[bi, ti]
         self.history[bi, dest] = scores[bi, ti].float()
         self.history_len = new_len
+        self.history_max = need
+
+    def add_history_one(self, scores: torch.Tensor) -> None:
+        """Append one score ``[B]`` to every row (a decode step where every row's token is eligible)."""
+        self._reserve_history(self.history_max + 1)
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        self.history[rows, self.history_len] = scores.float()
+        self.history_len = self.history_len + 1
+        self.history_max += 1
+
+    def _reserve_history(self, need: int) -> None:
+        if need > self.history.shape[1]:
+            grow = max(need, 2 * self.history.shape[1], 64) - self.history.shape[1]
+            pad = torch.full((self.history.shape[0], grow), float("nan"), device=self.history.device)
+            self.history = torch.cat([self.history, pad], dim=1)
 
     # -- the CacheLayerMixin interface ------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:

@@ -4,7 +4,9 @@ Two layouts, same interface, so the attention code does not care which one it re
 
 * ``RaggedKV`` (fast path): each sequence keeps only its stored entries, left-aligned in a
   ``[B, H_kv, capacity, d]`` buffer with per-sequence ``lengths`` (the varlen idea in a padded tensor).
-  Appends write in place; the buffer grows by doubling, so decoding does not reallocate every step.
+  Appends write in place; the buffer grows by a quarter (at least 16 entries) when full, so decoding does not
+  reallocate every step and the slack stays bounded. Python mirrors of the longest/shortest row and the
+  total (``max_len``, ``min_len``, ``total``) let the decode step avoid host syncs and masks.
 * ``MaskedKV`` (reference path): every column is stored, plus a ``[B, S]`` validity mask.
 """
 
@@ -19,40 +21,94 @@ class RaggedKV:
         self.values: torch.Tensor | None = None
         self.pos: torch.Tensor | None = None  # [B, cap] column index of each entry
         self.lengths: torch.Tensor | None = None  # [B]
+        self.max_len = 0  # Python mirrors of lengths.max(), lengths.min(), lengths.sum() (always exact)
+        self.min_len = 0
+        self.total = 0
+
+    def _init(self, b: int, h: int, d: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+        if self.keys is None:
+            self.keys = like_k.new_empty(b, h, 0, d)
+            self.values = like_v.new_empty(b, h, 0, d)
+            self.pos = torch.empty(b, 0, dtype=torch.long, device=like_k.device)
+            self.lengths = torch.zeros(b, dtype=torch.long, device=like_k.device)
+
+    def _reserve(self, need: int) -> None:
+        b, h, cap, d = self.keys.shape
+        if need <= cap:
+            return
+        grow = max(need, cap + max(cap // 4, 16)) - cap
+        self.keys = torch.cat([self.keys, self.keys.new_zeros(b, h, grow, d)], dim=2)
+        self.values = torch.cat([self.values, self.values.new_zeros(b, h, grow, d)], dim=2)
+        self.pos = torch.cat([self.pos, self.pos.new_zeros(b, grow)], dim=1)
+
+    def _mirror(self) -> None:
+        if self.lengths.numel():
+            self.max_len, self.min_len, self.total = torch.stack(
+                [self.lengths.max(), self.lengths.min(), self.lengths.sum()]
+            ).tolist()
+        else:
+            self.max_len = self.min_len = self.total = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor, store: torch.Tensor) -> None:
         """``k, v``: ``[B, H, T, d]``; ``cols``: ``[T]``; ``store``: ``[B, T]`` bool (entries to keep)."""
         b, h, _, d = k.shape
-        if self.keys is None:
-            self.keys = k.new_empty(b, h, 0, d)
-            self.values = v.new_empty(b, h, 0, d)
-            self.pos = torch.empty(b, 0, dtype=torch.long, device=k.device)
-            self.lengths = torch.zeros(b, dtype=torch.long, device=k.device)
+        self._init(b, h, d, k, v)
         dest = self.lengths[:, None] + store.long().cumsum(-1) - 1  # [B, T]
-        new_lengths = self.lengths + store.sum(-1)
-        need = int(new_lengths.max())
-        cap = self.keys.shape[2]
-        if need > cap:
-            new_cap = max(need, 2 * cap, 16)
-            grow = new_cap - cap
-            self.keys = torch.cat([self.keys, self.keys.new_zeros(b, h, grow, d)], dim=2)
-            self.values = torch.cat([self.values, self.values.new_zeros(b, h, grow, d)], dim=2)
-            self.pos = torch.cat([self.pos, self.pos.new_zeros(b, grow)], dim=1)
+        self.lengths = self.lengths + store.sum(-1)
+        self._mirror()
+        self._reserve(self.max_len)
         bi, ti = store.nonzero(as_tuple=True)
         di = dest[bi, ti]
         self.keys[bi, :, di] = k[bi, :, ti]
         self.values[bi, :, di] = v[bi, :, ti]
         self.pos[bi, di] = cols[ti]
-        self.lengths = new_lengths
+
+    def append_one(self, k: torch.Tensor, v: torch.Tensor, col: int, store: torch.Tensor | None, n_store: int) -> None:
+        """One new column (a decode step). ``k, v``: ``[B, H, d]``; ``store``: ``[B]`` bool, or None when every
+        row stores; ``n_store``: how many rows store (known to the caller, so no host sync is needed here).
+
+        Rows that do not store get the entry written just past their end, where it is never read (``view``
+        and ``lean_view`` stop at each row's length) and the next stored entry overwrites it.
+        """
+        if n_store == 0:
+            return
+        b, h, d = k.shape
+        self._init(b, h, d, k, v)
+        self._reserve(self.max_len + 1)
+        if n_store == b and self.max_len == self.min_len:  # every row stores at the same offset: a slice
+            at = self.max_len
+            self.keys[:, :, at] = k
+            self.values[:, :, at] = v
+            self.pos[:, at] = col
+        else:
+            rows = torch.arange(b, device=k.device)
+            self.keys[rows, :, self.lengths] = k
+            self.values[rows, :, self.lengths] = v
+            self.pos[rows, self.lengths] = col
+        if n_store == b:
+            self.lengths = self.lengths + 1
+            self.max_len, self.min_len, self.total = self.max_len + 1, self.min_len + 1, self.total + b
+        else:
+            self.lengths = self.lengths + store.long()
+            self._mirror()
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(keys [B,H,L,d], values, pos [B,L], valid [B,L])`` with L the longest sequence's length."""
-        n = int(self.lengths.max()) if self.lengths.numel() else 0
+        n = self.max_len
         valid = torch.arange(n, device=self.pos.device)[None, :] < self.lengths[:, None]
         return self.keys[:, :, :n], self.values[:, :, :n], self.pos[:, :n], valid
 
+    def lean_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(keys [B,H,L,d], values, mask)``: ``mask`` is None when every row has L entries, else the
+        ``[B, 1, 1, L]`` bool mask of the valid entries (for one query per row)."""
+        n = self.max_len
+        mask = None
+        if self.min_len != n:
+            mask = (torch.arange(n, device=self.lengths.device)[None, :] < self.lengths[:, None])[:, None, None, :]
+        return self.keys[:, :, :n], self.values[:, :, :n], mask
+
     def stored_entries(self) -> int:
-        return int(self.lengths.sum()) if self.lengths is not None else 0
+        return self.total if self.lengths is not None else 0
 
     def allocated_bytes(self) -> int:
         if self.keys is None:
@@ -63,6 +119,7 @@ class RaggedKV:
         if self.keys is not None:
             self.keys, self.values = self.keys[index], self.values[index]
             self.pos, self.lengths = self.pos[index], self.lengths[index]
+            self._mirror()
 
 
 class MaskedKV:

@@ -29,6 +29,7 @@ class CallContext:
     """What one forward call of the decoder shares between its layers."""
 
     real: torch.Tensor  # [B, T] True = real token, False = padding
+    all_real: bool = False  # no padding in this call
     keep: dict[int, tuple] = field(default_factory=dict)  # layer -> (keep [B,T], kept-token gather or None)
     transient: dict = field(default_factory=dict)  # layer -> state, when the call has no cache
 
@@ -132,16 +133,18 @@ class FilterRun:
         if mask is None:
             real = torch.ones(b, t, dtype=torch.bool, device=ref.device)
             seen = past + torch.arange(1, t + 1, device=ref.device).expand(b, t)
+            all_real = True
         else:
             real = mask[:, -t:].bool()
+            all_real = None
             seen = mask.long().cumsum(-1)[:, -t:] if mask.shape[1] >= t else None
             if seen is None or mask.shape[1] < past + t:  # mask covers only this chunk: past assumed real
                 seen = past + mask[:, -t:].long().cumsum(-1)
         if past == 0:
             self._decisions, self._scores = [], []
-        self.call = CallContext(real=real)
-        self._call_decisions, self._call_scores = {}, {}
         tokens = int(real.sum())
+        self.call = CallContext(real=real, all_real=all_real or tokens == b * t)
+        self._call_decisions, self._call_scores = {}, {}
         pairs_by_window: dict[int | None, int] = {}
         for idx, c in enumerate(self._counts):
             window = self._windows[idx]
@@ -182,6 +185,15 @@ class FilterRun:
         if self.config.record_decisions:
             self._call_decisions[idx] = filtered.detach().clone()
             self._call_scores[idx] = scores.detach().clone()
+
+    def record_counts(self, idx: int, filtered: int, pairs: int, dropped: int) -> None:
+        """``record_layer`` for callers that already know the counts as Python ints (the decode fast path)."""
+        c = self._counts[idx]
+        c.filtered += filtered
+        c.pairs += pairs
+        c.kv_dropped += dropped
+        if self.config.skip == "block":
+            c.mlp_skipped += filtered
 
     def random_scores(self, b: int, n: int) -> torch.Tensor:
         return torch.rand(b, n, generator=self._generator)

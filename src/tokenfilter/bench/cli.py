@@ -1,0 +1,194 @@
+"""``tokenfilter bench`` / ``python -m tokenfilter.bench``: prefill latency, decode throughput and KV-cache
+bytes, dense vs Token Filtering, written as JSON + PNG (and ``docs/performance.md`` with ``--write-docs``).
+
+The defaults fit in about 10 minutes on 2 CPU cores: SmolLM2-135M, batch 1, contexts 512/1024/2048, 32 decode
+steps, ratios 0.3/0.5/0.7 plus the scoring-only overhead run, 1 warm-up + 3 timed rounds. The full grid:
+``--lengths 512,1024,2048,4096,8192 --batch-sizes 1,4 --new-tokens 128 --repeats 5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+DEFAULTS = dict(lengths=[512, 1024, 2048], ratios=[0.3, 0.5, 0.7], batch_sizes=[1], new_tokens=32, repeats=3, warmup=1)
+QUICK = dict(lengths=[128, 256], ratios=[0.5], batch_sizes=[1], new_tokens=8, repeats=2, warmup=1)
+FULL_LENGTHS = [512, 1024, 2048, 4096, 8192]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"every ratio must be in (0, 1), got {text!r}")
+    return values
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _non_negative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the bench options to ``parser`` (the ``tokenfilter bench`` sub-command or a stand-alone parser)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=None, help="local folder, .gguf file or hub id (default: SmolLM2-135M)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's choice)")
+    g = parser.add_argument_group("grid (defaults fit ~10 min on 2 CPU cores)")
+    g.add_argument("--lengths", type=_ints, default=None,
+                   help=f"context lengths (default {','.join(map(str, DEFAULTS['lengths']))}; "
+                   f"full: {','.join(map(str, FULL_LENGTHS))}, lengths beyond the model's positions are skipped)")
+    g.add_argument("--ratios", type=_ratios, default=None, help="filtering ratios (default 0.3,0.5,0.7)")
+    g.add_argument("--batch-sizes", type=_ints, default=None, help="batch sizes (default 1; full: 1,4)")
+    g.add_argument("--new-tokens", type=_non_negative, default=None,
+                   help="decode steps per trial (default 32; full: 128)")
+    g.add_argument("--repeats", type=_positive, default=None, help="timed rounds per cell (default 3)")
+    g.add_argument("--warmup", type=_non_negative, default=None, help="untimed rounds first (default 1)")
+    g.add_argument("--full", action="store_true", help="the full grid: lengths up to 8192, batch 1,4, 128 new tokens")
+    g.add_argument("--quick", action="store_true", help="a smoke run: lengths 128,256, ratio 0.5, 8 new tokens")
+    g = parser.add_argument_group("Token Filtering")
+    g.add_argument("--kv", default="drop", choices=["drop", "keep"])
+    g.add_argument("--skip", default="attention", choices=["attention", "block"])
+    g.add_argument("--schedule", default="tail-linear", choices=["tail-linear", "uniform"])
+    g.add_argument("--no-overhead", action="store_true", help="leave out the threshold>1 (scoring only) run")
+    g = parser.add_argument_group("inputs and outputs")
+    g.add_argument("--data", default=None, help="text file for the contexts (default ../shared/data/wikitext-2 test)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--output", type=Path, default=Path("results/bench"), help="folder for results.json and speedup.png")
+    g.add_argument("--write-docs", nargs="?", type=Path, const=Path("docs/performance.md"), default=None,
+                   metavar="PATH", help="also write the Markdown report (default path docs/performance.md)")
+    g.add_argument("--notes", type=Path, default=None, help="Markdown appended to the report's Analysis section")
+    g.add_argument("--no-profile", action="store_true", help="skip the time breakdown of one cell")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-gc", action="store_true", help="no gc.collect() before each trial (faster, noisier)")
+
+
+def config_from_args(args: argparse.Namespace):
+    from tokenfilter.bench.runner import BenchConfig
+
+    base = dict(DEFAULTS)
+    if getattr(args, "full", False):
+        base.update(lengths=FULL_LENGTHS, batch_sizes=[1, 4], new_tokens=128, repeats=5)
+    if getattr(args, "quick", False):
+        base.update(QUICK)
+    for key in base:
+        value = getattr(args, key, None)
+        if value is not None:
+            base[key] = value
+    return BenchConfig(
+        **base,
+        overhead=not args.no_overhead,
+        kv=args.kv,
+        skip=args.skip,
+        schedule=args.schedule,
+        text_file=args.data,
+        seed=args.seed,
+        progress=not args.no_progress,
+        collect_garbage=not args.no_gc,
+        profile=not args.no_profile and not getattr(args, "quick", False),
+    )
+
+
+def load(spec: str | None, dtype: str):
+    """``(model, tokenizer, name)`` through the project's loader."""
+    try:
+        from tokenfilter.models import load_model  # type: ignore[import-not-found]
+    except ImportError:
+        from tokenfilter.loading import load_model
+    model, tok = load_model(spec, dtype=dtype)
+    name = spec
+    if name is None:
+        try:
+            from tokenfilter.loading import DEFAULT_NAME
+
+            name = DEFAULT_NAME
+        except ImportError:
+            name = "SmolLM2-135M-Instruct"
+    return model, tok, name
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from tokenfilter.bench.plot import plot_speedup
+    from tokenfilter.bench.report import write_docs
+    from tokenfilter.bench.runner import run_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = config_from_args(args)
+    command = _command_line()
+    print(f"loading {args.model or 'the default model (SmolLM2-135M)'} ...", file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        model, tok, name = load(args.model, args.dtype)
+    except ValueError as exc:  # ModelLoadError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"loaded in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    result = run_bench(model, tok, cfg, model_name=name, log=lambda s: print(s, file=sys.stderr))
+    result["command"] = command
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "results.json"
+    json_path.write_text(json.dumps(result, indent=1))
+    paths = [json_path, plot_speedup(result, out / "speedup.png")]
+    if args.write_docs:
+        notes = args.notes.read_text() if args.notes else None
+        paths += write_docs(result, args.write_docs, notes, command)
+    _print_targets(result)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _command_line() -> str:
+    argv = sys.argv[1:]
+    if "bench" in argv and Path(sys.argv[0]).name.startswith("tokenfilter"):
+        return "tokenfilter " + " ".join(shlex.quote(a) for a in argv)
+    return "python -m tokenfilter.bench " + " ".join(shlex.quote(a) for a in argv)
+
+
+def _print_targets(result: dict) -> None:
+    for t in result.get("targets", []):
+        met = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
+        worst = t.get("worst")
+        worst_txt = "" if worst is None else f" worst {worst:.3f} at {t['where']}"
+        print(f"target: {t['target']} ({t['goal']}): {met}{worst_txt}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tokenfilter.bench", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,309 @@
+"""``docs/performance.md`` from a benchmark's JSON (and the PNG next to it).
+
+    python -m tokenfilter.bench.report results/bench/results.json docs/performance.md [--notes notes.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from tokenfilter.bench.machine import summary_line
+
+
+def _f(x: float | None, spec: str = ".3f", none: str = "–") -> str:
+    return none if x is None else format(x, spec)
+
+
+def _mib(x: int | None) -> str:
+    return "–" if x is None else f"{x / 2**20:.1f}"
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def render(result: dict, png_name: str | None = None, notes: str | None = None, command: str | None = None) -> str:
+    m, model, cfg = result["machine"], result["model"], result["config"]
+    cells = result["cells"]
+    lines: list[str] = []
+    add = lines.append
+    add("# Performance: Token Filtering vs dense")
+    add("")
+    add(
+        "Generated from the benchmark's JSON by `python -m tokenfilter.bench.report` "
+        "(or `tokenfilter bench --write-docs`); do not edit by hand, rerun instead."
+    )
+    if command:
+        add(f"Command: `{command}`.")
+    add("")
+    add("## Machine")
+    add("")
+    add(f"- {summary_line(m)}.")
+    load_end = m.get("load_average_at_end")
+    if load_end:
+        add(
+            f"- Load average at the end {load_end[0]} (1 min). The machine is shared: other jobs ran on the same "
+            "cores during the run, so single timings are noisy; every number below is a median over interleaved "
+            "repeats, and ratios are taken per repeat against the dense run of the same repeat."
+        )
+    add(f"- Memory {m.get('memory_gib')} GiB; {m.get('os')}; Python {m.get('python')}; GPU: {m.get('gpu') or 'none'}.")
+    add(f"- Run took {result.get('elapsed_s', 0) / 60:.1f} min, started {result.get('created')}.")
+    add("")
+    add("## Setup")
+    add("")
+    add(
+        f"- Model: {model['name']} ({model['family']}, {model['parameters'] / 1e6:.0f}M parameters, {model['layers']} "
+        f"layers, hidden {model['hidden']}, {model['q_heads']} query / {model['kv_heads']} KV heads of "
+        f"{model['head_dim']}, "
+        f"MLP {model['intermediate']}, vocabulary {model['vocab']}), {model['dtype']}, attention "
+        f"`{model.get('attn_implementation')}`."
+    )
+    add(
+        f"- Inputs: {cfg['inputs']}; context lengths {', '.join(map(str, sorted({c['length'] for c in cells})))}; "
+        f"batch sizes {', '.join(map(str, cfg['batch_sizes']))}; {cfg['new_tokens']} decode steps after the prefill; "
+        f"{cfg['warmup']} warm-up round(s), then {cfg['repeats']} timed rounds."
+    )
+    add(
+        f"- Token Filtering: ratios {', '.join(f'{r:g}' for r in cfg['ratios'])}, schedule `{cfg['schedule']}`, "
+        f"kv=`{cfg['kv']}`, skip=`{cfg['skip']}`; overhead run: threshold {cfg['overhead_threshold']:g} (scores "
+        "computed, nothing filtered)."
+    )
+    for s in result.get("skipped", []):
+        add(f"- Skipped length {s['length']}: {s['reason']}.")
+    add("")
+    add("How to read the tables:")
+    add("")
+    add(
+        "- **TTFT**: prefill of the whole context into an empty cache, logits of the last position only (as "
+        "`generate` computes them), plus the argmax: the time to first token. **decode**: greedy steps on that cache; "
+        "tokens/s counts every sequence of the batch."
+    )
+    add(
+        "- **×**: speed ratio, dense time / this method's time (median over rounds of the per-round ratio; > 1 is "
+        "faster than dense). **ideal**: `flops_dense / flops_actual` of the FLOP model (`tokenfilter.stats`) for the "
+        "decisions this very run made (LM head charged on the rows computed). **eff.**: measured / ideal. "
+        "**gain**: (measured − 1) / (ideal − 1), the share of the predicted saving that was realised; it is the "
+        "stricter number when the ideal is close to 1."
+    )
+    add(
+        "- **KV MiB**: bytes of the key/value tensors actually allocated in the cache at the end of decoding "
+        "(the filtered layers' buffers grow with slack, so allocated can exceed used)."
+    )
+    add("")
+    if png_name:
+        add(f"![speed ratio vs context length]({png_name})")
+        add("")
+    add("## Results")
+    for b in sorted({c["batch"] for c in cells}):
+        add("")
+        add(f"### Batch size {b}")
+        add("")
+        add(
+            "| context | method | TTFT s | prefill × | ideal | eff. | gain | decode tok/s | decode × | ideal | eff. | "
+            "gain | realized ratio | attn FLOPs skipped | KV MiB | KV vs dense |"
+        )
+        add("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for c in sorted((c for c in cells if c["batch"] == b), key=lambda c: (c["length"], _order(c))):
+            p, d, sp = c["prefill"], c["decode"], c["stats_prefill"]
+            add(
+                f"| {c['length']} | {c['label']} | {_f(p['median_s'])} | {_f(p['speedup'])} | {_f(p['ideal'])} | "
+                f"{_f(p['efficiency'], '.2f')} | {_f(p.get('gain_captured'), '.2f')} | "
+                f"{_f(d.get('tokens_per_s'), '.1f')} | {_f(d['speedup'])} | {_f(d['ideal'])} | "
+                f"{_f(d['efficiency'], '.2f')} | {_f(d.get('gain_captured'), '.2f')} | "
+                f"{_f(sp['ratio'] if sp else None, '.3f')} | {_pct(sp['attention_flops_skipped'] if sp else None)} | "
+                f"{_mib(c['kv_bytes']['peak_allocated'])} | {_f(c['kv_bytes']['peak_allocated_vs_dense'], '.2f')} |"
+            )
+    over = [c for c in cells if c["method"] == "overhead"]
+    if over:
+        add("")
+        add("## Overhead of the scoring alone (threshold > 1: nothing filtered)")
+        add("")
+        add("| batch | context | prefill: extra time vs dense | decode: extra time vs dense |")
+        add("|---:|---:|---:|---:|")
+        for c in sorted(over, key=lambda c: (c["batch"], c["length"])):
+            po = 1 / c["prefill"]["speedup"] - 1 if c["prefill"]["speedup"] else None
+            do = 1 / c["decode"]["speedup"] - 1 if c["decode"]["speedup"] else None
+            add(f"| {c['batch']} | {c['length']} | {_pct(po)} | {_pct(do)} |")
+    checks = result.get("kv_checks", [])
+    if checks:
+        add("")
+        add("## KV cache: bytes saved vs entries dropped")
+        add("")
+        add(
+            "Stored entries are counted in the cache itself (`DynamicLayer` keys plus each `FilteredCacheLayer` "
+            "store's `stored_entries()`); the dropped entries and `kv_bytes_saved` are what the run's statistics "
+            "report. Exact means: dense entries − stored entries = dropped entries, and the measured bytes saved = "
+            "reported bytes saved = dropped × bytes per entry."
+        )
+        add("")
+        add(
+            "| batch | context | ratio | dense entries | stored | dropped (reported) | saved MiB measured | "
+            "saved MiB reported | saved | exact | allocated MiB dense → filtered |"
+        )
+        add("|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|")
+        for k in checks:
+            add(
+                f"| {k['batch']} | {k['length']} | {k['ratio']:g} | {k['dense_entries']} | {k['stored_entries']} | "
+                f"{k['dropped_entries_reported']} | {_mib(k['saved_bytes_measured'])} | "
+                f"{_mib(k['saved_bytes_reported'])} | {_pct(k['saved_fraction'])} | "
+                f"{'yes' if k['exact'] else '**no**'} | "
+                f"{_mib(k['dense_allocated_bytes'])} → {_mib(k['filtered_allocated_bytes'])} |"
+            )
+    targets = result.get("targets", [])
+    if targets:
+        add("")
+        add("## Targets (measured, not asserted)")
+        add("")
+        add("| target | goal | worst | where | met |")
+        add("|---|---|---:|---|:---:|")
+        for t in targets:
+            worst = t.get("worst")
+            worst_txt = "–" if worst is None else (_pct(worst) if "fraction" in t["goal"] else _f(worst))
+            met = "–" if t["met"] is None else ("yes" if t["met"] else "**no**")
+            add(f"| {t['target']} | {t['goal']} | {worst_txt} | {t.get('where') or '–'} | {met} |")
+    prof = result.get("profile")
+    if prof:
+        lines.extend(_render_profile(prof))
+    auto = analysis(result)
+    if auto or notes:
+        add("")
+        add("## Analysis")
+        add("")
+        lines.extend(auto)
+        if notes:
+            add("")
+            add(notes.strip())
+    add("")
+    add("## Reproduce")
+    add("")
+    add("```")
+    add("tokenfilter bench --write-docs                    # the default grid (this page)")
+    add("tokenfilter bench --lengths 512,1024,2048,4096,8192 --batch-sizes 1,4 --new-tokens 128 --repeats 5")
+    add("python -m tokenfilter.bench.report results/bench/results.json docs/performance.md")
+    add("```")
+    add("")
+    return "\n".join(lines)
+
+
+def _order(c: dict) -> tuple:
+    return ({"dense": 0, "overhead": 1, "filter": 2}[c["method"]], c["ratio"] or 0)
+
+
+def _render_profile(prof: dict) -> list[str]:
+    out = ["", f"## Where the time goes (B={prof['batch']}, context {prof['length']}, ratio {prof['ratio']:g})", ""]
+    out.append(
+        "Wall time by module (forward hooks; decode: mean per step over "
+        f"{prof['decode_steps']} steps). Filtered layers: {', '.join(map(str, prof.get('filtered_layers', [])))}."
+    )
+    out.append("")
+    for phase in ("prefill", "decode"):
+        d, f = prof["dense"].get(phase), prof["filter"].get(phase)
+        if not d or not f:
+            continue
+        keys = list(dict.fromkeys(list(d["parts_s"]) + list(f["parts_s"])))
+        out.append(f"| {phase} | dense ms | share | filtered ms | share |")
+        out.append("|---|---:|---:|---:|---:|")
+        for k in keys:
+            dv, fv = d["parts_s"].get(k, 0.0), f["parts_s"].get(k, 0.0)
+            out.append(
+                f"| {k} | {1e3 * dv:.1f} | {_pct(dv / d['wall_s'] if d['wall_s'] else None, 0)} | {1e3 * fv:.1f} | "
+                f"{_pct(fv / f['wall_s'] if f['wall_s'] else None, 0)} |"
+            )
+        out.append(f"| **total** | {1e3 * d['wall_s']:.1f} | | {1e3 * f['wall_s']:.1f} | |")
+        out.append("")
+    do, fo = prof["dense"].get("decode_ops"), prof["filter"].get("decode_ops")
+    if do and fo:
+        out.append(
+            f"One decode step launches {do['aten_calls_per_step']:.0f} aten operators dense and "
+            f"{fo['aten_calls_per_step']:.0f} filtered. Self CPU time per step by operator group (torch.profiler):"
+        )
+        out.append("")
+        out.append("| operator group | dense ms | filtered ms |")
+        out.append("|---|---:|---:|")
+        for k in dict.fromkeys(list(do["self_cpu_s_per_step"]) + list(fo["self_cpu_s_per_step"])):
+            dv, fv = do["self_cpu_s_per_step"].get(k, 0), fo["self_cpu_s_per_step"].get(k, 0)
+            out.append(f"| {k} | {1e3 * dv:.2f} | {1e3 * fv:.2f} |")
+        out.append("")
+    return out
+
+
+def analysis(result: dict) -> list[str]:
+    """Bullet points derived from the numbers: what the ideal is made of, and which targets were missed."""
+    out: list[str] = []
+    model = result["model"]
+    per = model.get("flops_per_token_no_attention", {})
+    if per:
+        total = sum(per.values())
+        skippable = per["qo_proj"]
+        out.append(
+            f"- Per token (attention pairs aside) the FLOP model puts {_pct(per['mlp'] / total, 0)} of the work in the "
+            f"MLPs, {_pct(per['lm_head'] / total, 0)} in the LM head, {_pct(per['kv_proj'] / total, 0)} in the K/V "
+            f"projections (all computed for every token) and {_pct(skippable / total, 0)} in the Q/O projections, "
+            "the only per-token part a filtered token skips besides its attention pairs. With `skip=attention` the "
+            "ideal speed ratio therefore stays modest and grows with the context only through the attention pairs."
+        )
+    prof = result.get("profile")
+    if prof and prof["dense"].get("decode") and prof["filter"].get("decode"):
+        d, f = prof["dense"]["decode"], prof["filter"]["decode"]
+        attn_d = sum(v for k, v in d["parts_s"].items() if k.startswith("attention"))
+        attn_f = sum(v for k, v in f["parts_s"].items() if k.startswith("attention"))
+        out.append(
+            f"- Decode at context {prof['length']}: attention modules take {_pct(attn_d / d['wall_s'], 0)} of a dense "
+            f"step ({1e3 * attn_d:.1f} ms) and {_pct(attn_f / f['wall_s'], 0)} of a filtered one "
+            f"({1e3 * attn_f:.1f} ms); "
+            "the rest (MLP, LM head, norms, Python) is not touched by filtering."
+        )
+    if prof and prof["dense"].get("prefill") and prof["filter"].get("prefill"):
+        d, f = prof["dense"]["prefill"], prof["filter"]["prefill"]
+        attn_d = sum(v for k, v in d["parts_s"].items() if k.startswith("attention"))
+        attn_f = sum(v for k, v in f["parts_s"].items() if k.startswith("attention"))
+        out.append(
+            f"- Prefill at context {prof['length']}: attention modules {1e3 * attn_d:.0f} ms dense vs "
+            f"{1e3 * attn_f:.0f} ms filtered, out of {1e3 * d['wall_s']:.0f} / {1e3 * f['wall_s']:.0f} ms."
+        )
+    for t in result.get("targets", []):
+        if t["met"] is False:
+            misses = t.get("misses", [])
+            where = "; ".join(
+                f"{m['where']}: {_pct(m['value']) if 'fraction' in t['goal'] else _f(m['value'])}" for m in misses[:6]
+            )
+            more = f" (and {len(misses) - 6} more)" if len(misses) > 6 else ""
+            out.append(f"- Missed: {t['target']} (goal {t['goal']}): {where}{more}.")
+    return out
+
+
+def write_docs(result: dict, md_path: str | Path, notes: str | None = None, command: str | None = None) -> list[Path]:
+    """Write the Markdown and, next to it, the PNG it embeds (``<stem>.png``)."""
+    from tokenfilter.bench.plot import plot_speedup
+
+    md_path = Path(md_path)
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    png = md_path.with_suffix(".png")
+    plot_speedup(result, png)
+    md_path.write_text(render(result, png.name, notes, command))
+    return [md_path, png]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tokenfilter.bench.report", description=__doc__.split("\n")[0])
+    parser.add_argument("results", type=Path, help="the benchmark's results.json")
+    parser.add_argument("output", type=Path, nargs="?", default=Path("docs/performance.md"))
+    parser.add_argument("--notes", type=Path, default=None, help="Markdown appended to the Analysis section")
+    args = parser.parse_args(argv)
+    try:
+        result = json.loads(args.results.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"error: cannot read {args.results}: {exc}", file=sys.stderr)
+        return 2
+    notes = args.notes.read_text() if args.notes else None
+    paths = write_docs(result, args.output, notes, result.get("command"))
+    print("wrote " + ", ".join(os.fspath(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

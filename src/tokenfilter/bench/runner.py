@@ -1,0 +1,502 @@
+"""The benchmark grid: prefill latency, decode throughput and KV-cache bytes, dense vs Token Filtering.
+
+For every context (batch size B, context length T) the methods run interleaved in one process:
+
+* ``dense``: the unmodified model;
+* ``overhead``: ``TokenFilter(threshold=2.0)``: the scores are computed but nothing is filtered (a cosine
+  similarity never exceeds 1), so the difference to dense is the cost of the filter machinery alone;
+* ``filter``: ``TokenFilter(ratio=r)`` for every requested ratio.
+
+One *trial* of a method is a prefill of the ``[B, T]`` context into an empty ``DynamicCache`` (logits of the
+last position only, as ``generate`` does; the time to first token) followed by ``new_tokens`` greedy decode
+steps on that cache. After ``warmup`` untimed rounds, ``repeats`` rounds run; in each round every method runs
+once, in a rotated order, and each method's time is compared with the dense time of the same round. The
+speed ratio reported is the median of these per-round ratios (dense time / method time).
+
+The ideal ratio is what the FLOP model (``tokenfilter.stats``) predicts for the decisions the run actually
+made: ``flops_dense / flops_actual``, with the LM head charged only on the rows that are computed (the last
+position in prefill). Efficiency is measured / ideal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import inspect
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from tokenfilter.bench.data import TokenSource
+from tokenfilter.bench.kv import KVMeasure, measure_cache
+from tokenfilter.config import TokenFilter
+from tokenfilter.stats import FilterStats, FlopModel
+
+SCHEMA = "tokenfilter-bench/1"
+OVERHEAD_THRESHOLD = 2.0
+
+
+@dataclass
+class BenchConfig:
+    lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048])
+    ratios: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    new_tokens: int = 32
+    repeats: int = 3
+    warmup: int = 1
+    overhead: bool = True  # also run threshold > 1 (scoring only, nothing filtered)
+    kv: str = "drop"
+    skip: str = "attention"
+    schedule: str = "tail-linear"
+    text_file: str | None = None
+    seed: int = 0
+    progress: bool = True
+    profile: bool = True  # a time breakdown by module and an op count for one cell
+    profile_length: int | None = None  # default: the largest length <= 2048
+    profile_ratio: float = 0.5
+    profile_steps: int = 8
+    collect_garbage: bool = True  # gc.collect() before every trial (the collector is off while timing)
+
+    def methods(self) -> list[tuple[str, float | None, TokenFilter | None]]:
+        out: list[tuple[str, float | None, TokenFilter | None]] = [("dense", None, None)]
+        common = dict(kv=self.kv, skip=self.skip)
+        if self.overhead:
+            out.append(("overhead", None, TokenFilter(threshold=OVERHEAD_THRESHOLD, **common)))
+        for r in self.ratios:
+            out.append(("filter", float(r), TokenFilter(ratio=float(r), schedule=self.schedule, **common)))
+        return out
+
+
+# -- one trial ------------------------------------------------------------------------------------------
+@dataclass
+class Trial:
+    prefill_s: float
+    decode_s: float
+    prefill_stats: FilterStats | None
+    decode_stats: FilterStats | None
+    kv_prefill: KVMeasure
+    kv_peak: KVMeasure
+    first_tokens: torch.Tensor
+
+
+def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def run_trial(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    tf: TokenFilter | None,
+    new_tokens: int,
+    entry_bytes: int,
+    logits_to_keep: bool = True,
+    collect_garbage: bool = True,
+) -> Trial:
+    """Prefill ``ids`` (``[B, T]``) into a fresh cache, then ``new_tokens`` greedy decode steps.
+
+    ``mask`` is ``[B, T + new_tokens]`` of ones. Timings exclude the statistics and KV measurements.
+    """
+    b, t = ids.shape
+    cache = DynamicCache(config=model.config)
+    extra = {"logits_to_keep": 1} if logits_to_keep else {}
+    manager = tf.apply(model) if tf is not None else contextlib.nullcontext()
+    if collect_garbage:
+        gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with manager as run, torch.inference_mode():
+            if run is not None:
+                run.reset_stats()
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, attention_mask=mask[:, :t], past_key_values=cache, use_cache=True, **extra)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            t1 = time.perf_counter()
+            first = nxt.clone()
+            prefill_stats = run.stats if run is not None else None
+            kv_prefill = measure_cache(cache, entry_bytes)
+            if run is not None:
+                run.reset_stats()
+            del out
+            t2 = time.perf_counter()
+            for i in range(new_tokens):
+                out = model(input_ids=nxt, attention_mask=mask[:, : t + i + 1], past_key_values=cache, use_cache=True)
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            t3 = time.perf_counter()
+            decode_stats = run.stats if run is not None and new_tokens else None
+            kv_peak = measure_cache(cache, entry_bytes)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return Trial(t1 - t0, t3 - t2, prefill_stats, decode_stats, kv_prefill, kv_peak, first)
+
+
+# -- ideal ratios ----------------------------------------------------------------------------------------
+def ideal_ratio(stats: FilterStats | None, fm: FlopModel, head_rows: int | None = None) -> float:
+    """``flops_dense / flops_actual`` of a run; ``head_rows``: LM-head rows really computed (None: every token)."""
+    if stats is None or stats.flops_actual <= 0:
+        return 1.0
+    adjust = 0.0 if head_rows is None else (stats.tokens - head_rows) * fm.lm_head
+    return (stats.flops_dense - adjust) / (stats.flops_actual - adjust)
+
+
+def _median(xs: Sequence[float]) -> float | None:
+    return float(statistics.median(xs)) if xs else None
+
+
+def _stats_summary(stats: FilterStats | None) -> dict | None:
+    if stats is None:
+        return None
+    return {
+        "ratio": stats.ratio,
+        "ratio_per_layer": [round(r, 4) for r in stats.ratio_per_layer],
+        "tokens": stats.tokens,
+        "attention_flops_skipped": stats.attention_flops_skipped,
+        "total_flops_skipped": stats.total_flops_skipped,
+        "flops_dense": stats.flops_dense,
+        "flops_actual": stats.flops_actual,
+        "kv_bytes_saved": stats.kv_bytes_saved,
+        "kv_bytes_dense": stats.kv_bytes_dense,
+        "kv_entries_dropped": sum(c.kv_dropped for c in stats.layers),
+    }
+
+
+# -- the grid -------------------------------------------------------------------------------------------
+def model_info(model: torch.nn.Module, name: str | None = None) -> dict:
+    cfg = model.config
+    fm = FlopModel.from_config(cfg)
+    param = next(model.parameters())
+    return {
+        "name": name or getattr(cfg, "_name_or_path", None) or type(model).__name__,
+        "family": getattr(cfg, "model_type", None),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(param.dtype).replace("torch.", ""),
+        "layers": fm.layers,
+        "hidden": fm.hidden,
+        "q_heads": fm.q_heads,
+        "kv_heads": fm.kv_heads,
+        "head_dim": fm.head_dim,
+        "intermediate": fm.intermediate,
+        "vocab": fm.vocab,
+        "max_positions": getattr(cfg, "max_position_embeddings", None),
+        "attn_implementation": getattr(cfg, "_attn_implementation", None),
+        "flops_per_token_no_attention": {
+            "qo_proj": fm.qo_proj * fm.layers,
+            "kv_proj": fm.kv_proj * fm.layers,
+            "mlp": fm.mlp * fm.layers,
+            "lm_head": fm.lm_head,
+        },
+    }
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="bench", unit="trial", dynamic_ncols=True, leave=True)
+
+
+def run_bench(
+    model: torch.nn.Module,
+    tokenizer: object | None = None,
+    config: BenchConfig | None = None,
+    model_name: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Run the grid on ``model`` and return the results (JSON-serialisable dict)."""
+    from tokenfilter.bench.machine import describe, load_average
+
+    cfg = config or BenchConfig()
+    log = log or (lambda s: None)
+    started = time.perf_counter()
+    machine = describe()
+    model.eval()
+    fm = FlopModel.from_config(model.config)
+    param = next(model.parameters())
+    entry_bytes = fm.kv_entry_bytes(param.element_size())
+    logits_to_keep = _supports_logits_to_keep(model)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+
+    lengths, skipped = [], []
+    for t in cfg.lengths:
+        if max_pos is not None and t + cfg.new_tokens > max_pos:
+            reason = f"{t}+{cfg.new_tokens} new tokens > max_position_embeddings={max_pos}"
+            skipped.append({"length": t, "reason": reason})
+        else:
+            lengths.append(t)
+    contexts = [(b, t) for b in cfg.batch_sizes for t in lengths]
+    needed = max((b * t for b, t in contexts), default=1)
+    source = TokenSource.build(tokenizer, needed, model.config.vocab_size, cfg.text_file, cfg.seed)
+    methods = cfg.methods()
+    bar = _progress(len(contexts) * (cfg.warmup + cfg.repeats) * len(methods), cfg.progress)
+
+    cells: list[dict] = []
+    kv_checks: list[dict] = []
+    try:
+        for b, t in contexts:
+            ids = source.contexts(b, t)
+            mask = torch.ones(b, t + cfg.new_tokens, dtype=torch.long)
+            times: dict[int, dict[str, list[float]]] = {i: {"prefill": [], "decode": []} for i in range(len(methods))}
+            last: dict[int, Trial] = {}
+            for rnd in range(cfg.warmup + cfg.repeats):
+                timed = rnd >= cfg.warmup
+                order = list(range(len(methods)))
+                shift = rnd % len(order)
+                order = order[shift:] + order[:shift]  # rotate, so no method always runs first
+                for i in order:
+                    name, ratio, tf = methods[i]
+                    if bar is not None:
+                        label = name if ratio is None else f"ratio {ratio:g}"
+                        bar.set_description(f"B={b} T={t} {label}{'' if timed else ' (warm-up)'}")
+                    trial = run_trial(
+                        model, ids, mask, tf, cfg.new_tokens, entry_bytes, logits_to_keep, cfg.collect_garbage
+                    )
+                    if timed:
+                        times[i]["prefill"].append(trial.prefill_s)
+                        times[i]["decode"].append(trial.decode_s)
+                    last[i] = trial
+                    if bar is not None:
+                        bar.update(1)
+            dense_t = times[0]
+            for i, (name, ratio, tf) in enumerate(methods):
+                cell = _cell(b, t, cfg, name, ratio, tf, times[i], dense_t, last[i], last[0], fm, logits_to_keep)
+                cells.append(cell)
+                if name == "filter":
+                    kv_checks.append(_kv_check(b, t, cfg, ratio, last[i], last[0], fm, entry_bytes))
+                log(_cell_line(cell))
+    finally:
+        if bar is not None:
+            bar.close()
+
+    profile = None
+    if cfg.profile and lengths:
+        from tokenfilter.bench.profile import profile_cell
+
+        p_len = cfg.profile_length or max([t for t in lengths if t <= 2048] or [min(lengths)])
+        p_ids = source.contexts(1, p_len)
+        log(f"profiling B=1 T={p_len} ratio {cfg.profile_ratio} ...")
+        profile = profile_cell(
+            model,
+            p_ids,
+            TokenFilter(ratio=cfg.profile_ratio, kv=cfg.kv, skip=cfg.skip, schedule=cfg.schedule),
+            cfg.profile_steps,
+            logits_to_keep,
+        )
+
+    result = {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {**machine, "load_average_at_end": load_average()},
+        "model": model_info(model, model_name),
+        "config": {
+            **{k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
+            "overhead_threshold": OVERHEAD_THRESHOLD,
+            "inputs": source.kind,
+            "prefill_logits": "last position only" if logits_to_keep else "every position",
+        },
+        "skipped": skipped,
+        "cells": cells,
+        "kv_checks": kv_checks,
+        "profile": profile,
+        "elapsed_s": time.perf_counter() - started,
+    }
+    result["targets"] = evaluate_targets(result)
+    return result
+
+
+def _phase(
+    own: list[float], dense: list[float], ideal: float | None, work_units: float
+) -> dict:
+    ratios = [d / m for d, m in zip(dense, own, strict=True) if m > 0]
+    speed = _median(ratios)
+    med = _median(own)
+    out = {
+        "times_s": own,
+        "median_s": med,
+        "speedup": speed,
+        "speedup_of_medians": (_median(dense) / med) if med else None,
+        "speedups": ratios,
+        "ideal": ideal,
+        "efficiency": (speed / ideal) if speed is not None and ideal else None,
+        "gain_captured": ((speed - 1) / (ideal - 1)) if speed is not None and ideal and ideal - 1 > 1e-3 else None,
+    }
+    if work_units and med:
+        out["tokens_per_s"] = work_units / med
+    return out
+
+
+def _cell(
+    b: int,
+    t: int,
+    cfg: BenchConfig,
+    name: str,
+    ratio: float | None,
+    tf: TokenFilter | None,
+    times: dict[str, list[float]],
+    dense_times: dict[str, list[float]],
+    trial: Trial,
+    dense_trial: Trial,
+    fm: FlopModel,
+    logits_to_keep: bool,
+) -> dict:
+    head_rows = b if logits_to_keep else None
+    ideal_p = ideal_ratio(trial.prefill_stats, fm, head_rows) if tf is not None else 1.0
+    ideal_d = ideal_ratio(trial.decode_stats, fm) if tf is not None else 1.0
+    return {
+        "batch": b,
+        "length": t,
+        "new_tokens": cfg.new_tokens,
+        "method": name,
+        "ratio": ratio,
+        "label": {"dense": "dense", "overhead": "threshold>1 (overhead)"}.get(name) or f"ratio {ratio:g}",
+        "prefill": _phase(times["prefill"], dense_times["prefill"], ideal_p, 0),
+        "decode": _phase(times["decode"], dense_times["decode"], ideal_d, b * cfg.new_tokens),
+        "ideal_from_stats": {
+            "prefill": ideal_ratio(trial.prefill_stats, fm) if tf is not None else 1.0,
+            "decode": ideal_d,
+        },
+        "stats_prefill": _stats_summary(trial.prefill_stats),
+        "stats_decode": _stats_summary(trial.decode_stats),
+        "kv_bytes": {
+            "after_prefill_allocated": trial.kv_prefill.allocated_bytes,
+            "peak_allocated": trial.kv_peak.allocated_bytes,
+            "peak_used": trial.kv_peak.used_bytes,
+            "peak_stored_entries": trial.kv_peak.stored_entries,
+            "dense_peak_allocated": dense_trial.kv_peak.allocated_bytes,
+            "peak_allocated_vs_dense": (
+                trial.kv_peak.allocated_bytes / dense_trial.kv_peak.allocated_bytes
+                if dense_trial.kv_peak.allocated_bytes
+                else None
+            ),
+        },
+        "same_first_token_as_dense": bool(torch.equal(trial.first_tokens, dense_trial.first_tokens)),
+    }
+
+
+def _kv_check(
+    b: int, t: int, cfg: BenchConfig, ratio: float | None, trial: Trial, dense: Trial, fm: FlopModel, entry_bytes: int
+) -> dict:
+    """Do the bytes saved in the measured cache equal the entries the run says it dropped, exactly?"""
+    dense_entries = b * (t + cfg.new_tokens) * fm.layers
+    dropped = sum(
+        sum(c.kv_dropped for c in s.layers) for s in (trial.prefill_stats, trial.decode_stats) if s is not None
+    )
+    saved_stats = sum(s.kv_bytes_saved for s in (trial.prefill_stats, trial.decode_stats) if s is not None)
+    stored = trial.kv_peak.stored_entries
+    measured_saved_bytes = dense.kv_peak.used_bytes - trial.kv_peak.used_bytes
+    exact = (
+        dense.kv_peak.stored_entries == dense_entries
+        and dense_entries - stored == dropped
+        and measured_saved_bytes == saved_stats
+        and measured_saved_bytes == dropped * entry_bytes
+    )
+    return {
+        "batch": b,
+        "length": t,
+        "ratio": ratio,
+        "kv": cfg.kv,
+        "entry_bytes": entry_bytes,
+        "dense_entries": dense_entries,
+        "dense_entries_measured": dense.kv_peak.stored_entries,
+        "stored_entries": stored,
+        "dropped_entries_reported": dropped,
+        "saved_bytes_measured": measured_saved_bytes,
+        "saved_bytes_reported": saved_stats,
+        "saved_fraction": measured_saved_bytes / dense.kv_peak.used_bytes if dense.kv_peak.used_bytes else 0.0,
+        "dense_allocated_bytes": dense.kv_peak.allocated_bytes,
+        "filtered_allocated_bytes": trial.kv_peak.allocated_bytes,
+        "filtered_layers_allocated_bytes": trial.kv_peak.filtered_layers_allocated_bytes,
+        "filtered_layers_used_bytes": trial.kv_peak.filtered_layers_stored_entries * entry_bytes,
+        "exact": exact,
+    }
+
+
+def _cell_line(cell: dict) -> str:
+    p, d = cell["prefill"], cell["decode"]
+
+    def f(x: float | None, spec: str = ".3f") -> str:
+        return "-" if x is None else format(x, spec)
+
+    return (
+        f"B={cell['batch']} T={cell['length']:>5} {cell['label']:<24} prefill {f(p['median_s'])} s "
+        f"x{f(p['speedup'], '.3f')} (ideal {f(p['ideal'], '.3f')})  decode {f(d.get('tokens_per_s'), '.1f')} tok/s "
+        f"x{f(d['speedup'], '.3f')} (ideal {f(d['ideal'], '.3f')})"
+    )
+
+
+# -- targets (measured and reported, never asserted) ---------------------------------------------------
+def evaluate_targets(result: dict) -> list[dict]:
+    cells = result["cells"]
+    out: list[dict] = []
+
+    def add(name: str, values: list[tuple[str, float | None]], ok: Callable[[float], bool], goal: str) -> None:
+        vals = [(where, v) for where, v in values if v is not None]
+        if not vals:
+            out.append({"target": name, "goal": goal, "met": None, "worst": None, "where": None, "values": []})
+            return
+        misses = [(w, v) for w, v in vals if not ok(v)]
+        worst = min(vals, key=lambda wv: wv[1]) if "<=" not in goal else max(vals, key=lambda wv: wv[1])
+        out.append(
+            {
+                "target": name,
+                "goal": goal,
+                "met": not misses,
+                "worst": worst[1],
+                "where": worst[0],
+                "misses": [{"where": w, "value": v} for w, v in misses],
+                "values": [{"where": w, "value": v} for w, v in vals],
+            }
+        )
+
+    def where(c: dict) -> str:
+        return f"B={c['batch']} T={c['length']} {c['label']}"
+
+    over = [c for c in cells if c["method"] == "overhead"]
+    for phase in ("prefill", "decode"):
+        add(
+            f"overhead with nothing filtered, {phase}",
+            [(where(c), 1 / c[phase]["speedup"] - 1 if c[phase]["speedup"] else None) for c in over],
+            lambda v: v <= 0.03,
+            "<= 0.03 (fraction of dense time)",
+        )
+    filt = [c for c in cells if c["method"] == "filter"]
+    for phase in ("prefill", "decode"):
+        add(
+            f"efficiency (measured / ideal) at 2048+ tokens, {phase}",
+            [(where(c), c[phase]["efficiency"]) for c in filt if c["length"] >= 2048],
+            lambda v: v >= 0.8,
+            ">= 0.8",
+        )
+    for phase in ("prefill", "decode"):
+        add(
+            f"not slower than dense (ratio >= 0.3, context >= 1024), {phase}",
+            [(where(c), c[phase]["speedup"]) for c in filt if c["length"] >= 1024 and (c["ratio"] or 0) >= 0.3],
+            lambda v: v >= 1.0,
+            ">= 1.0 (speed ratio)",
+        )
+    checks = result.get("kv_checks", [])
+    out.append(
+        {
+            "target": "KV bytes saved == dropped entries x entry bytes, exactly",
+            "goal": "exact",
+            "met": all(k["exact"] for k in checks) if checks else None,
+            "worst": None,
+            "where": None,
+            "misses": [
+                {"where": f"B={k['batch']} T={k['length']} ratio {k['ratio']:g}", "value": k["saved_bytes_measured"]}
+                for k in checks
+                if not k["exact"]
+            ],
+            "values": [],
+        }
+    )
+    return out

@@ -1,0 +1,295 @@
+"""Run the long-context benchmarks (needle in a haystack, MiniLongBench) for dense and filtered models.
+
+Example: ``run_longctx(model, tok, {"dense": None, "r0.1": TokenFilter(ratio=0.1)}, limit=1,
+output_dir=Path("results/longctx"))`` returns the scores and writes ``longctx.json`` and the heat maps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tokenfilter.longctx import longbench
+from tokenfilter.longctx.longbench import ENGLISH_TASKS, Sample
+from tokenfilter.longctx.needle import DEFAULT_NEEDLE, Needle, NeedleBuilder, NeedlePrompt, load_haystack_text
+from tokenfilter.longctx.plots import needle_heatmap, safe_name
+
+NEEDLE_LENGTHS = (1024, 2048, 4096, 8192)
+NEEDLE_DEPTHS = (0, 25, 50, 75, 100)
+MAX_LENGTH = 2048  # LongBench truncation on CPU (LongBench uses 3500 for 4k models, 7500 for 8k ones)
+MAX_NEW_TOKENS_CAP = 64  # caps LongBench's per-task max new tokens (128..512) to keep CPU runs short
+NEEDLE_MAX_NEW_TOKENS = 12
+TEMPLATE_MARGIN = 64  # room for the chat template around a truncated LongBench prompt
+
+
+class FirstLineStop:
+    """Stopping criterion: the generated text (leading newlines stripped) has a complete first line."""
+
+    def __init__(self, tokenizer: object, prompt_len: int) -> None:
+        self.tokenizer, self.prompt_len = tokenizer, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: object) -> torch.Tensor:
+        text = self.tokenizer.decode(input_ids[0, self.prompt_len :], skip_special_tokens=True)
+        done = "\n" in text.lstrip("\n")
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+def _eos_ids(model: object, tokenizer: object) -> list[int]:
+    ids: list[int] = []
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        for e in eos if isinstance(eos, list | tuple) else [eos]:
+            if e is not None and e not in ids:
+                ids.append(int(e))
+    return ids
+
+
+def greedy(
+    model: object, tokenizer: object, input_ids: Sequence[int], max_new_tokens: int, first_line: bool = False
+) -> str:
+    """Greedy continuation of one prompt (no padding), decoded without special tokens."""
+    from transformers import StoppingCriteriaList
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
+    kwargs: dict = {}
+    if first_line:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([FirstLineStop(tokenizer, ids.shape[1])])
+    eos = _eos_ids(model, tokenizer)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos or None,
+            pad_token_id=pad if pad is not None else (eos[0] if eos else None),
+            **kwargs,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def max_positions(model: object) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None) or None
+
+
+def clip_lengths(lengths: Sequence[int], limit: int | None) -> list[int]:
+    """Needle lengths clipped to ``limit`` (the model's positions minus room to answer), deduplicated."""
+    out: list[int] = []
+    for n in lengths:
+        n = min(int(n), limit) if limit else int(n)
+        if n not in out:
+            out.append(n)
+    return out
+
+
+# ---- needle in a haystack ------------------------------------------------------------------------
+def run_needle(
+    model: object,
+    tokenizer: object,
+    prompts: Sequence[NeedlePrompt],
+    needle: Needle = DEFAULT_NEEDLE,
+    max_new_tokens: int = NEEDLE_MAX_NEW_TOKENS,
+    progress: bool = True,
+    desc: str = "needle",
+) -> dict:
+    cells = []
+    for p in tqdm(prompts, desc=desc, disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        output = greedy(model, tokenizer, p.input_ids, max_new_tokens)
+        cells.append(
+            {
+                "length": p.length,
+                "depth": p.depth,
+                "tokens": len(p.input_ids),
+                "actual_depth": round(p.actual_depth, 2),
+                "score": needle.score(output),
+                "output": output,
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+        )
+    grid: dict[str, dict[str, float]] = {}
+    for c in cells:
+        grid.setdefault(str(c["length"]), {})[f"{c['depth']:g}"] = c["score"]
+    mean = sum(c["score"] for c in cells) / len(cells) if cells else float("nan")
+    return {"mean": mean, "grid": grid, "cells": cells}
+
+
+# ---- MiniLongBench -------------------------------------------------------------------------------
+def longbench_inputs(
+    tokenizer: object, tasks: Mapping[str, Sequence[Sample]], max_length: int, positions: int | None
+) -> dict[str, list[tuple[Sample, list[int], int]]]:
+    """Per task: (sample, input ids, max new tokens), with the truncation length clipped so that the
+    input and its answer fit the model's positions."""
+    out: dict[str, list[tuple[Sample, list[int], int]]] = {}
+    for task, samples in tasks.items():
+        new = ENGLISH_TASKS[task].max_new_tokens
+        cap = max_length if positions is None else min(max_length, positions - new - TEMPLATE_MARGIN)
+        out[task] = [(s, longbench.build_input(tokenizer, s, cap), new) for s in samples]
+    return out
+
+
+def run_longbench(
+    model: object,
+    tokenizer: object,
+    inputs: Mapping[str, Sequence[tuple[Sample, list[int], int]]],
+    max_new_tokens_cap: int | None = MAX_NEW_TOKENS_CAP,
+    progress: bool = True,
+    desc: str = "longbench",
+) -> dict:
+    flat = [(task, item) for task, items in inputs.items() for item in items]
+    per_task: dict[str, dict] = {t: {"metric": ENGLISH_TASKS[t].metric, "samples": []} for t in inputs}
+    for task, (sample, ids, new) in tqdm(flat, desc=desc, disable=not progress, leave=False):
+        budget = min(new, max_new_tokens_cap) if max_new_tokens_cap else new
+        t0 = time.perf_counter()
+        output = greedy(model, tokenizer, ids, budget, first_line=ENGLISH_TASKS[task].first_line)
+        per_task[task]["samples"].append(
+            {
+                "id": sample.id,
+                "tokens": len(ids),
+                "max_new_tokens": budget,
+                "score": longbench.score(sample, output),
+                "output": output,
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+        )
+    for entry in per_task.values():
+        scores = [s["score"] for s in entry["samples"]]
+        entry["n"] = len(scores)
+        entry["score"] = 100 * sum(scores) / len(scores) if scores else float("nan")
+    done = [e["score"] for e in per_task.values() if e["n"]]
+    return {"average": sum(done) / len(done) if done else float("nan"), "tasks": per_task}
+
+
+# ---- both, per method ----------------------------------------------------------------------------
+def _config_dict(method: object) -> dict | None:
+    if method is None:
+        return None
+    if dataclasses.is_dataclass(method):
+        return json.loads(json.dumps(dataclasses.asdict(method), default=str))
+    return {"repr": repr(method)}
+
+
+def run_longctx(
+    model: object,
+    tokenizer: object,
+    methods: Mapping[str, object | None],
+    limit: int = 1,
+    output_dir: Path | str | None = None,
+    progress: bool = True,
+    needle_lengths: Sequence[int] = NEEDLE_LENGTHS,
+    needle_depths: Sequence[float] = NEEDLE_DEPTHS,
+    max_length: int = MAX_LENGTH,
+    *,
+    tasks: Sequence[str] | None = None,
+    haystack: str | Path | None = None,
+    longbench_dir: str | Path | None = None,
+    needle: Needle = DEFAULT_NEEDLE,
+    needle_max_new_tokens: int = NEEDLE_MAX_NEW_TOKENS,
+    max_new_tokens_cap: int | None = MAX_NEW_TOKENS_CAP,
+    benchmarks: Sequence[str] = ("needle", "longbench"),
+) -> dict:
+    """Needle in a haystack and MiniLongBench for each method (``None`` = the dense model).
+
+    ``limit``: samples per LongBench task; ``max_length``: LongBench's middle truncation (tokens);
+    ``max_new_tokens_cap``: caps LongBench's per-task answer lengths (None = LongBench's own);
+    ``haystack`` / ``longbench_dir``: local data paths (default ``../shared/data/...``).
+    Returns a JSON-able dict; with ``output_dir``, writes ``longctx.json`` and ``needle_<method>.png``.
+    """
+    unknown = set(benchmarks) - {"needle", "longbench"}
+    if unknown:
+        raise ValueError(f"Unknown benchmarks {sorted(unknown)}; use 'needle' and/or 'longbench'.")
+    positions = max_positions(model)
+    lengths = clip_lengths(needle_lengths, positions - needle_max_new_tokens if positions else None)
+    depths = [float(d) for d in needle_depths]
+    t_build = time.perf_counter()
+    prompts: list[NeedlePrompt] = []
+    if "needle" in benchmarks:
+        builder = NeedleBuilder(tokenizer, load_haystack_text(haystack), needle=needle)
+        prompts = builder.grid(lengths, depths)
+    inputs: dict = {}
+    if "longbench" in benchmarks:
+        samples = longbench.load_tasks(tasks, longbench_dir, limit)
+        inputs = longbench_inputs(tokenizer, samples, max_length, positions)
+    result: dict = {
+        "config": {
+            "limit": limit,
+            "needle_lengths": lengths,
+            "needle_depths": depths,
+            "needle": dataclasses.asdict(needle),
+            "needle_max_new_tokens": needle_max_new_tokens,
+            "max_length": max_length,
+            "max_new_tokens_cap": max_new_tokens_cap,
+            "tasks": list(inputs),
+            "benchmarks": list(benchmarks),
+            "max_position_embeddings": positions,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "prepare_seconds": round(time.perf_counter() - t_build, 2),
+        },
+        "methods": {},
+        "files": [],
+    }
+    out_dir = Path(output_dir) if output_dir is not None else None
+    bar = tqdm(methods.items(), desc="methods", disable=not progress or len(methods) < 2)
+    for name, method in bar:
+        t0 = time.perf_counter()
+        entry: dict = {"filter": _config_dict(method)}
+        ctx = method.apply(model) if method is not None else contextlib.nullcontext()
+        with ctx as run:
+            if prompts:
+                entry["needle"] = run_needle(
+                    model, tokenizer, prompts, needle, needle_max_new_tokens, progress, f"needle [{name}]"
+                )
+            if inputs:
+                entry["longbench"] = run_longbench(
+                    model, tokenizer, inputs, max_new_tokens_cap, progress, f"longbench [{name}]"
+                )
+            entry["stats"] = run.stats.as_dict() if run is not None else None
+        entry["seconds"] = round(time.perf_counter() - t0, 2)
+        result["methods"][name] = entry
+        if out_dir is not None and prompts:
+            grid = {c["length"]: {} for c in entry["needle"]["cells"]}
+            for c in entry["needle"]["cells"]:
+                grid[c["length"]][c["depth"]] = c["score"]
+            png = needle_heatmap(grid, lengths, depths, out_dir / f"needle_{safe_name(name)}.png", f"needle: {name}")
+            result["files"].append(str(png))
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "longctx.json"
+        result["files"].append(str(path))
+        path.write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+    return result
+
+
+def summary_table(result: Mapping) -> str:
+    """A markdown table: per method, needle mean, LongBench average and per task, realized ratio."""
+    methods = result["methods"]
+    tasks = list(result["config"]["tasks"])
+    head = ["method", "needle", "LongBench avg", *tasks, "realized ratio", "seconds"]
+    rows = []
+    for name, m in methods.items():
+        lb = m.get("longbench", {})
+        stats = m.get("stats") or {}
+        row = [
+            name,
+            f"{m['needle']['mean']:.2f}" if "needle" in m else "-",
+            f"{lb['average']:.1f}" if lb else "-",
+            *[f"{lb['tasks'][t]['score']:.1f}" if lb else "-" for t in tasks],
+            f"{stats['ratio']:.3f}" if stats else "0",
+            f"{m['seconds']:.0f}",
+        ]
+        rows.append(row)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)

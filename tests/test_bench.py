@@ -1,0 +1,200 @@
+"""The benchmark end to end on a tiny random-weight Llama: valid JSON, a PNG, the report, exact KV accounting."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from tokenfilter import TokenFilter
+from tokenfilter.bench import BenchConfig, run_bench
+from tokenfilter.bench import cli as bench_cli
+from tokenfilter.bench.kv import measure_cache
+from tokenfilter.bench.report import main as report_main
+from tokenfilter.bench.report import render
+from tokenfilter.bench.runner import ideal_ratio
+from tokenfilter.stats import FlopModel
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+TINY_CFG = dict(
+    lengths=[16, 40],
+    ratios=[0.3, 0.5],
+    batch_sizes=[1, 2],
+    new_tokens=4,
+    repeats=2,
+    warmup=1,
+    progress=False,
+    profile=True,
+    profile_steps=2,
+    collect_garbage=False,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls on a shared machine: one thread avoids waiting on descheduled OpenMP workers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def result() -> dict:
+    return run_bench(tiny_llama(), None, BenchConfig(**TINY_CFG), model_name="tiny-llama")
+
+
+def test_results_are_valid_json_with_every_cell(result):
+    again = json.loads(json.dumps(result))
+    assert again["schema"] == "tokenfilter-bench/1"
+    assert again["config"]["inputs"] == "random-ids"
+    cells = again["cells"]
+    # (dense, overhead, 2 ratios) x 2 lengths x 2 batch sizes
+    assert len(cells) == 4 * 2 * 2
+    for c in cells:
+        for phase in ("prefill", "decode"):
+            p = c[phase]
+            assert len(p["times_s"]) == TINY_CFG["repeats"]
+            assert p["median_s"] > 0 and p["speedup"] > 0 and p["ideal"] >= 1.0
+            assert p["efficiency"] == pytest.approx(p["speedup"] / p["ideal"])
+        assert c["decode"]["tokens_per_s"] == pytest.approx(c["batch"] * 4 / c["decode"]["median_s"])
+        if c["method"] == "dense":
+            assert all(s == 1.0 for s in c["prefill"]["speedups"])
+            assert c["stats_prefill"] is None
+        if c["method"] == "overhead":
+            assert c["stats_prefill"]["ratio"] == 0.0
+            assert c["prefill"]["ideal"] == pytest.approx(1.0)
+            assert c["same_first_token_as_dense"]
+        if c["method"] == "filter":
+            assert c["stats_prefill"]["ratio"] > 0
+            assert c["prefill"]["ideal"] > 1.0
+            assert c["kv_bytes"]["peak_used"] < next(
+                d["kv_bytes"]["peak_used"]
+                for d in cells
+                if d["method"] == "dense" and d["batch"] == c["batch"] and d["length"] == c["length"]
+            )
+    assert {t["target"] for t in again["targets"]} >= {"KV bytes saved == dropped entries x entry bytes, exactly"}
+    assert again["machine"]["cpu"] and again["machine"]["torch_threads"] >= 1
+
+
+def test_kv_bytes_saved_equal_the_dropped_entries_exactly(result):
+    checks = result["kv_checks"]
+    assert len(checks) == 2 * 2 * 2  # ratios x lengths x batch sizes
+    for k in checks:
+        assert k["exact"], k
+        assert k["dense_entries"] == k["dense_entries_measured"]
+        assert k["dense_entries"] - k["stored_entries"] == k["dropped_entries_reported"] > 0
+        saved = k["dropped_entries_reported"] * k["entry_bytes"]
+        assert k["saved_bytes_measured"] == k["saved_bytes_reported"] == saved
+
+
+def test_measured_cache_matches_the_run_statistics_directly():
+    """Independently of the grid: at ratio 0.5 with kv=drop, what the cache holds is dense minus dropped."""
+    model = tiny_llama(1)
+    fm = FlopModel.from_config(model.config)
+    entry = fm.kv_entry_bytes(4)
+    ids = torch.randint(3, 128, (2, 48), generator=torch.Generator().manual_seed(0))
+    with TokenFilter(ratio=0.5, kv="drop").apply(model) as run, torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True)
+        stats = run.stats
+    m = measure_cache(cache, entry)
+    dense_entries = 2 * 48 * fm.layers
+    dropped = sum(c.kv_dropped for c in stats.layers)
+    assert dropped > 0
+    assert m.stored_entries == dense_entries - dropped
+    assert stats.kv_bytes_dense - m.used_bytes == stats.kv_bytes_saved == dropped * entry
+    # the filtered layers' buffers really hold fewer rows than a dense layer
+    assert m.filtered_layers_stored_entries < len(run.filtered_layers) * 2 * 48
+
+
+def test_ideal_ratio_charges_the_lm_head_on_computed_rows_only(result):
+    fm = FlopModel.from_config(tiny_llama().config)
+    c = next(c for c in result["cells"] if c["method"] == "filter")
+    s = c["stats_prefill"]
+
+    class S:
+        tokens, flops_dense, flops_actual = s["tokens"], s["flops_dense"], s["flops_actual"]
+
+    every_row = ideal_ratio(S, fm)
+    last_row = ideal_ratio(S, fm, head_rows=c["batch"])
+    assert every_row == pytest.approx(s["flops_dense"] / s["flops_actual"])
+    assert last_row > every_row  # the LM head is not skippable: charging it on fewer rows raises the ideal
+    assert c["prefill"]["ideal"] == pytest.approx(last_row)
+
+
+def test_lengths_beyond_the_model_are_skipped():
+    cfg = BenchConfig(lengths=[16, 300], ratios=[0.5], new_tokens=2, repeats=1, warmup=0, progress=False,
+                      profile=False, overhead=False, collect_garbage=False)
+    res = run_bench(tiny_llama(), None, cfg)
+    assert {c["length"] for c in res["cells"]} == {16}
+    assert res["skipped"][0]["length"] == 300
+
+
+def test_report_and_plot_from_json(result, tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(result))
+    md = tmp_path / "docs" / "performance.md"
+    assert report_main([str(path), str(md)]) == 0
+    text = md.read_text()
+    assert "## Machine" in text and result["machine"]["cpu"] in text
+    assert "## Results" in text and "### Batch size 2" in text
+    assert "threshold>1 (overhead)" in text and "## Targets" in text and "Where the time goes" in text
+    assert "![speed ratio vs context length](performance.png)" in text
+    assert (tmp_path / "docs" / "performance.png").read_bytes()[:8] == PNG_MAGIC
+    assert render(result).count("| 40 | ratio 0.5 |") == 2  # one row per batch size
+
+
+def test_cli_end_to_end_writes_json_png_and_docs(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_cli, "load", lambda spec, dtype: (tiny_llama(), None, "tiny"))
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    args = parser.parse_args(
+        ["--quick", "--lengths", "12,24", "--new-tokens", "3", "--repeats", "1", "--no-progress", "--no-gc",
+         "--output", str(tmp_path / "out"), "--write-docs", str(tmp_path / "perf.md")]
+    )
+    assert bench_cli.run(args) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {c["length"] for c in res["cells"]} == {12, 24}
+    assert res["config"]["ratios"] == [0.5] and res["config"]["new_tokens"] == 3
+    assert (tmp_path / "out" / "speedup.png").read_bytes()[:8] == PNG_MAGIC
+    assert (tmp_path / "perf.png").read_bytes()[:8] == PNG_MAGIC
+    assert "Performance" in (tmp_path / "perf.md").read_text()
+
+
+def test_cli_rejects_bad_grid_values():
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    for bad in (["--ratios", "1.5"], ["--lengths", "0"], ["--lengths", "a,b"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+def test_defaults_and_flags_compose():
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    d = bench_cli.config_from_args(parser.parse_args([]))
+    assert (d.lengths, d.ratios, d.batch_sizes, d.new_tokens) == ([512, 1024, 2048], [0.3, 0.5, 0.7], [1], 32)
+    f = bench_cli.config_from_args(parser.parse_args(["--full", "--repeats", "2"]))
+    assert f.lengths[-1] == 8192 and f.batch_sizes == [1, 4] and f.new_tokens == 128 and f.repeats == 2
+    q = bench_cli.config_from_args(parser.parse_args(["--quick", "--ratios", "0.3,0.7"]))
+    assert q.ratios == [0.3, 0.7] and not q.profile

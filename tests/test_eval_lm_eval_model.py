@@ -1,0 +1,106 @@
+"""Issue 3: the lm-eval model type ``tokenfilter`` (lm-eval's HFLM with Token Filtering around its forwards)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tiny_lm import olmo_eval_or_skip, one_thread, save_tiny_lm, tiny_lm
+from tokenfilter import TokenFilter
+
+CONTEXT = " ".join(["Question: which of these is the answer, the true one or the false one?"] * 4) + "\nAnswer:"
+REQUESTS = [(CONTEXT, " yes"), (CONTEXT, " no"), ("The following are multiple choice questions", " about science")]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def _instances(pairs):
+    from lm_eval.api.instance import Instance
+
+    return [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
+
+
+def _loglikelihoods(lm) -> list[float]:
+    with one_thread():
+        return [ll for ll, _ in lm.loglikelihood(_instances(REQUESTS), disable_tqdm=True)]
+
+
+def test_registered_as_an_lm_eval_model_type():
+    from lm_eval.api.registry import get_model
+
+    from tokenfilter.eval.harness_model import TokenFilterLM
+
+    assert get_model("tokenfilter") is TokenFilterLM
+
+
+def test_model_args_round_trip_into_a_token_filter(tiny_dir):
+    from lm_eval.api.registry import get_model
+
+    lm = get_model("tokenfilter").create_from_arg_string(
+        f"pretrained={tiny_dir},ratio=0.5,fusion=mean,pre_rope=false,warmup=2,schedule=uniform",
+        {"batch_size": 1, "device": "cpu"},
+    )
+    assert lm.token_filter == TokenFilter(ratio=0.5, fusion="mean", pre_rope=False, warmup=2, schedule="uniform")
+    assert lm.model.config.num_hidden_layers == 4
+
+
+def test_bad_filter_field_is_a_clear_error(tiny_dir):
+    from lm_eval.api.registry import get_model
+
+    with pytest.raises(ValueError, match="ratio must be in"):
+        get_model("tokenfilter").create_from_arg_string(f"pretrained={tiny_dir},ratio=1.5")
+
+
+def test_dense_equals_lm_evals_own_hflm():
+    from lm_eval.models.huggingface import HFLM
+
+    from tokenfilter.eval.harness_model import TokenFilterLM
+
+    model, tok = tiny_lm()
+    reference = _loglikelihoods(HFLM(pretrained=model, tokenizer=tok, batch_size=1))
+    ours = TokenFilterLM(pretrained=model, tokenizer=tok, batch_size=1)
+    assert _loglikelihoods(ours) == reference  # no filter fields: dense, bit-identical
+    stats = ours.filter_stats
+    assert stats.ratio == 0.0 and stats.tokens > 0
+
+
+def test_filtered_forwards_count_and_restore_the_model():
+    from tokenfilter.eval.harness_model import TokenFilterLM
+
+    model, tok = tiny_lm()
+    dense_lm = TokenFilterLM(pretrained=model, tokenizer=tok, batch_size=1)
+    dense = _loglikelihoods(dense_lm)
+    lm = TokenFilterLM(pretrained=model, tokenizer=tok, batch_size=1, ratio=0.5)
+    filtered = _loglikelihoods(lm)
+    assert filtered != dense
+    assert all(torch.isfinite(torch.tensor(filtered)))
+    stats = lm.filter_stats
+    assert 0.35 < stats.ratio <= 0.5  # short requests: warm-up tokens keep it a little under the target
+    assert 0 < stats.total_flops_skipped < stats.attention_flops_skipped
+    assert stats.kv_bytes_saved > 0
+    lm.reset_filter_stats()
+    assert lm.filter_stats.tokens == 0
+    assert _loglikelihoods(dense_lm) == dense  # the model is unpatched between forwards
+
+
+def test_lm_eval_command_line_runs_the_model_type_on_our_tasks(tiny_dir, tmp_path, monkeypatch):
+    """``tokenfilter-lm-eval --model tokenfilter --model_args ... --tasks tf_...`` end to end (in process)."""
+    olmo_eval_or_skip()
+    from tokenfilter.eval.lm_eval_cli import main
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = tmp_path / "out"
+    with one_thread():
+        main(["--model", "tokenfilter", "--model_args", f"pretrained={tiny_dir},ratio=0.3", "--tasks",
+              "tf_boolq,tf_winogrande", "--limit", "2", "--output_path", str(out)])
+    files = list(out.rglob("results*.json"))
+    assert len(files) == 1
+    results = json.loads(files[0].read_text())
+    assert set(results["results"]) == {"tf_boolq", "tf_winogrande"}
+    assert 0 <= results["results"]["tf_boolq"]["acc,none"] <= 1
+    assert results["config"]["model_args"]["ratio"] == 0.3
