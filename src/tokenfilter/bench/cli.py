@@ -60,12 +60,37 @@ def _non_negative(text: str) -> int:
     return v
 
 
+def _threads(text: str) -> str | int:
+    return "auto" if text == "auto" else _positive(text)
+
+
+def choose_threads(setting: str | int | None) -> tuple[int, str]:
+    """Apply the ``--threads`` setting; return (threads, why)."""
+    import os
+
+    import torch
+
+    if setting in (None, "auto"):
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            load = 0.0
+        if load >= 1.0:
+            torch.set_num_threads(1)
+            return 1, f"auto: the 1-minute load average was {load:.2f} before the run (other jobs), so 1 thread"
+        return torch.get_num_threads(), "auto: idle machine, torch's default"
+    torch.set_num_threads(int(setting))
+    return int(setting), "set by --threads"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the bench options to ``parser`` (the ``tokenfilter bench`` sub-command or a stand-alone parser)."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None, help="local folder, .gguf file or hub id (default: SmolLM2-135M)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's choice)")
+    g.add_argument("--threads", type=_threads, default="auto",
+                   help="torch threads, or 'auto' (default): torch's choice on an idle machine, 1 when the load "
+                   "average is already >= 1 (OpenMP threads waiting on busy cores slow down several-fold)")
     g = parser.add_argument_group("grid (defaults fit ~10 min on 2 CPU cores)")
     g.add_argument("--lengths", type=_ints, default=None,
                    help=f"context lengths (default {','.join(map(str, DEFAULTS['lengths']))}; "
@@ -75,7 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--new-tokens", type=_non_negative, default=None,
                    help="decode steps per trial (default 32; full: 128)")
     g.add_argument("--repeats", type=_positive, default=None, help="timed rounds per cell (default 3)")
-    g.add_argument("--warmup", type=_non_negative, default=None, help="untimed rounds first (default 1)")
+    g.add_argument("--warmup", type=_non_negative, default=None,
+                   help="untimed rounds of every method before the timed ones, on the shortest context of each "
+                   "batch size (default 1)")
     g.add_argument("--full", action="store_true", help="the full grid: lengths up to 8192, batch 1,4, 128 new tokens")
     g.add_argument("--quick", action="store_true", help="a smoke run: lengths 128,256, ratio 0.5, 8 new tokens")
     g = parser.add_argument_group("Token Filtering")
@@ -140,14 +167,12 @@ def load(spec: str | None, dtype: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from tokenfilter.bench.plot import plot_speedup
     from tokenfilter.bench.report import write_docs
     from tokenfilter.bench.runner import run_bench
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads, why = choose_threads(getattr(args, "threads", "auto"))
+    print(f"torch threads: {threads} ({why})", file=sys.stderr)
     cfg = config_from_args(args)
     command = _command_line()
     print(f"loading {args.model or 'the default model (SmolLM2-135M)'} ...", file=sys.stderr)
@@ -160,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"loaded in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     result = run_bench(model, tok, cfg, model_name=name, log=lambda s: print(s, file=sys.stderr))
     result["command"] = command
+    result["config"]["threads"] = {"threads": threads, "why": why}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "results.json"

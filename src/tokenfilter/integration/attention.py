@@ -28,7 +28,7 @@ from torch import nn
 
 from tokenfilter.algorithm.anchors import ema_scan
 from tokenfilter.algorithm.decisions import above, running_quantile, top_ratio
-from tokenfilter.algorithm.scores import fuse, head_cosine
+from tokenfilter.algorithm.scores import fuse_stacked, head_cosine
 from tokenfilter.integration.cache_layer import FilteredCacheLayer
 from tokenfilter.integration.families import sliding_window
 from tokenfilter.integration.kv_store import RaggedKV
@@ -140,6 +140,7 @@ class FilteredAttention:
         if (
             decoding
             and self.fast
+            and isinstance(state.kv, RaggedKV)
             and call.all_real
             and state.min_real_seen >= self.cfg.warmup
             and (self.window is None or state.columns < self.window)
@@ -196,24 +197,25 @@ class FilteredAttention:
         eligible = torch.zeros(b, t, dtype=torch.bool, device=k.device)
         if n == 0:
             return scores, eligible
-        kc, vc = gather_rows(k, order), gather_rows(v, order)  # [B, N, H, d] real tokens, left-aligned
-        started = (state.real_seen > 0)[:, None, None]
-        init_k = torch.where(started, state.anchor_k, kc[:, 0].float())
-        init_v = torch.where(started, state.anchor_v, vc[:, 0].float())
-        a_k, a_v = ema_scan(kc, init_k, self.cfg.gamma), ema_scan(vc, init_v, self.cfg.gamma)
-        prev_k = torch.cat([init_k[:, None], a_k[:, :-1]], dim=1)  # anchor before each token's update
-        prev_v = torch.cat([init_v[:, None], a_v[:, :-1]], dim=1)
+        # keys and values of the real tokens, left-aligned and stacked: [B, N, 2, H, d]
+        x = torch.stack([gather_rows(k, order), gather_rows(v, order)], dim=2)
+        heads, d = x.shape[3], x.shape[4]
+        started = (state.real_seen > 0)[:, None, None, None]
+        init = torch.where(started, state.anchors, x[:, 0].float())  # [B, 2, H, d]
+        # the K and V anchors are independent recurrences over features: scan them as 2H heads at once
+        a = ema_scan(x.reshape(b, n, 2 * heads, d), init.reshape(b, 2 * heads, d), self.cfg.gamma)
+        a = a.reshape(b, n, 2, heads, d)
+        prev = torch.cat([init[:, None], a[:, :-1]], dim=1)  # anchor before each token's update
         if self.cfg.score == "random":
             s = self.run.random_scores(b, n).to(k.device)
         else:
-            s = fuse(head_cosine(kc, prev_k), head_cosine(vc, prev_v), self.cfg.fusion, self.cfg.lam)
+            s = fuse_stacked(head_cosine(x, prev), self.cfg.fusion, self.cfg.lam)
 
         counts = valid.sum(-1)
         last = (counts - 1).clamp(min=0)
         rows = torch.arange(b, device=k.device)
-        has_new = (counts > 0)[:, None, None]
-        state.anchor_k = torch.where(has_new, a_k[rows, last], state.anchor_k)
-        state.anchor_v = torch.where(has_new, a_v[rows, last], state.anchor_v)
+        has_new = (counts > 0)[:, None, None, None]
+        state.anchors = torch.where(has_new, a[rows, last], state.anchors)
         real_index = state.real_seen[:, None] + torch.arange(n, device=k.device)[None, :]
         state.real_seen = state.real_seen + counts
         if state.min_real_seen < self.cfg.warmup:  # a lower bound; once past warm-up it needs no more syncs
@@ -296,15 +298,13 @@ class FilteredAttention:
         """One decode step when every row's token is real and past warm-up: the same scores, anchors,
         decisions, cache entries and outputs as the general path, with far fewer operators."""
         cfg, b, dim = self.cfg, h.shape[0], h.shape[2]
-        x_k, x_v = (k if cfg.pre_rope else k_rot)[:, 0], v[:, 0]  # [B, H, d]
+        x = torch.stack([(k if cfg.pre_rope else k_rot)[:, 0], v[:, 0]], dim=1).float()  # [B, 2, H, d]
         if cfg.score == "random":
-            scores = self.run.random_scores(b, 1).to(h.device)[:, 0]
+            scores = self.run.random_scores(b, 1).to(h.device)[:, 0].float()
         else:
-            scores = fuse(head_cosine(x_k, state.anchor_k), head_cosine(x_v, state.anchor_v), cfg.fusion, cfg.lam)
-        scores = scores.float()
+            scores = fuse_stacked(head_cosine(x, state.anchors), cfg.fusion, cfg.lam).float()
         g = cfg.gamma  # the anchor update, written as ema_scan writes it for one token
-        state.anchor_k = g * state.anchor_k.float() + (1 - g) * x_k.float()
-        state.anchor_v = g * state.anchor_v.float() + (1 - g) * x_v.float()
+        state.anchors = g * state.anchors + (1 - g) * x
         state.real_seen = state.real_seen + 1
         state.min_real_seen += 1
         if cfg.mode == "threshold":
@@ -313,8 +313,14 @@ class FilteredAttention:
             tau = running_quantile(state.history[:, : state.history_max], 1 - self.target)
             filtered = scores > tau[:, 0]
             state.add_history_one(scores)
-        keep = ~filtered
-        n_keep = int(keep.sum())
+        if b == 1:
+            keep = None
+            n_keep = 0 if filtered.item() else 1
+        else:
+            keep = ~filtered
+            n_keep = int(keep.sum())
+        if keep is None and (n_keep < b or cfg.record_decisions or cfg.skip == "block"):
+            keep = ~filtered
         drop = cfg.kv == "drop"
         n_store = n_keep if drop else b
         store = keep if drop and n_keep < b else None
@@ -335,9 +341,10 @@ class FilteredAttention:
             else:
                 out = out * keep[:, None, None].to(out.dtype)
                 pairs = int((state.kv.lengths * keep).sum())
-        mixed = 0 < n_keep < b
-        q_sel = (torch.zeros(b, 1, dtype=torch.long, device=h.device), keep[:, None]) if mixed else None
-        self.run.call.keep[self.idx] = (keep[:, None], q_sel)
+        if cfg.skip == "block":  # what FilteredMLP reads
+            mixed = 0 < n_keep < b
+            q_sel = (torch.zeros(b, 1, dtype=torch.long, device=h.device), keep[:, None]) if mixed else None
+            self.run.call.keep[self.idx] = (keep[:, None], q_sel)
         if cfg.record_decisions:
             real = torch.ones(b, 1, dtype=torch.bool, device=h.device)
             self.run.record_layer(

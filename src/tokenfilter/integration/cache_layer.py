@@ -27,8 +27,7 @@ class FilteredCacheLayer(CacheLayerMixin):
         super().__init__()
         self.kv = RaggedKV() if ragged else MaskedKV()
         self.columns = 0  # columns (real or padding) processed so far
-        self.anchor_k: torch.Tensor | None = None  # [B, H_kv, d] float32
-        self.anchor_v: torch.Tensor | None = None
+        self.anchors: torch.Tensor | None = None  # [B, 2, H_kv, d] float32: the key anchor, then the value one
         self.real_seen: torch.Tensor | None = None  # [B] real tokens seen
         self.history: torch.Tensor | None = None  # [B, N] eligible scores so far, NaN-padded
         self.history_len: torch.Tensor | None = None  # [B]
@@ -36,11 +35,18 @@ class FilteredCacheLayer(CacheLayerMixin):
         self.history_max = 0  # Python upper bound of history_len.max()
         self.is_initialized = True
 
+    @property
+    def anchor_k(self) -> torch.Tensor | None:
+        return None if self.anchors is None else self.anchors[:, 0]
+
+    @property
+    def anchor_v(self) -> torch.Tensor | None:
+        return None if self.anchors is None else self.anchors[:, 1]
+
     # -- state used by the filter -------------------------------------------------------------
     def init_state(self, batch: int, heads: int, head_dim: int, device: torch.device) -> None:
         if self.real_seen is None:
-            self.anchor_k = torch.zeros(batch, heads, head_dim, device=device)
-            self.anchor_v = torch.zeros(batch, heads, head_dim, device=device)
+            self.anchors = torch.zeros(batch, 2, heads, head_dim, device=device)
             self.real_seen = torch.zeros(batch, dtype=torch.long, device=device)
             self.history = torch.empty(batch, 0, device=device)
             self.history_len = torch.zeros(batch, dtype=torch.long, device=device)
@@ -106,7 +112,7 @@ class FilteredCacheLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.kv.select_batch(indices)
-        for name in ("anchor_k", "anchor_v", "real_seen", "history", "history_len"):
+        for name in ("anchors", "real_seen", "history", "history_len"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t[indices.to(t.device)])
