@@ -96,7 +96,7 @@ def test_eval_end_to_end_writes_json_markdown_and_a_png(tiny_dir, text_file, tmp
         assert row["perplexity"]["wikitext2"] > 0  # the --ppl-file text, under its standard name
         assert row["total_flops_skipped"] is not None and row["kv_saved_fraction"] is not None
     assert rows[("dense", 0.0)]["realized_ratio"] == 0.0
-    assert 0.35 < rows[("token-filter", 0.5)]["realized_ratio"] <= 0.5
+    assert 0.35 < rows[("token-filter", 0.5)]["realized_ratio"] <= 0.52  # per-layer rounding, within SPEC tolerance
     assert rows[("token-filter", 0.5)]["config"]["ratio"] == 0.5
     assert rows[("random", 0.5)]["config"]["score"] == "random"
     for name in ("shortgpt", "shortgpt-calib2"):

@@ -192,3 +192,21 @@ def test_eager_attention_model(tiny):
         with TokenFilter(ratio=0.4).apply(m):
             outs.append(logits(m, ids))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+
+
+def test_beam_search_reorders_the_filtered_cache(tiny):
+    """Beam search reorders the cache every step: nothing filtered (threshold > 1, layers patched) equals dense,
+    and with real filtering the ragged cache (fast path) and the masked one (reference path) pick the same beams."""
+    ids = random_ids(2, 20)
+    kwargs = dict(max_new_tokens=8, num_beams=3, do_sample=False, num_return_sequences=2)
+    with torch.no_grad():
+        dense = tiny.generate(ids, **kwargs)
+        with TokenFilter(threshold=1.5).apply(tiny) as run:
+            assert run.filtered_layers
+            assert torch.equal(tiny.generate(ids, **kwargs), dense)
+        outs = []
+        for path in ("fast", "reference"):
+            with TokenFilter(threshold=0.2, warmup=2, path=path).apply(tiny) as run:
+                outs.append(tiny.generate(ids, **kwargs))
+            assert run.stats.ratio > 0
+    assert torch.equal(outs[0], outs[1])

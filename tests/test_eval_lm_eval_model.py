@@ -104,3 +104,18 @@ def test_lm_eval_command_line_runs_the_model_type_on_our_tasks(tiny_dir, tmp_pat
     assert set(results["results"]) == {"tf_boolq", "tf_winogrande"}
     assert 0 <= results["results"]["tf_boolq"]["acc,none"] <= 1
     assert results["config"]["model_args"]["ratio"] == 0.3
+
+
+def test_filtered_batches_equal_one_request_at_a_time():
+    """lm-eval right-pads batches without a mask; the model type masks the padding so it cannot change which
+    real tokens are filtered."""
+    from tokenfilter.eval.harness_model import TokenFilterLM, right_padding_mask
+
+    ids = torch.tensor([[5, 6, 7, 0, 0], [5, 0, 7, 8, 9]])
+    assert right_padding_mask(ids).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    model, tok = tiny_lm()
+    one = _loglikelihoods(TokenFilterLM(pretrained=model, tokenizer=tok, batch_size=1, ratio=0.5))
+    lm = TokenFilterLM(pretrained=model, tokenizer=tok, batch_size=4, ratio=0.5)
+    batched = _loglikelihoods(lm)
+    assert batched == pytest.approx(one, abs=1e-4)
+    assert 0.35 < lm.filter_stats.ratio <= 0.5  # padding is not counted as tokens

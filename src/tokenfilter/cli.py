@@ -1,4 +1,5 @@
-"""``tokenfilter``: the command line. ``tokenfilter eval`` (the main job) and ``tokenfilter bench``."""
+"""``tokenfilter``: the command line. ``tokenfilter eval`` (the main job), ``tokenfilter study`` (which
+configuration holds quality) and ``tokenfilter bench`` (speed and memory)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,13 @@ def _floats(text: str) -> list[float]:
     return values
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -32,7 +40,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    "or longctx (needle in a haystack + MiniLongBench, on its own)")
     p.add_argument("--limit", type=int, default=40, help="examples per task (default 40; 0 = all)")
     p.add_argument("--methods", type=_names, default=["dense", "token-filter"],
-                   help="dense,token-filter,fusion-mean,fusion-key,fusion-value,kv-keep,uniform,post-rope,random,"
+                   help="dense,token-filter,fusion-mean,fusion-key,fusion-value,kv-keep,paper,post-rope,random,"
                    "shortgpt,shortgpt-calib2 | all")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -46,6 +54,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-file", default=None, help="calibration text for the layer-removal baseline")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is often faster on a CPU shared with other jobs)")
+    p.add_argument("--needle-lengths", type=_ints, default=None,
+                   help="longctx: needle context lengths (default 1024,2048,4096,8192)")
+    p.add_argument("--max-length", type=int, default=None, help="longctx: MiniLongBench truncation (default 2048)")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -91,13 +102,83 @@ def _run_longctx(args: argparse.Namespace) -> int:
             methods[f"random-{ratio}"] = TokenFilter(ratio=ratio, score="random")
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     out_dir = args.output / "longctx"
-    result = run_longctx(model, tok, methods, limit=args.limit or 1, output_dir=out_dir)
+    extra = {}
+    if args.needle_lengths:
+        extra["needle_lengths"] = args.needle_lengths
+    if args.max_length:
+        extra["max_length"] = args.max_length
+    result = run_longctx(model, tok, methods, limit=args.limit or 1, output_dir=out_dir, **extra)
     print(summary_table(result))
     if args.results_md:
-        args.results_md.parent.mkdir(parents=True, exist_ok=True)
-        args.results_md.write_text("# Long-context results\n\n" + summary_table(result) + "\n", encoding="utf-8")
+        from tokenfilter.longctx.report import write_results_section
+
+        command = "tokenfilter " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        write_results_section(result, args.results_md, command)
+        print(f"wrote the long-context section of {args.results_md}")
     print(f"wrote {out_dir}")
     (out_dir / "command.json").write_text(json.dumps({"argv": sys.argv}), encoding="utf-8")
+    return 0
+
+
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    from tokenfilter.study.runner import STAGES
+
+    p = sub.add_parser("study", help="which configuration holds quality: choose on one half, report on the other")
+    p.add_argument("--model", default=None, help="local folder, .gguf file or hub id (default: SmolLM2-135M)")
+    p.add_argument("--ratios", type=_floats, default=[0.1, 0.2, 0.3, 0.5], help="default 0.1,0.2,0.3,0.5")
+    p.add_argument("--candidates", type=_names, default=None, help="candidate names (default: all; see --list)")
+    p.add_argument("--stages", type=_names, default=list(STAGES), help=f"any of {','.join(STAGES)} (default all)")
+    p.add_argument("--ppl-windows", type=int, default=12, help="WikiText-2 windows, split even/odd (default 12)")
+    p.add_argument("--ppl-window", type=int, default=1024)
+    p.add_argument("--lambada-windows", type=int, default=4, help="held-out LAMBADA windows (0 = none)")
+    p.add_argument("--tasks", type=_names, default=None, help="accuracy tasks (default: the zero-shot suite + mmlu)")
+    p.add_argument("--acc-docs", type=int, default=30, help="held-out documents per task (default 30)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the random floor (default 3)")
+    p.add_argument("--no-second", action="store_true", help="skip the second real model (stories260K)")
+    p.add_argument("--resume", action="store_true", help="keep the stages of OUTPUT/study.json that are not re-run")
+    p.add_argument("--output", type=Path, default=Path("results/study"), help="folder for study.json and study.png")
+    p.add_argument("--write-docs", nargs="?", const=Path("docs/study.md"), type=Path, default=None,
+                   help="also write the Markdown report (default path docs/study.md; the plot goes beside it)")
+    p.add_argument("--results-md", type=Path, default=None,
+                   help="also write the 'how we chose the defaults' section of this results file")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--list", action="store_true", help="list the candidates and exit")
+
+
+def _run_study(args: argparse.Namespace) -> int:
+    import json
+
+    from tokenfilter.eval.harness_tasks import resolve_tasks
+    from tokenfilter.study import variants
+    from tokenfilter.study.report import write_all
+    from tokenfilter.study.runner import StudyConfig, run_study
+
+    if args.list:
+        for name in variants.all_names():
+            print(f"{name:28s} {variants.kwargs_of(name)}")
+        return 0
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cfg = StudyConfig(model=args.model, ratios=args.ratios, candidates=args.candidates, stages=args.stages,
+                      ppl_window=args.ppl_window, ppl_windows=args.ppl_windows, lambada_windows=args.lambada_windows,
+                      acc_docs=args.acc_docs, seeds=args.seeds)
+    if args.tasks:
+        cfg.tasks = resolve_tasks(args.tasks)
+    if args.no_second:
+        cfg.second_model = None
+    json_path = args.output / "study.json"
+    previous = None
+    if args.resume and json_path.exists():
+        previous = json.loads(json_path.read_text(encoding="utf-8"))
+    result = run_study(cfg, previous=previous)
+    result.setdefault("commands", []).append("tokenfilter " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    args.output.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    written = [json_path, *write_all(result, args.output, args.write_docs, args.results_md)]
+    print((args.output / "study.md").read_text(encoding="utf-8"))
+    print("wrote " + ", ".join(map(str, written)))
     return 0
 
 
@@ -105,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokenfilter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_eval(sub)
+    _add_study(sub)
     bench = sub.add_parser("bench", help="latency, throughput and KV memory vs dense")
     try:
         from tokenfilter.bench import cli as bench_cli
@@ -116,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "eval":
             return _run_eval(args)
+        if args.command == "study":
+            return _run_study(args)
         if bench_cli is None:
             print("tokenfilter bench is not available in this version.", file=sys.stderr)
             return 2

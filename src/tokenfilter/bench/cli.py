@@ -108,7 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Token Filtering")
     g.add_argument("--kv", default="drop", choices=["drop", "keep"])
     g.add_argument("--skip", default="attention", choices=["attention", "block"])
-    g.add_argument("--schedule", default="tail-linear", choices=["tail-linear", "uniform"])
+    g.add_argument("--schedule", default="uniform", choices=["uniform", "tail-linear"],
+                   help="uniform from layer 2 (the library default) or the paper's tail-linear from L // 2")
     g.add_argument("--no-overhead", action="store_true", help="leave out the threshold>1 (scoring only) run")
     g = parser.add_argument_group("inputs and outputs")
     g.add_argument("--data", default=None, help="text file for the contexts (default ../shared/data/wikitext-2 test)")

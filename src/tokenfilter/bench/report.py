@@ -71,8 +71,10 @@ def render(result: dict, png_name: str | None = None, notes: str | None = None, 
         f"{cfg['warmup']} untimed warm-up round(s) of every method on the shortest context of each batch size, then "
         f"{cfg['repeats']} timed rounds per context."
     )
+    sched = ("`tail-linear` from layer L // 2 (the paper's)" if cfg["schedule"] == "tail-linear"
+             else f"`{cfg['schedule']}` from layer 2 (the library default)")
     add(
-        f"- Token Filtering: ratios {', '.join(f'{r:g}' for r in cfg['ratios'])}, schedule `{cfg['schedule']}`, "
+        f"- Token Filtering: ratios {', '.join(f'{r:g}' for r in cfg['ratios'])}, schedule {sched}, "
         f"kv=`{cfg['kv']}`, skip=`{cfg['skip']}`; overhead run: threshold {cfg['overhead_threshold']:g} (scores "
         "computed, nothing filtered)."
     )

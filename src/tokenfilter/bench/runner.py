@@ -52,7 +52,7 @@ class BenchConfig:
     overhead: bool = True  # also run threshold > 1 (scoring only, nothing filtered)
     kv: str = "drop"
     skip: str = "attention"
-    schedule: str = "tail-linear"
+    schedule: str = "uniform"  # the library default (from layer 2); "tail-linear": the paper's, from L // 2
     text_file: str | None = None
     seed: int = 0
     progress: bool = True
@@ -64,12 +64,16 @@ class BenchConfig:
 
     def methods(self) -> list[tuple[str, float | None, TokenFilter | None]]:
         out: list[tuple[str, float | None, TokenFilter | None]] = [("dense", None, None)]
-        common = dict(kv=self.kv, skip=self.skip)
+        common = dict(kv=self.kv, skip=self.skip, start_layer=self.start_layer)
         if self.overhead:
             out.append(("overhead", None, TokenFilter(threshold=OVERHEAD_THRESHOLD, **common)))
         for r in self.ratios:
             out.append(("filter", float(r), TokenFilter(ratio=float(r), schedule=self.schedule, **common)))
         return out
+
+    @property
+    def start_layer(self) -> int | None:
+        return None if self.schedule == "tail-linear" else TokenFilter.start_layer
 
 
 # -- one trial ------------------------------------------------------------------------------------------
@@ -296,7 +300,8 @@ def run_bench(
         profile = profile_cell(
             model,
             p_ids,
-            TokenFilter(ratio=cfg.profile_ratio, kv=cfg.kv, skip=cfg.skip, schedule=cfg.schedule),
+            TokenFilter(ratio=cfg.profile_ratio, kv=cfg.kv, skip=cfg.skip, schedule=cfg.schedule,
+                        start_layer=cfg.start_layer),
             cfg.profile_steps,
             logits_to_keep,
         )

@@ -5,8 +5,9 @@
 
 Any ``TokenFilter`` field can be given in ``model_args``; with neither ``ratio`` nor ``threshold`` the model
 runs dense. Loglikelihood requests are plain forwards, so the filter runs in its prefill (ratio) rule.
-Batches default to 1 request: lm-eval right-pads larger batches without a mask, and the padding would
-compete with real tokens for the per-sequence filtering budget.
+lm-eval right-pads batched requests with zeros and passes no mask; padding must not compete with real tokens
+for the per-sequence filtering budget, so filtered batches get the attention mask of their real tokens
+(each row's length is its last non-zero token): a batch gives the same log-likelihoods as one request at a time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ from tokenfilter.loading import load_model
 from tokenfilter.stats import FilterStats, FlopModel, LayerCounts
 
 FILTER_FIELDS = {f.name for f in dataclasses.fields(TokenFilter)}
+
+
+def right_padding_mask(ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` ids right-padded with 0 -> ``[B, T]`` mask, 1 up to each row's last non-zero token."""
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    last = torch.where(ids != 0, positions, -1).amax(dim=1, keepdim=True)
+    return (positions <= last).long()
 
 
 @register_model("tokenfilter")
@@ -63,7 +71,11 @@ class TokenFilterLM(HFLM):
         if self.token_filter is None:  # counting off (e.g. a model with layers removed)
             return super()._model_call(inps, attn_mask, labels)
         with self.token_filter.apply(self.model) as run:
-            out = super()._model_call(inps, attn_mask, labels)
+            if inps.shape[0] > 1 and attn_mask is None:
+                with torch.no_grad():
+                    out = self.model(inps, attention_mask=right_padding_mask(inps)).logits
+            else:
+                out = super()._model_call(inps, attn_mask, labels)
         self._add(run.stats.layers)
         return out
 

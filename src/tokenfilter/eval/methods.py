@@ -1,5 +1,7 @@
 """The methods the evaluation compares, by name. Token Filtering variants are ``TokenFilter`` changes
-from the SPEC default; ``shortgpt*`` are layer-removal baselines matched to Token Filtering's FLOPs."""
+from the library default (uniform schedule from layer 2, chosen by ``tokenfilter study``); ``paper`` is the
+SPEC's tail-linear schedule from ``L // 2``; ``shortgpt*`` are layer-removal baselines matched to Token
+Filtering's FLOPs."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ FILTER_VARIANTS: dict[str, dict] = {
     "fusion-key": {"fusion": "key"},
     "fusion-value": {"fusion": "value"},
     "kv-keep": {"kv": "keep"},
-    "uniform": {"schedule": "uniform"},
+    "paper": {"schedule": "tail-linear", "start_layer": None},
     "post-rope": {"pre_rope": False},
     "random": {"score": "random"},
 }

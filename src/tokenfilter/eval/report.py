@@ -8,6 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from tokenfilter.eval.sections import write_keeping_sections
+
 
 def _fmt(x: float | None, pct: bool = False) -> str:
     if x is None:
@@ -125,8 +127,7 @@ def write_markdown(result: dict, path: Path, command: str) -> None:
         text += [f"- {r['method']} at ratio {r['target_ratio']}: removed layers {r['removed_layers']}"
                  for r in removal]
         text.append("")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(text), encoding="utf-8")
+    write_keeping_sections(path, "\n".join(text))
 
 
 def plot(result: dict, path: Path) -> None:
