@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from tiny_lm import one_thread
 from tokenfilter import TokenFilter
 from tokenfilter.bench import BenchConfig, run_bench
 from tokenfilter.bench import cli as bench_cli
@@ -50,12 +51,10 @@ TINY_CFG = dict(
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
+def _one_thread():
     """Tiny matmuls on a shared machine: one thread avoids waiting on descheduled OpenMP workers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

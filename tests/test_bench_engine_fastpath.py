@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tiny_lm import one_thread
 from tokenfilter import TokenFilter
 from tokenfilter.integration import attention as attention_mod
 from tokenfilter.integration.kv_store import RaggedKV
@@ -18,11 +19,10 @@ from conftest import left_pad, make_tiny, random_ids
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread():
+    """Tiny matmuls on a shared machine: one thread avoids waiting on descheduled OpenMP workers."""
+    with one_thread():
+        yield
 
 
 @pytest.fixture

@@ -75,8 +75,10 @@ def test_realized_ratio_on_real_text(smol, ratio):
 def test_generate_fluency(smol):
     """Dense-model perplexity of greedy continuations: fluent at a light ratio, measured (not asserted) at 0.5.
 
-    At ratio 0.5 the SPEC default collapses this 135M model (see docs/results.md and issue 6), so the test
-    asserts what holds: the generation runs at the target ratio, and light filtering stays fluent.
+    At ratio 0.5 Token Filtering collapses this 135M model (see docs/results.md and docs/study.md; with the
+    default schedule greedy decoding ends the answer at once), so the test asserts what holds: 40 decode steps
+    (end-of-sequence suppressed, so every run decodes the same steps) run at the target ratio, and light
+    filtering stays fluent.
     """
     model, tok = smol
     p = chat_prompt(tok)
@@ -87,7 +89,7 @@ def test_generate_fluency(smol):
     results = {}
     for ratio in (0.05, 0.5):
         with TokenFilter(ratio=ratio).apply(model) as run, torch.no_grad():
-            out = model.generate(**p, max_new_tokens=40, do_sample=False)
+            out = model.generate(**p, max_new_tokens=40, min_new_tokens=40, do_sample=False)
         assert out.shape == (1, n + 40)
         results[ratio] = (continuation_ppl(model, p["input_ids"], out), run.stats.ratio,
                           tok.decode(out[0, n:], skip_special_tokens=True))
