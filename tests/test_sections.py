@@ -46,3 +46,4 @@ def test_longctx_section_names_the_command_and_images():
     text = section_markdown(_longctx_result(), "tokenfilter eval --tasks longctx", ["longctx/needle_dense.png"])
     assert text.startswith("## Long context") and "`tokenfilter eval --tasks longctx`" in text
     assert "![needle_dense](longctx/needle_dense.png)" in text
+    assert "- `token-filter-0.3` finds the needle in 25% of the cells (dense 75%)." in text

@@ -24,6 +24,28 @@ def needle_by_length(result: Mapping) -> str:
     return "\n".join(lines)
 
 
+def findings(result: Mapping) -> list[str]:
+    """One computed sentence per filtered method: needle and LongBench against dense."""
+    methods = result["methods"]
+    dense = methods.get("dense")
+    if dense is None:
+        return []
+    out = []
+    for name, m in methods.items():
+        if name == "dense":
+            continue
+        parts = []
+        if "needle" in m and "needle" in dense:
+            found, base = m["needle"]["mean"], dense["needle"]["mean"]
+            parts.append(f"finds the needle in {found:.0%} of the cells (dense {base:.0%})")
+        if "longbench" in m and "longbench" in dense:
+            avg, base = m["longbench"]["average"], dense["longbench"]["average"]
+            parts.append(f"LongBench average {avg:.1f} (dense {base:.1f})")
+        if parts:
+            out.append(f"- `{name}` " + " and ".join(parts) + ".")
+    return out
+
+
 def section_markdown(result: Mapping, command: str, images: list[str]) -> str:
     cfg = result["config"]
     lines = [
@@ -39,6 +61,8 @@ def section_markdown(result: Mapping, command: str, images: list[str]) -> str:
         "### Summary",
         "",
         summary_table(result),
+        "",
+        *findings(result),
         "",
         "### Needle found, by context length (mean over depths)",
         "",
