@@ -7,8 +7,9 @@ import json
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM
 
+import tiny_lm
 from tiny_lm import one_thread
 from tokenfilter import TokenFilter
 from tokenfilter.bench import BenchConfig, run_bench
@@ -23,17 +24,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_lm.tiny_llama(128, seed=seed, max_position_embeddings=256, pad_token_id=None, eos_token_id=2)
 
 
 TINY_CFG = dict(

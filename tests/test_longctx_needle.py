@@ -184,22 +184,9 @@ def test_heatmap_png(tmp_path: Path) -> None:
 
 
 def _tiny_llama(vocab: int) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_lm import tiny_llama
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=400,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=1,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(vocab, max_position_embeddings=400, eos_token_id=2, bos_token_id=1)
 
 
 def _fake_longbench(folder: Path) -> None:

@@ -12,6 +12,7 @@ from tokenfilter.cli import main
 from tokenfilter.eval.shortgpt import block_influence
 from tokenfilter.study import variants
 from tokenfilter.study.bootstrap import paired_interval
+from tokenfilter.study.curves import matched_log_ppl
 from tokenfilter.study.report import plot, render
 from tokenfilter.study.runner import (
     StudyConfig,
@@ -20,7 +21,6 @@ from tokenfilter.study.runner import (
     _second_model,
     _select,
     choose,
-    matched_log_ppl,
     run_study,
 )
 

@@ -39,9 +39,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
 
 
-def tiny_llama(vocab: int, layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(vocab: int, layers: int = 4, seed: int = 0, **overrides: object) -> LlamaForCausalLM:
+    """A tiny random Llama (GQA, 4 heads / 2 KV heads of 16); ``overrides``: any other LlamaConfig field."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=vocab,
         hidden_size=64,
         intermediate_size=128,
@@ -52,7 +53,7 @@ def tiny_llama(vocab: int, layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
         eos_token_id=0,
         pad_token_id=0,
     )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**fields, **overrides})).eval()
 
 
 def tiny_lm(layers: int = 4) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:

@@ -20,18 +20,13 @@ def _floats(text: str) -> list[float]:
     return values
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from tokenfilter.bench.cli import positive_ints
+
     p = sub.add_parser("eval", help="score dense vs Token Filtering vs baselines (lm-eval tasks + perplexity)")
     p.add_argument("--model", default=None, help="local folder, .gguf file or hub id (default: SmolLM2-135M)")
     p.add_argument("--ratios", type=_floats, default=[0.3, 0.5], help="comma-separated, default 0.3,0.5")
@@ -54,7 +49,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-file", default=None, help="calibration text for the layer-removal baseline")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is often faster on a CPU shared with other jobs)")
-    p.add_argument("--needle-lengths", type=_ints, default=None,
+    p.add_argument("--needle-lengths", type=positive_ints, default=None,
                    help="longctx: needle context lengths (default 1024,2048,4096,8192)")
     p.add_argument("--max-length", type=int, default=None, help="longctx: MiniLongBench truncation (default 2048)")
 

@@ -71,13 +71,19 @@ def explicit(ratios: Sequence[float], num_layers: int, cap: float) -> Schedule:
     return Schedule(tuple(float(r) for r in ratios), nonzero[0] if nonzero else num_layers)
 
 
+def first_layer(start_layer: int | None, num_layers: int) -> int:
+    """The first filtered layer: ``start_layer``, or the SPEC's ``L // 2`` when it is None (checked in range)."""
+    start = num_layers // 2 if start_layer is None else start_layer
+    if not 0 <= start < num_layers:
+        raise ValueError(f"start_layer must be in [0, {num_layers - 1}] for this model, got {start_layer}.")
+    return start
+
+
 def resolve(
     schedule: str | Sequence[float], ratio: float, num_layers: int, start_layer: int | None, cap: float
 ) -> Schedule:
     """Turn a schedule name (or an explicit list) into per-layer ratios for a model with ``num_layers``."""
-    start = num_layers // 2 if start_layer is None else start_layer
-    if not 0 <= start < num_layers:
-        raise ValueError(f"start_layer must be in [0, {num_layers - 1}] for this model, got {start_layer}.")
+    start = first_layer(start_layer, num_layers)
     if isinstance(schedule, str):
         if schedule == "tail-linear":
             return tail_linear(ratio, num_layers, start, cap)

@@ -20,7 +20,8 @@ QUICK = dict(lengths=[128, 256], ratios=[0.5], batch_sizes=[1], new_tokens=8, re
 FULL_LENGTHS = [512, 1024, 2048, 4096, 8192]
 
 
-def _ints(text: str) -> list[int]:
+def positive_ints(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers."""
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -92,11 +93,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="torch threads, or 'auto' (default): torch's choice on an idle machine, 1 when the load "
                    "average is already >= 1 (OpenMP threads waiting on busy cores slow down several-fold)")
     g = parser.add_argument_group("grid (defaults fit ~10 min on 2 CPU cores)")
-    g.add_argument("--lengths", type=_ints, default=None,
+    g.add_argument("--lengths", type=positive_ints, default=None,
                    help=f"context lengths (default {','.join(map(str, DEFAULTS['lengths']))}; "
                    f"full: {','.join(map(str, FULL_LENGTHS))}, lengths beyond the model's positions are skipped)")
     g.add_argument("--ratios", type=_ratios, default=None, help="filtering ratios (default 0.3,0.5,0.7)")
-    g.add_argument("--batch-sizes", type=_ints, default=None, help="batch sizes (default 1; full: 1,4)")
+    g.add_argument("--batch-sizes", type=positive_ints, default=None, help="batch sizes (default 1; full: 1,4)")
     g.add_argument("--new-tokens", type=_non_negative, default=None,
                    help="decode steps per trial (default 32; full: 128)")
     g.add_argument("--repeats", type=_positive, default=None, help="timed rounds per cell (default 3)")

@@ -31,9 +31,8 @@ def write_section(path: Path, name: str, body: str) -> None:
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     new = block(name, body)
     old = sections(text).get(name)
-    if old is None:  # a new section goes at the end
-        old, text = "\0", (text.rstrip() + "\n\n" if text.strip() else "") + "\0"
-    text = text.replace(old, new)
+    prefix = text.rstrip() + "\n\n" if text.strip() else ""
+    text = prefix + new if old is None else text.replace(old, new)  # a new section goes at the end
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tokenfilter.algorithm.schedule import Schedule, resolve
+from tokenfilter.algorithm.schedule import Schedule, first_layer, resolve
 from tokenfilter.config import TokenFilter
 from tokenfilter.integration.attention import FilteredAttention, FilteredMLP
 from tokenfilter.integration.families import decoder_layers, sliding_window
@@ -59,9 +59,7 @@ class FilterRun:
         if cfg.mode == "ratio":
             sched = resolve(cfg.schedule, cfg.ratio, n, cfg.start_layer, cfg.max_layer_ratio)
             return sched, {i: r for i, r in enumerate(sched.ratios) if r > 0}
-        start = n // 2 if cfg.start_layer is None else cfg.start_layer
-        if not 0 <= start < n:
-            raise ValueError(f"start_layer must be in [0, {n - 1}] for this model, got {cfg.start_layer}.")
+        start = first_layer(cfg.start_layer, n)
         if isinstance(cfg.threshold, int | float):
             return None, {i: float(cfg.threshold) for i in range(start, n)}
         taus = list(cfg.threshold)

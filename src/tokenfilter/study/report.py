@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from tokenfilter.study import variants
+from tokenfilter.study.curves import matched_log_ppl
 
 
 def _f(x: float | None, spec: str = ".1f") -> str:
@@ -64,12 +65,9 @@ def select_section(result: dict) -> list[str]:
 
 def _interp_shortgpt(curve: list[dict], key: str, flops: float, dense: float) -> float | None:
     """Layer removal's PPL at ``flops`` saved, log-linear between its points (dense at 0); None beyond them."""
-    pts = [(0.0, dense)] + [(c["flops_saved"], c["ppl"][key]) for c in curve]
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
-        if x0 <= flops <= x1:
-            t = (flops - x0) / (x1 - x0)
-            return math.exp((1 - t) * math.log(y0) + t * math.log(y1))
-    return None
+    points = [{"flops_saved": c["flops_saved"], "ppl": c["ppl"][key]} for c in curve]
+    log_ppl = matched_log_ppl(points, dense, [flops])[0]
+    return None if math.isinf(log_ppl) else math.exp(log_ppl)
 
 
 def _ppl_rows(block: dict, key: str, ratios: list[str], chosen: str) -> list[list[str]]:

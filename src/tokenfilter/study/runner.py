@@ -32,10 +32,10 @@ from tokenfilter.loading import DEFAULT_NAME, load_model
 from tokenfilter.stats import layer_flop_fraction
 from tokenfilter.study import variants
 from tokenfilter.study.bootstrap import paired_interval
+from tokenfilter.study.curves import matched_log_ppl
 
 STAGES = ("layers", "select", "heldout", "accuracy", "second")
 STORIES = Path(__file__).resolve().parents[3].parent / "shared" / "models" / "stories260K"
-CALIB_DIR = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "needle-haystack"
 
 
 @dataclass
@@ -64,17 +64,6 @@ def _point(model, ids: torch.Tensor, tf: TokenFilter | None, desc: str) -> dict:
     ppl, st = perplexity(model, ids, tf, progress=False, desc=desc)
     return {"ppl": ppl, "realized_ratio": st.ratio, "flops_saved": st.total_flops_skipped,
             "attention_flops_saved": st.attention_flops_skipped, "kv_saved": st.kv_saved_fraction}
-
-
-def matched_log_ppl(points: list[dict], dense_ppl: float, levels: list[float]) -> list[float]:
-    """log PPL of one method interpolated at FLOPs-saved ``levels`` (``inf`` beyond the method's reach).
-
-    ``points``: dicts with ``flops_saved`` and ``ppl``; the dense model is the point (0, dense_ppl)."""
-    xs = [0.0] + [p["flops_saved"] for p in points]
-    ys = [math.log(dense_ppl)] + [math.log(p["ppl"]) for p in points]
-    order = np.argsort(xs)
-    xs, ys = np.asarray(xs)[order], np.asarray(ys)[order]
-    return [float(np.interp(x, xs, ys)) if x <= xs[-1] + 1e-9 else math.inf for x in levels]
 
 
 def choose(select: dict, ratios: list[float]) -> dict:
