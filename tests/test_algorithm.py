@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tokenfilter.algorithm.anchors import ema_scan
-from tokenfilter.algorithm.decisions import running_quantile, top_ratio
+from tokenfilter.algorithm.decisions import top_ratio
 from tokenfilter.algorithm.schedule import resolve
 from tokenfilter.algorithm.scores import fuse
 
@@ -71,7 +71,43 @@ def test_top_ratio_counts_and_eligibility():
     assert int(out.sum()) == 8
 
 
-def test_running_quantile_ignores_empty_slots():
-    hist = torch.tensor([[1.0, 2.0, 3.0, float("nan")], [float("nan")] * 4])
-    q = running_quantile(hist, 0.5)
-    assert q[0].item() == 2.0 and q[1].isnan()
+def _assert_quantiles_match(layer, raw: list[list[float]]) -> None:
+    hist = torch.full((len(raw), max(map(len, raw)) or 1), float("nan"))
+    for r, vals in enumerate(raw):
+        hist[r, : len(vals)] = torch.tensor(vals)
+    for level in (0.0, 0.3, 0.5, 0.7, 0.95, 1.0):
+        want = torch.nanquantile(hist, level, dim=-1, keepdim=True)
+        got = layer.score_quantile(level)
+        assert torch.equal(got.isnan(), want.isnan())
+        torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("ragged", [True, False])
+def test_sorted_score_history_quantile_equals_nanquantile(ragged):
+    """The cache keeps each row's scores sorted so decode reads the quantile without sorting; it must give
+    exactly what ``torch.nanquantile`` gives on the unsorted history, for ragged rows (a padded batch: ranks
+    computed per row) and equal rows (ranks computed in Python)."""
+    from tokenfilter.integration.cache_layer import FilteredCacheLayer
+
+    torch.manual_seed(0)
+    layer = FilteredCacheLayer()
+    layer.init_state(3, 2, 4, torch.device("cpu"))
+    raw: list[list[float]] = [[], [], []]
+    _assert_quantiles_match(layer, raw)  # empty: NaN everywhere
+    if ragged:
+        eligible = torch.tensor([[True] * 5, [True, False, True, False, False], [False] * 5])
+    else:
+        eligible = torch.ones(3, 5, dtype=torch.bool)
+    for _ in range(2):  # two prefill chunks
+        scores = torch.rand(3, 5)
+        layer.add_history(scores, eligible)
+        for r in range(3):
+            raw[r] += scores[r][eligible[r]].tolist()
+        _assert_quantiles_match(layer, raw)
+    assert (layer.history_min == layer.history_max) != ragged
+    for _ in range(70):  # decode steps: one score inserted per row, ties included, across a buffer growth
+        s = torch.rand(3).round(decimals=1)
+        layer.add_history_one(s)
+        for r in range(3):
+            raw[r].append(float(s[r]))
+        _assert_quantiles_match(layer, raw)

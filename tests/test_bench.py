@@ -140,6 +140,15 @@ def test_lengths_beyond_the_model_are_skipped():
     assert res["skipped"][0]["length"] == 300
 
 
+def test_cells_over_the_token_budget_are_skipped_and_reported():
+    cfg = BenchConfig(lengths=[8, 16], ratios=[0.5], batch_sizes=[1, 2], max_batch_tokens=16, new_tokens=2,
+                      repeats=1, warmup=1, progress=False, profile=False, overhead=False, collect_garbage=False)
+    res = run_bench(tiny_llama(), None, cfg)
+    assert {(c["batch"], c["length"]) for c in res["cells"]} == {(1, 8), (1, 16), (2, 8)}
+    assert res["skipped"] == [{"batch": 2, "length": 16, "reason": "2 x 16 tokens > max_batch_tokens=16"}]
+    assert "- Skipped batch 2, length 16: 2 x 16 tokens > max_batch_tokens=16." in render(res)
+
+
 def test_report_and_plot_from_json(result, tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(result))
@@ -186,7 +195,8 @@ def test_defaults_and_flags_compose():
     bench_cli.add_arguments(parser)
     d = bench_cli.config_from_args(parser.parse_args([]))
     assert (d.lengths, d.ratios, d.batch_sizes, d.new_tokens) == ([512, 1024, 2048], [0.3, 0.5, 0.7], [1], 32)
-    f = bench_cli.config_from_args(parser.parse_args(["--full", "--repeats", "2"]))
+    f = bench_cli.config_from_args(parser.parse_args(["--full", "--repeats", "2", "--max-batch-tokens", "8192"]))
     assert f.lengths[-1] == 8192 and f.batch_sizes == [1, 4] and f.new_tokens == 128 and f.repeats == 2
+    assert f.max_batch_tokens == 8192 and d.max_batch_tokens is None
     q = bench_cli.config_from_args(parser.parse_args(["--quick", "--ratios", "0.3,0.7"]))
     assert q.ratios == [0.3, 0.7] and not q.profile

@@ -37,7 +37,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", type=_names, default=["dense", "token-filter"],
                    help="dense,token-filter,fusion-mean,fusion-key,fusion-value,kv-keep,paper,post-rope,random,"
                    "shortgpt,shortgpt-calib2 | all")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="requests scored together (default 8; padding is masked, so scores equal batch 1's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", type=Path, default=Path("results/eval"), help="folder for JSON, Markdown and PNG")

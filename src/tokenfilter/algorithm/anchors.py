@@ -1,15 +1,45 @@
 """Running per-layer anchors: ``A_t = gamma * A_{t-1} + (1 - gamma) * x_t`` over real tokens.
 
 The update does not depend on the filtering decision, so the anchors of a whole chunk are one linear
-recurrence. ``ema_scan`` evaluates it in blocks: inside a block with a small lower-triangular decay
-matrix, across blocks with a carried state, so the work is vectorised with no loop over tokens.
+recurrence. ``ema_scan`` evaluates it without a loop over tokens: every block of ``_BLOCK`` tokens is
+scanned at once by one small lower-triangular decay matrix (all blocks in one matmul, from a zero start),
+the anchors at the block ends are themselves an EMA with decay ``gamma ** _BLOCK`` (scanned the same way,
+recursively), and each block then adds its incoming anchor times ``gamma ** (j + 1)``.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-_BLOCK = 64
+_BLOCK = 32
+
+
+def _decay(m: int, gamma: float, device: torch.device) -> torch.Tensor:
+    """``[m, m]``: ``(1 - gamma) * gamma ** (j - i)`` on and below the diagonal, 0 above."""
+    idx = torch.arange(m, device=device)
+    gap = idx[:, None] - idx[None, :]
+    w = (1 - gamma) * torch.pow(torch.tensor(gamma, dtype=torch.float64, device=device), gap.clamp(min=0))
+    return torch.where(gap >= 0, w, 0.0).float()
+
+
+def _scan(x: torch.Tensor, carry: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``x``: ``[B, N, F]`` float32, ``carry``: ``[B, F]`` -> anchors ``[B, N, F]``."""
+    b, n, f = x.shape
+    m = min(n, _BLOCK)
+    carry_w = gamma ** torch.arange(1, m + 1, dtype=torch.float64, device=x.device)  # [m]
+    carry_w = carry_w.float()[:, None]
+    if n <= _BLOCK:
+        return torch.matmul(_decay(n, gamma, x.device), x) + carry_w * carry[:, None, :]
+    blocks = -(-n // m)
+    xb = F.pad(x, (0, 0, 0, blocks * m - n)).view(b, blocks, m, f)
+    local = torch.matmul(_decay(m, gamma, x.device), xb)  # [B, blocks, m, F]: each block from a zero start
+    g_block = gamma**m
+    # the anchor at the end of block k is g_block * (end of block k-1) + local end of block k
+    ends = _scan(local[:, :, -1] / (1 - g_block), carry, g_block)  # [B, blocks, F]
+    incoming = torch.cat([carry[:, None], ends[:, :-1]], dim=1)
+    out = local + carry_w * incoming[:, :, None, :]
+    return out.reshape(b, blocks * m, f)[:, :n]
 
 
 def ema_scan(x: torch.Tensor, init: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -29,16 +59,4 @@ def ema_scan(x: torch.Tensor, init: torch.Tensor, gamma: float) -> torch.Tensor:
     carry = init.float().reshape(b, h * d)
     if n == 1:
         return (gamma * carry + (1 - gamma) * x[:, 0]).reshape(b, 1, h, d)
-    blk = min(_BLOCK, n)
-    idx = torch.arange(blk, device=x.device)
-    expo = (idx[:, None] - idx[None, :]).clamp(min=0).float()
-    decay = torch.where(idx[:, None] >= idx[None, :], (1 - gamma) * gamma**expo, torch.zeros((), device=x.device))
-    carry_w = gamma ** (idx.float() + 1)  # weight of the incoming carry on each position of a block
-    outs = []
-    for s in range(0, n, blk):
-        xb = x[:, s : s + blk]
-        m = xb.shape[1]
-        ab = torch.einsum("ji,bif->bjf", decay[:m, :m], xb) + carry_w[:m, None] * carry[:, None, :]
-        outs.append(ab)
-        carry = ab[:, -1]
-    return torch.cat(outs, dim=1).reshape(b, n, h, d)
+    return _scan(x, carry, gamma).reshape(b, n, h, d)

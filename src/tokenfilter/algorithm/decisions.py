@@ -1,4 +1,8 @@
-"""Turning scores into decisions (True = filtered). Higher score = more redundant."""
+"""Turning scores into decisions (True = filtered). Higher score = more redundant.
+
+The decode rule's threshold (each row's running quantile of its past scores) is read from the sorted score
+history the cache keeps: ``FilteredCacheLayer.score_quantile``.
+"""
 
 from __future__ import annotations
 
@@ -21,10 +25,3 @@ def top_ratio(scores: torch.Tensor, eligible: torch.Tensor, n_real: torch.Tensor
 def above(scores: torch.Tensor, eligible: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
     """Threshold rule: filter eligible tokens whose score is strictly above ``tau`` (scalar or ``[B, 1]``)."""
     return eligible & (scores > tau)
-
-
-def running_quantile(history: torch.Tensor, level: float) -> torch.Tensor:
-    """Per-row quantile of past scores ``[B, N]`` (NaN = empty slot) -> ``[B, 1]``; NaN if a row is empty."""
-    if history.shape[-1] == 0:
-        return torch.full((history.shape[0], 1), float("nan"), device=history.device)
-    return torch.nanquantile(history, level, dim=-1, keepdim=True)

@@ -104,6 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=_non_negative, default=None,
                    help="untimed rounds of every method before the timed ones, on the shortest context of each "
                    "batch size (default 1)")
+    g.add_argument("--max-batch-tokens", type=_positive, default=None, metavar="N",
+                   help="skip the cells whose batch size x context length exceeds N (e.g. --full --max-batch-tokens "
+                   "8192: batch 1 up to 8192 tokens, batch 4 up to 2048); skipped cells are listed in the report")
     g.add_argument("--full", action="store_true", help="the full grid: lengths up to 8192, batch 1,4, 128 new tokens")
     g.add_argument("--quick", action="store_true", help="a smoke run: lengths 128,256, ratio 0.5, 8 new tokens")
     g = parser.add_argument_group("Token Filtering")
@@ -138,6 +141,7 @@ def config_from_args(args: argparse.Namespace):
             base[key] = value
     return BenchConfig(
         **base,
+        max_batch_tokens=getattr(args, "max_batch_tokens", None),
         overhead=not args.no_overhead,
         kv=args.kv,
         skip=args.skip,

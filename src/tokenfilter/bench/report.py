@@ -79,7 +79,8 @@ def render(result: dict, png_name: str | None = None, notes: str | None = None, 
         "computed, nothing filtered)."
     )
     for s in result.get("skipped", []):
-        add(f"- Skipped length {s['length']}: {s['reason']}.")
+        where = f"batch {s['batch']}, length {s['length']}" if "batch" in s else f"length {s['length']}"
+        add(f"- Skipped {where}: {s['reason']}.")
     add("")
     add("How to read the tables:")
     add("")

@@ -49,6 +49,7 @@ class BenchConfig:
     new_tokens: int = 32
     repeats: int = 3
     warmup: int = 1
+    max_batch_tokens: int | None = None  # skip (batch, length) cells with batch * length above this
     overhead: bool = True  # also run threshold > 1 (scoring only, nothing filtered)
     kv: str = "drop"
     skip: str = "attention"
@@ -240,11 +241,18 @@ def run_bench(
             skipped.append({"length": t, "reason": reason})
         else:
             lengths.append(t)
-    contexts = [(b, t) for b in cfg.batch_sizes for t in lengths]
+    contexts = []
+    for b in cfg.batch_sizes:
+        for t in lengths:
+            if cfg.max_batch_tokens is not None and b * t > cfg.max_batch_tokens:
+                reason = f"{b} x {t} tokens > max_batch_tokens={cfg.max_batch_tokens}"
+                skipped.append({"batch": b, "length": t, "reason": reason})
+            else:
+                contexts.append((b, t))
     needed = max((b * t for b, t in contexts), default=1)
     source = TokenSource.build(tokenizer, needed, model.config.vocab_size, cfg.text_file, cfg.seed)
     methods = cfg.methods()
-    rounds = len(contexts) * cfg.repeats + len(cfg.batch_sizes) * cfg.warmup * bool(lengths)
+    rounds = len(contexts) * cfg.repeats + len({b for b, _ in contexts}) * cfg.warmup
     bar = _progress(rounds * len(methods), cfg.progress)
 
     cells: list[dict] = []
@@ -257,7 +265,8 @@ def run_bench(
                 i: {"prefill": [], "decode": [], "prefill_cpu": [], "decode_cpu": []} for i in range(len(methods))
             }
             last: dict[int, Trial] = {}
-            warm = cfg.warmup if t == min(lengths) else 0  # warm-up rounds: once per batch size, shortest context
+            # warm-up rounds: once per batch size, on its shortest context
+            warm = cfg.warmup if t == min(u for c, u in contexts if c == b) else 0
             for rnd in range(warm + cfg.repeats):
                 timed = rnd >= warm
                 order = list(range(len(methods)))

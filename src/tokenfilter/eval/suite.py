@@ -28,7 +28,7 @@ class EvalConfig:
     ratios: list[float] = field(default_factory=lambda: [0.3, 0.5])
     tasks: list[str] = field(default_factory=lambda: ["zeroshot", "mmlu"])
     limit: int | None = 40
-    batch_size: int = 1
+    batch_size: int = 8
     dtype: str = "float32"
     device: str = "cpu"
     ppl_file: str | None = None

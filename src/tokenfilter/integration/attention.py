@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenfilter.algorithm.anchors import ema_scan
-from tokenfilter.algorithm.decisions import above, running_quantile, top_ratio
+from tokenfilter.algorithm.decisions import above, top_ratio
 from tokenfilter.algorithm.scores import fuse_stacked, head_cosine
 from tokenfilter.integration.cache_layer import FilteredCacheLayer
 from tokenfilter.integration.families import sliding_window
@@ -133,7 +133,6 @@ class FilteredAttention:
         if getattr(attn, "k_norm", None) is not None:
             k = attn.k_norm(k)
         v = attn.v_proj(hidden_states).view(b, t, -1, d)
-        k_rot = rope(k, cos, sin)
 
         state = self._state(past_key_values, b, k.shape[2], d, hidden_states.device)
         decoding = t == 1 and state.columns > 0
@@ -145,7 +144,8 @@ class FilteredAttention:
             and state.min_real_seen >= self.cfg.warmup
             and (self.window is None or state.columns < self.window)
         ):
-            return self._decode_step(hidden_states, k, v, k_rot, cos, sin, state)
+            return self._decode_step(hidden_states, k, v, cos, sin, state)
+        k_rot = rope(k, cos, sin)
         cols = state.columns + torch.arange(t, device=hidden_states.device)
         scores, eligible = self._score(k if self.cfg.pre_rope else k_rot, v, real, state)
         filtered = self._decide(scores, eligible, real, state, decoding)
@@ -192,13 +192,16 @@ class FilteredAttention:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores ``[B, T]`` (NaN for padding) and eligibility ``[B, T]``; advances anchors and counts."""
         b, t = real.shape
-        order, valid, n = compact_order(real)
-        scores = torch.full((b, t), float("nan"), device=k.device)
-        eligible = torch.zeros(b, t, dtype=torch.bool, device=k.device)
-        if n == 0:
-            return scores, eligible
-        # keys and values of the real tokens, left-aligned and stacked: [B, N, 2, H, d]
-        x = torch.stack([gather_rows(k, order), gather_rows(v, order)], dim=2)
+        if self.run.call.all_real:  # no padding: the tokens are already left-aligned, nothing to gather
+            order, valid, n = None, None, t
+            x = torch.stack([k, v], dim=2)  # [B, T, 2, H, d]
+        else:
+            order, valid, n = compact_order(real)
+            if n == 0:
+                nan = torch.full((b, t), float("nan"), device=k.device)
+                return nan, torch.zeros(b, t, dtype=torch.bool, device=k.device)
+            # keys and values of the real tokens, left-aligned and stacked: [B, N, 2, H, d]
+            x = torch.stack([gather_rows(k, order), gather_rows(v, order)], dim=2)
         heads, d = x.shape[3], x.shape[4]
         started = (state.real_seen > 0)[:, None, None, None]
         init = torch.where(started, state.anchors, x[:, 0].float())  # [B, 2, H, d]
@@ -210,19 +213,27 @@ class FilteredAttention:
             s = self.run.random_scores(b, n).to(k.device)
         else:
             s = fuse_stacked(head_cosine(x, prev), self.cfg.fusion, self.cfg.lam)
+        s = s.float()
+        seen = state.real_seen
+        index = seen[:, None] + torch.arange(n, device=k.device)[None, :]  # each real token's index in its row
+        if order is None:
+            state.anchors = a[:, -1].clone()  # a copy: a view would keep all of `a` alive
+            state.real_seen = seen + t
+            state.min_real_seen += t  # every row gained t real tokens
+            return s, index >= self.cfg.warmup
 
         counts = valid.sum(-1)
         last = (counts - 1).clamp(min=0)
         rows = torch.arange(b, device=k.device)
         has_new = (counts > 0)[:, None, None, None]
         state.anchors = torch.where(has_new, a[rows, last], state.anchors)
-        real_index = state.real_seen[:, None] + torch.arange(n, device=k.device)[None, :]
-        state.real_seen = state.real_seen + counts
+        state.real_seen = seen + counts
         if state.min_real_seen < self.cfg.warmup:  # a lower bound; once past warm-up it needs no more syncs
             state.min_real_seen = int(state.real_seen.min())
-
-        scores.scatter_(1, order, s.float().masked_fill(~valid, float("nan")))
-        eligible.scatter_(1, order, valid & (real_index >= self.cfg.warmup))
+        scores = torch.full((b, t), float("nan"), device=k.device)
+        eligible = torch.zeros(b, t, dtype=torch.bool, device=k.device)
+        scores.scatter_(1, order, s.masked_fill(~valid, float("nan")))
+        eligible.scatter_(1, order, valid & (index >= self.cfg.warmup))
         return scores, eligible
 
     def _decide(
@@ -236,8 +247,7 @@ class FilteredAttention:
         if self.cfg.mode == "threshold":
             return above(scores, eligible, self.target)
         if decoding:
-            history = state.history[:, : state.history_max]  # the columns beyond are NaN padding
-            filtered = above(scores, eligible, running_quantile(history, 1 - self.target))
+            filtered = above(scores, eligible, state.score_quantile(1 - self.target))
         else:
             filtered = top_ratio(scores, eligible, real.sum(-1), self.target)
         state.add_history(scores, eligible)
@@ -290,7 +300,6 @@ class FilteredAttention:
         h: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        k_rot: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         state: FilteredCacheLayer,
@@ -298,7 +307,8 @@ class FilteredAttention:
         """One decode step when every row's token is real and past warm-up: the same scores, anchors,
         decisions, cache entries and outputs as the general path, with far fewer operators."""
         cfg, b, dim = self.cfg, h.shape[0], h.shape[2]
-        x = torch.stack([(k if cfg.pre_rope else k_rot)[:, 0], v[:, 0]], dim=1).float()  # [B, 2, H, d]
+        k_rot = None if cfg.pre_rope else rope(k, cos, sin)  # else only if the entry is stored (below)
+        x = torch.cat([k if cfg.pre_rope else k_rot, v], dim=1).float()  # [B, 2, H, d]
         if cfg.score == "random":
             scores = self.run.random_scores(b, 1).to(h.device)[:, 0].float()
         else:
@@ -310,8 +320,7 @@ class FilteredAttention:
         if cfg.mode == "threshold":
             filtered = scores > self.target
         else:
-            tau = running_quantile(state.history[:, : state.history_max], 1 - self.target)
-            filtered = scores > tau[:, 0]
+            filtered = scores > state.score_quantile(1 - self.target)[:, 0]
             state.add_history_one(scores)
         if b == 1:
             keep = None
@@ -324,7 +333,9 @@ class FilteredAttention:
         drop = cfg.kv == "drop"
         n_store = n_keep if drop else b
         store = keep if drop and n_keep < b else None
-        state.kv.append_one(k_rot[:, 0], v[:, 0], state.columns, store, n_store)
+        if n_store:
+            k_rot = rope(k, cos, sin) if k_rot is None else k_rot
+            state.kv.append_one(k_rot[:, 0], v[:, 0], state.columns, store, n_store)
         state.columns += 1
 
         if n_keep == 0:

@@ -11,6 +11,7 @@ so positions and masks built for the unfiltered layers stay right.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
@@ -29,10 +30,11 @@ class FilteredCacheLayer(CacheLayerMixin):
         self.columns = 0  # columns (real or padding) processed so far
         self.anchors: torch.Tensor | None = None  # [B, 2, H_kv, d] float32: the key anchor, then the value one
         self.real_seen: torch.Tensor | None = None  # [B] real tokens seen
-        self.history: torch.Tensor | None = None  # [B, N] eligible scores so far, NaN-padded
+        self.history: torch.Tensor | None = None  # [B, N] each row's eligible scores so far, sorted, +inf-padded
         self.history_len: torch.Tensor | None = None  # [B]
         self.min_real_seen = 0  # Python lower bound of real_seen.min() (decides the decode fast path)
         self.history_max = 0  # Python upper bound of history_len.max()
+        self.history_min = 0  # Python lower bound of history_len.min() (equal bounds: every row has as many)
         self.is_initialized = True
 
     @property
@@ -57,29 +59,52 @@ class FilteredCacheLayer(CacheLayerMixin):
             )
 
     def add_history(self, scores: torch.Tensor, eligible: torch.Tensor) -> None:
-        """Append each row's eligible scores ``[B, T]`` to its history (left-aligned, NaN beyond)."""
-        n_new = eligible.sum(-1)
-        new_len = self.history_len + n_new
-        need = int(new_len.max())
-        self._reserve_history(need)
+        """Add each row's eligible scores ``[B, T]`` to its history (kept sorted, ``+inf`` beyond)."""
+        new_len = self.history_len + eligible.sum(-1)
+        longest, shortest = torch.stack([new_len.max(), new_len.min()]).tolist()
+        self._reserve_history(longest)
         bi, ti = eligible.nonzero(as_tuple=True)
         dest = (self.history_len[:, None] + eligible.long().cumsum(-1) - 1)[bi, ti]
         self.history[bi, dest] = scores[bi, ti].float()
+        self.history[:, :longest] = self.history[:, :longest].sort(-1).values  # the +inf padding stays last
         self.history_len = new_len
-        self.history_max = need
+        self.history_max, self.history_min = longest, shortest
 
     def add_history_one(self, scores: torch.Tensor) -> None:
-        """Append one score ``[B]`` to every row (a decode step where every row's token is eligible)."""
-        self._reserve_history(self.history_max + 1)
-        rows = torch.arange(scores.shape[0], device=scores.device)
-        self.history[rows, self.history_len] = scores.float()
+        """Insert one score ``[B]`` into every row's sorted history (a decode step where every row's token is
+        eligible): a binary search and a shift, no sort and no host sync."""
+        width = self.history_max + 1
+        self._reserve_history(width)
+        h = self.history[:, :width]  # column width - 1 is +inf in every row (history_max bounds the lengths)
+        s = scores.float()[:, None]
+        at = torch.searchsorted(self.history, s)  # [B, 1]; the whole (contiguous) rows: the tail is +inf
+        col = torch.arange(width, device=h.device)
+        self.history[:, :width] = torch.where(col < at, h, torch.where(col == at, s, h.roll(1, -1)))
         self.history_len = self.history_len + 1
         self.history_max += 1
+        self.history_min += 1
+
+    def score_quantile(self, level: float) -> torch.Tensor:
+        """Per-row quantile of the scores seen so far ``[B, 1]`` (NaN for an empty row), with the linear
+        interpolation and float32 rank arithmetic of ``torch.nanquantile``, read from the sorted history."""
+        b = self.history.shape[0]
+        if self.history_max == 0:
+            return torch.full((b, 1), float("nan"), device=self.history.device)
+        if self.history_min == self.history_max:  # every row holds n scores: the ranks are known here
+            rank = np.float32(level) * np.float32(self.history_max - 1)
+            lo, hi = int(np.floor(rank)), int(np.ceil(rank))
+            weight = float(rank - np.float32(lo))
+            return torch.lerp(self.history[:, lo : lo + 1], self.history[:, hi : hi + 1], weight)
+        rank = torch.tensor(level, dtype=torch.float32) * (self.history_len - 1).clamp(min=0).float()
+        lo, hi = rank.floor(), rank.ceil()
+        ends = self.history.gather(1, torch.stack([lo, hi], dim=1).long())  # [B, 2]
+        q = torch.lerp(ends[:, :1], ends[:, 1:], (rank - lo)[:, None])
+        return q.masked_fill((self.history_len == 0)[:, None], float("nan"))
 
     def _reserve_history(self, need: int) -> None:
         if need > self.history.shape[1]:
             grow = max(need, 2 * self.history.shape[1], 64) - self.history.shape[1]
-            pad = torch.full((self.history.shape[0], grow), float("nan"), device=self.history.device)
+            pad = torch.full((self.history.shape[0], grow), float("inf"), device=self.history.device)
             self.history = torch.cat([self.history, pad], dim=1)
 
     # -- the CacheLayerMixin interface ------------------------------------------------------------

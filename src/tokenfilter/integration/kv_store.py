@@ -51,12 +51,18 @@ class RaggedKV:
 
     def append(self, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor, store: torch.Tensor) -> None:
         """``k, v``: ``[B, H, T, d]``; ``cols``: ``[T]``; ``store``: ``[B, T]`` bool (entries to keep)."""
-        b, h, _, d = k.shape
+        b, h, t, d = k.shape
         self._init(b, h, d, k, v)
         dest = self.lengths[:, None] + store.long().cumsum(-1) - 1  # [B, T]
+        start, aligned, before = self.max_len, self.max_len == self.min_len, self.total
         self.lengths = self.lengths + store.sum(-1)
         self._mirror()
         self._reserve(self.max_len)
+        if aligned and self.total - before == b * t:  # every row stores every column at the same offset
+            self.keys[:, :, start : start + t] = k
+            self.values[:, :, start : start + t] = v
+            self.pos[:, start : start + t] = cols
+            return
         bi, ti = store.nonzero(as_tuple=True)
         di = dest[bi, ti]
         self.keys[bi, :, di] = k[bi, :, ti]
