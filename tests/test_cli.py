@@ -106,5 +106,7 @@ def test_eval_end_to_end_writes_json_markdown_and_a_png(tiny_dir, text_file, tmp
     text = md.read_text()
     assert text == (out / "results.md").read_text()
     assert "| token-filter | 0.50 |" in text and "shortgpt" in text
-    png = (out / "accuracy_vs_ratio.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "![average accuracy vs ratio per method](accuracy_vs_ratio.png)" in text
+    for folder in (out, md.parent):  # the plot is written beside every copy of the report
+        png = (folder / "accuracy_vs_ratio.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -47,3 +47,23 @@ def test_longctx_section_names_the_command_and_images():
     assert text.startswith("## Long context") and "`tokenfilter eval --tasks longctx`" in text
     assert "![needle_dense](longctx/needle_dense.png)" in text
     assert "- `token-filter-0.3` finds the needle in 25% of the cells (dense 75%)." in text
+
+
+def test_eval_findings_name_losses_and_ablations():
+    from tokenfilter.eval.report import findings
+
+    def row(method, ratio, acc, ppl):
+        return {"method": method, "target_ratio": ratio, "avg_accuracy": acc, "perplexity": {"wikitext2": ppl}}
+
+    result = {
+        "config": {"ratios": [0.3], "limit": 40},
+        "tasks": ["piqa", "boolq"],
+        "rows": [row("dense", 0.0, 0.5, 20.0), row("token-filter", 0.3, 0.45, 100.0), row("random", 0.3, 0.47, 90.0),
+                 row("shortgpt", 0.3, 0.40, 50.0), row("kv-keep", 0.3, 0.46, 80.0), row("paper", 0.3, 0.20, 400.0)],
+    }
+    text = findings(result)
+    assert "it loses to random on accuracy (0.470) and loses to it on PPL (90.0)" in text[0]
+    assert "it beats shortgpt on accuracy (0.400) and loses to it on PPL (50.0)" in text[0]
+    assert "lower for kv-keep (80.0); higher for paper (400.0)" in text[1]
+    # 80 examples at p = 0.5: two standard errors = 0.112; paper is 0.25 below the default
+    assert "at most 0.250, beyond two standard errors of an average over 80 examples (±0.112)" in text[1]

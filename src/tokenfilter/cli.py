@@ -56,7 +56,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from tokenfilter.eval.report import print_table, write_markdown, write_outputs
+    from tokenfilter.eval.report import PLOT_NAME, print_table, write_markdown, write_outputs
     from tokenfilter.eval.suite import EvalConfig, run_eval
 
     if args.threads:
@@ -75,8 +75,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     print_table(result)
     paths = write_outputs(result, args.output, command)
     if args.results_md:
-        write_markdown(result, args.results_md, command)
-        paths.append(args.results_md)
+        write_markdown(result, args.results_md, command)  # and its plot beside it
+        paths += [args.results_md, args.results_md.parent / PLOT_NAME]
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 

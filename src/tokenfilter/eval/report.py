@@ -84,10 +84,48 @@ def findings(result: dict) -> list[str]:
                          f"{'beats' if ppl < o['perplexity']['wikitext2'] else 'loses to'} it on PPL "
                          f"({o['perplexity']['wikitext2']:.1f})")
         out.append(" ".join(parts).replace(" ;", ";") + ".")
+    out += _ablation_findings(result, rows)
     return out
 
 
+ABLATIONS = ("paper", "fusion-mean", "fusion-key", "fusion-value", "kv-keep", "post-rope")
+
+
+def _ablation_findings(result: dict, rows: dict) -> list[str]:
+    """One sentence per ratio: which ablations beat the default on perplexity, and whether any accuracy
+    difference is larger than two standard errors of an average over every scored example."""
+    dense = rows.get(("dense", 0.0))
+    limit = result["config"].get("limit")
+    n = limit * len(result.get("tasks", [])) if limit else 0
+    out = []
+    for ratio in result["config"]["ratios"]:
+        tf = rows.get(("token-filter", ratio))
+        abl = [(m, rows[(m, ratio)]) for m in ABLATIONS if (m, ratio) in rows]
+        if tf is None or not abl:
+            continue
+        ppl = tf["perplexity"]["wikitext2"]
+        better = [f"{m} ({r['perplexity']['wikitext2']:.1f})" for m, r in abl if r["perplexity"]["wikitext2"] < ppl]
+        worse = [f"{m} ({r['perplexity']['wikitext2']:.1f})" for m, r in abl if r["perplexity"]["wikitext2"] >= ppl]
+        text = (f"Ablations at ratio {ratio}, WikiText-2 PPL against the default's {ppl:.1f}: lower for "
+                f"{', '.join(better) or 'none'}; higher for {', '.join(worse) or 'none'}.")
+        if dense and n:
+            p = min(max(dense["avg_accuracy"], 0.05), 0.95)
+            two_se = 2 * (p * (1 - p) / n) ** 0.5
+            spread = max(abs(r["avg_accuracy"] - tf["avg_accuracy"]) for _, r in abl)
+            verdict = "within" if spread <= two_se else "beyond"
+            text += (f" Their average accuracies differ from the default's by at most {spread:.3f}, {verdict} two "
+                     f"standard errors of an average over {n} examples (±{two_se:.3f}).")
+        out.append(text)
+    return out
+
+
+PLOT_NAME = "accuracy_vs_ratio.png"
+
+
 def write_markdown(result: dict, path: Path, command: str) -> None:
+    """Write the report to ``path`` (keeping other commands' sections) and its plot beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot(result, path.parent / PLOT_NAME)
     head, body = table_rows(result)
     cfg = result["config"]
     text = [
@@ -111,6 +149,8 @@ def write_markdown(result: dict, path: Path, command: str) -> None:
         "## Accuracy (acc) and perplexity",
         "",
         markdown_table(head, body),
+        "",
+        f"![average accuracy vs ratio per method]({PLOT_NAME})",
         "",
         "## acc_norm (where lm-eval reports it)",
         "",
@@ -159,15 +199,14 @@ def plot(result: dict, path: Path) -> None:
 
 def write_outputs(result: dict, out_dir: Path, command: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "results.json", out_dir / "results.md", out_dir / "accuracy_vs_ratio.png"]
+    paths = [out_dir / "results.json", out_dir / "results.md", out_dir / PLOT_NAME]
     paths[0].write_text(json.dumps(result, indent=2), encoding="utf-8")
-    write_markdown(result, paths[1], command)
-    plot(result, paths[2])
+    write_markdown(result, paths[1], command)  # and the plot beside it
     return paths
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Re-render the Markdown report from a results.json: ``python -m tokenfilter.eval.report JSON MD``."""
+    """Re-render the report and its plot from a results.json: ``python -m tokenfilter.eval.report JSON MD``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m tokenfilter.eval.report")
