@@ -156,20 +156,10 @@ def config_from_args(args: argparse.Namespace):
 
 def load(spec: str | None, dtype: str):
     """``(model, tokenizer, name)`` through the project's loader."""
-    try:
-        from tokenfilter.models import load_model  # type: ignore[import-not-found]
-    except ImportError:
-        from tokenfilter.loading import load_model
-    model, tok = load_model(spec, dtype=dtype)
-    name = spec
-    if name is None:
-        try:
-            from tokenfilter.loading import DEFAULT_NAME
+    from tokenfilter.loading import DEFAULT_NAME, load_model
 
-            name = DEFAULT_NAME
-        except ImportError:
-            name = "SmolLM2-135M-Instruct"
-    return model, tok, name
+    model, tok = load_model(spec, dtype=dtype)
+    return model, tok, spec or DEFAULT_NAME
 
 
 def run(args: argparse.Namespace) -> int:
