@@ -227,8 +227,10 @@ def render(result: dict, png_name: str | None = None, notes: str | None = None, 
     add("## Reproduce")
     add("")
     add("```")
-    add("tokenfilter bench --write-docs                    # the default grid (this page)")
-    add("tokenfilter bench --lengths 512,1024,2048,4096,8192 --batch-sizes 1,4 --new-tokens 128 --repeats 5")
+    if command:
+        add(f"{command}{'' if '--write-docs' in command else ' --write-docs'}   # this page")
+    add("tokenfilter bench --write-docs                    # the default grid (~10 min on 2 cores)")
+    add("tokenfilter bench --full --write-docs             # the whole grid: up to 8192 tokens, batch 1 and 4")
     add("python -m tokenfilter.bench.report results/bench/results.json docs/performance.md")
     add("```")
     add("")
