@@ -53,8 +53,7 @@ class RaggedKV:
         """``k, v``: ``[B, H, T, d]``; ``cols``: ``[T]``; ``store``: ``[B, T]`` bool (entries to keep)."""
         b, h, t, d = k.shape
         self._init(b, h, d, k, v)
-        dest = self.lengths[:, None] + store.long().cumsum(-1) - 1  # [B, T]
-        start, aligned, before = self.max_len, self.max_len == self.min_len, self.total
+        start, aligned, before, old_lengths = self.max_len, self.max_len == self.min_len, self.total, self.lengths
         self.lengths = self.lengths + store.sum(-1)
         self._mirror()
         self._reserve(self.max_len)
@@ -63,6 +62,7 @@ class RaggedKV:
             self.values[:, :, start : start + t] = v
             self.pos[:, start : start + t] = cols
             return
+        dest = old_lengths[:, None] + store.long().cumsum(-1) - 1  # [B, T]
         bi, ti = store.nonzero(as_tuple=True)
         di = dest[bi, ti]
         self.keys[bi, :, di] = k[bi, :, ti]
