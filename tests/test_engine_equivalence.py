@@ -22,8 +22,17 @@ def thresholds_that_filter(model, ids, level: float = 0.5) -> list[float | None]
         logits(model, ids)
     taus = []
     for s in run.scores:
-        s = s[~s.isnan()]
-        taus.append(float(s.quantile(level)) if s.numel() else None)
+        s = s[~s.isnan()].sort().values
+        if s.numel() < 2:
+            taus.append(None)
+            continue
+        # the midpoint of the widest gap between neighbouring scores near the quantile: a threshold equal to an
+        # observed score would make the decision hang on the last float bit (prefill and decode round differently)
+        mid = round(level * (s.numel() - 1))
+        lo, hi = max(0, mid - 3), min(s.numel() - 1, mid + 3)
+        gaps = s[lo + 1 : hi + 1] - s[lo:hi]
+        i = lo + int(gaps.argmax())
+        taus.append(float((s[i] + s[i + 1]) / 2))
     return taus
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from tokenfilter import TokenFilter, UnsupportedModelError
 
@@ -131,3 +131,31 @@ def test_use_cache_false_and_decisions_need_recording(tiny):
     torch.testing.assert_close(a, b)
     with pytest.raises(RuntimeError, match="record_decisions=True"):
         run.decisions  # noqa: B018
+
+
+# -- the cache must reach the filtered attention, whatever transformers calls it ------------------------------
+def test_cache_under_an_unknown_name_is_a_loud_error(tiny, monkeypatch):
+    from tokenfilter.integration import cache_args
+
+    monkeypatch.setattr(cache_args, "CACHE_KWARGS", ("a_name_no_transformers_uses",))
+    with TokenFilter(threshold=2.0).apply(tiny), pytest.raises(RuntimeError, match="transformers version"):
+        tiny(random_ids(1, 10), use_cache=True)
+
+
+def test_cache_that_never_reaches_the_attention_is_a_loud_error(tiny):
+    def drop_cache(module, args, kwargs):
+        return args, {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+
+    handles = [layer.register_forward_pre_hook(drop_cache, with_kwargs=True) for layer in tiny.get_decoder().layers]
+    try:
+        with TokenFilter(threshold=2.0).apply(tiny), pytest.raises(RuntimeError, match="received no cache"):
+            tiny(random_ids(1, 10), past_key_values=DynamicCache(config=tiny.config), use_cache=True)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_decode_step_without_its_cache_is_a_loud_error(tiny):
+    ids = random_ids(1, 10)
+    with TokenFilter(threshold=2.0).apply(tiny), pytest.raises(RuntimeError, match="carries no cache"):
+        tiny(ids[:, -1:], attention_mask=torch.ones(1, 10, dtype=torch.long), use_cache=False)

@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 
 from tokenfilter.algorithm.anchors import ema_scan
 from tokenfilter.algorithm.decisions import above, top_ratio
 from tokenfilter.algorithm.scores import fuse_stacked, head_cosine
+from tokenfilter.integration.cache_args import cache_argument
 from tokenfilter.integration.cache_layer import FilteredCacheLayer
 from tokenfilter.integration.families import sliding_window
 from tokenfilter.integration.kv_store import RaggedKV
@@ -120,10 +122,16 @@ class FilteredAttention:
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: object | None = None,
         **kwargs: object,
     ) -> tuple[torch.Tensor, None]:
         attn, call = self.attn, self.run.call
+        cache = cache_argument(kwargs)
+        if cache is None and call.cache is not None:
+            raise RuntimeError(
+                f"Layer {self.idx}'s attention received no cache although the model was given one: this "
+                f"transformers version ({transformers.__version__}) passes it in a way Token Filtering does not "
+                "know; install a transformers version that tokenfilter supports (see pyproject.toml)."
+            )
         b, t, _ = hidden_states.shape
         d = attn.head_dim
         real = call.real
@@ -134,7 +142,13 @@ class FilteredAttention:
             k = attn.k_norm(k)
         v = attn.v_proj(hidden_states).view(b, t, -1, d)
 
-        state = self._state(past_key_values, b, k.shape[2], d, hidden_states.device)
+        state = self._state(cache, b, k.shape[2], d, hidden_states.device)
+        if state.columns != call.past:
+            raise RuntimeError(
+                f"Layer {self.idx} holds the state of {state.columns} earlier columns but this call continues "
+                f"after {call.past}: the cache is not the one Token Filtering filled (transformers "
+                f"{transformers.__version__}); start from an empty cache inside the `with` block."
+            )
         decoding = t == 1 and state.columns > 0
         if (
             decoding

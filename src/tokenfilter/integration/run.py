@@ -18,6 +18,7 @@ from torch import nn
 from tokenfilter.algorithm.schedule import Schedule, first_layer, resolve
 from tokenfilter.config import TokenFilter
 from tokenfilter.integration.attention import FilteredAttention, FilteredMLP
+from tokenfilter.integration.cache_args import cache_argument
 from tokenfilter.integration.families import decoder_layers, sliding_window
 from tokenfilter.stats import FilterStats, FlopModel, LayerCounts
 
@@ -30,6 +31,8 @@ class CallContext:
 
     real: torch.Tensor  # [B, T] True = real token, False = padding
     all_real: bool = False  # no padding in this call
+    cache: object | None = None  # the cache the decoder was given (or None: use_cache=False)
+    past: int = 0  # columns already processed before this call
     keep: dict[int, tuple] = field(default_factory=dict)  # layer -> (keep [B,T], kept-token gather or None)
     transient: dict = field(default_factory=dict)  # layer -> state, when the call has no cache
 
@@ -119,7 +122,7 @@ class FilterRun:
         b, t = ref.shape[:2]
         if b == 0 or t == 0:
             raise ValueError("The input is empty: give at least one token per sequence.")
-        cache = bound.get("past_key_values")
+        cache = cache_argument(bound)
         past = cache.get_seq_length() if cache is not None else 0
         mask = bound.get("attention_mask")
         if mask is not None and not isinstance(mask, torch.Tensor):
@@ -141,7 +144,12 @@ class FilterRun:
         if past == 0:
             self._decisions, self._scores = [], []
         tokens = int(real.sum())
-        self.call = CallContext(real=real, all_real=all_real or tokens == b * t)
+        if cache is None and mask is not None and mask.shape[1] > t and self.targets:
+            raise RuntimeError(
+                "This call continues a sequence (its attention_mask is longer than its input) but carries no cache: "
+                "Token Filtering needs the cache of the earlier calls (pass past_key_values/cache, use_cache=True)."
+            )
+        self.call = CallContext(real=real, all_real=all_real or tokens == b * t, cache=cache, past=past)
         self._call_decisions, self._call_scores = {}, {}
         pairs_by_window: dict[int | None, int] = {}
         for idx, c in enumerate(self._counts):
