@@ -250,3 +250,25 @@ def test_runner_end_to_end_tiny(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "out" / "longctx.json").read_text())
     assert saved["methods"].keys() == result["methods"].keys()
     assert "| dense |" in summary_table(result)
+
+
+def test_several_facts_per_cell_average_in_the_grid(monkeypatch):
+    import tokenfilter.longctx.runner as runner
+    from tokenfilter.longctx.needle import NEEDLES
+
+    select, heldout = NEEDLES["select"], NEEDLES["heldout"]
+    assert len(select) == len(heldout) == 3
+    assert not {n.answer for n in select} & {n.answer for n in heldout}  # the halves share no fact
+    tok = make_tokenizer()
+    builder = NeedleBuilder(tok, filler(), needle=select[0])
+    prompts = [builder.for_needle(fact).build(160, 50) for fact in select]
+    for fact, p in zip(select, prompts, strict=True):
+        assert fact.sentence in tok.decode(p.input_ids[p.needle_start : p.needle_end]).strip()
+    # a "model" that always answers with the first fact's answer
+    monkeypatch.setattr(runner, "greedy", lambda model, tokenizer, ids, n, first_line=False: select[0].answer)
+    out = runner.run_needle(None, tok, prompts, list(select), progress=False)
+    assert [c["score"] for c in out["cells"]] == [1.0, 0.0, 0.0]
+    assert out["grid"] == {"160": {"50": pytest.approx(1 / 3)}}
+    assert [c["needle"] for c in out["cells"]] == [f.answer for f in select]
+    with pytest.raises(ValueError, match="one needle per prompt"):
+        runner.run_needle(None, tok, prompts, list(select[:2]), progress=False)

@@ -12,6 +12,7 @@ sentence boundary nearest to ``d% · n`` and adjusts ``n`` until the whole input
 from __future__ import annotations
 
 import bisect
+import copy
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +48,32 @@ class Needle:
 
 
 DEFAULT_NEEDLE = Needle()
+
+
+def _magic(city: str, number: str) -> Needle:
+    return Needle(
+        sentence=f"The special magic number for {city} is {number}.",
+        question=f"What is the special magic number for {city} mentioned in the text above?",
+        answer=number,
+        answer_prefix=f"The special magic number for {city} is",
+    )
+
+
+def _secret(holder: str, word: str) -> Needle:
+    return Needle(
+        sentence=f"The secret word of {holder} is {word}.",
+        question=f"What is the secret word of {holder} mentioned in the text above?",
+        answer=word,
+        answer_prefix=f"The secret word of {holder} is",
+    )
+
+
+# Three facts per half: a configuration is chosen on the selection facts and reported on the held-out ones, so
+# the choice cannot fit the particular tokens of one needle.
+NEEDLES: dict[str, tuple[Needle, ...]] = {
+    "select": (DEFAULT_NEEDLE, _magic("Kyoto", "3920581"), _secret("the lighthouse keeper", "marigold")),
+    "heldout": (_magic("Reykjavik", "6150947"), _secret("the old librarian", "juniper"), _magic("Nairobi", "2837164")),
+}
 
 
 @dataclass
@@ -123,6 +150,12 @@ class NeedleBuilder:
         starts = _sentence_starts_from_offsets(text, offsets) if offsets else self._starts_by_decoding()
         # token indices where a sentence starts (the needle may go there), and the end of the filler
         self.sentence_starts: list[int] = [i for i, ok in enumerate(starts) if ok] + [len(self.filler_ids)]
+
+    def for_needle(self, needle: Needle) -> NeedleBuilder:
+        """The same builder (filler tokenized once) planting another fact."""
+        other = copy.copy(self)
+        other.needle = needle
+        return other
 
     def _starts_by_decoding(self) -> list[bool]:
         """Sentence starts without offsets: decode token by token (slow tokenizers, fakes)."""

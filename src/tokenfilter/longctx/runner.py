@@ -98,29 +98,38 @@ def run_needle(
     model: object,
     tokenizer: object,
     prompts: Sequence[NeedlePrompt],
-    needle: Needle = DEFAULT_NEEDLE,
+    needle: Needle | Sequence[Needle] = DEFAULT_NEEDLE,
     max_new_tokens: int = NEEDLE_MAX_NEW_TOKENS,
     progress: bool = True,
     desc: str = "needle",
 ) -> dict:
+    """Greedy answers to needle prompts. ``needle``: the fact of every prompt, or one fact per prompt.
+
+    A grid cell (length, depth) scores the mean over the facts planted there; ``mean`` is over all prompts.
+    """
+    needles = [needle] * len(prompts) if isinstance(needle, Needle) else list(needle)
+    if len(needles) != len(prompts):
+        raise ValueError(f"Give one needle per prompt ({len(prompts)}), got {len(needles)}.")
     cells = []
-    for p in tqdm(prompts, desc=desc, disable=not progress, leave=False):
+    for p, fact in tqdm(list(zip(prompts, needles, strict=True)), desc=desc, disable=not progress, leave=False):
         t0 = time.perf_counter()
         output = greedy(model, tokenizer, p.input_ids, max_new_tokens)
         cells.append(
             {
                 "length": p.length,
                 "depth": p.depth,
+                "needle": fact.answer,
                 "tokens": len(p.input_ids),
                 "actual_depth": round(p.actual_depth, 2),
-                "score": needle.score(output),
+                "score": fact.score(output),
                 "output": output,
                 "seconds": round(time.perf_counter() - t0, 2),
             }
         )
-    grid: dict[str, dict[str, float]] = {}
+    scores: dict[str, dict[str, list[float]]] = {}
     for c in cells:
-        grid.setdefault(str(c["length"]), {})[f"{c['depth']:g}"] = c["score"]
+        scores.setdefault(str(c["length"]), {}).setdefault(f"{c['depth']:g}", []).append(c["score"])
+    grid = {n: {d: sum(v) / len(v) for d, v in row.items()} for n, row in scores.items()}
     mean = sum(c["score"] for c in cells) / len(cells) if cells else float("nan")
     return {"mean": mean, "grid": grid, "cells": cells}
 
@@ -194,7 +203,7 @@ def run_longctx(
     tasks: Sequence[str] | None = None,
     haystack: str | Path | None = None,
     longbench_dir: str | Path | None = None,
-    needle: Needle = DEFAULT_NEEDLE,
+    needle: Needle | Sequence[Needle] = DEFAULT_NEEDLE,
     needle_max_new_tokens: int = NEEDLE_MAX_NEW_TOKENS,
     max_new_tokens_cap: int | None = MAX_NEW_TOKENS_CAP,
     benchmarks: Sequence[str] = ("needle", "longbench"),
@@ -203,7 +212,8 @@ def run_longctx(
 
     ``limit``: samples per LongBench task; ``max_length``: LongBench's middle truncation (tokens);
     ``max_new_tokens_cap``: caps LongBench's per-task answer lengths (None = LongBench's own);
-    ``haystack`` / ``longbench_dir``: local data paths (default ``../shared/data/...``).
+    ``haystack`` / ``longbench_dir``: local data paths (default ``../shared/data/...``);
+    ``needle``: one fact, or several (every cell of the grid is asked once per fact, e.g. ``NEEDLES["heldout"]``).
     Returns a JSON-able dict; with ``output_dir``, writes ``longctx.json`` and ``needle_<method>.png``.
     """
     unknown = set(benchmarks) - {"needle", "longbench"}
@@ -213,10 +223,14 @@ def run_longctx(
     lengths = clip_lengths(needle_lengths, positions - needle_max_new_tokens if positions else None)
     depths = [float(d) for d in needle_depths]
     t_build = time.perf_counter()
+    facts = [needle] if isinstance(needle, Needle) else list(needle)
     prompts: list[NeedlePrompt] = []
+    prompt_facts: list[Needle] = []
     if "needle" in benchmarks:
-        builder = NeedleBuilder(tokenizer, load_haystack_text(haystack), needle=needle)
-        prompts = builder.grid(lengths, depths)
+        builder = NeedleBuilder(tokenizer, load_haystack_text(haystack), needle=facts[0])
+        for fact in facts:
+            prompts += builder.for_needle(fact).grid(lengths, depths)
+            prompt_facts += [fact] * (len(lengths) * len(depths))
     inputs: dict = {}
     if "longbench" in benchmarks:
         samples = longbench.load_tasks(tasks, longbench_dir, limit)
@@ -226,7 +240,8 @@ def run_longctx(
             "limit": limit,
             "needle_lengths": lengths,
             "needle_depths": depths,
-            "needle": dataclasses.asdict(needle),
+            "needle": dataclasses.asdict(facts[0]),
+            "needles": [dataclasses.asdict(f) for f in facts],
             "needle_max_new_tokens": needle_max_new_tokens,
             "max_length": max_length,
             "max_new_tokens_cap": max_new_tokens_cap,
@@ -249,7 +264,7 @@ def run_longctx(
         with ctx as run:
             if prompts:
                 entry["needle"] = run_needle(
-                    model, tokenizer, prompts, needle, needle_max_new_tokens, progress, f"needle [{name}]"
+                    model, tokenizer, prompts, prompt_facts, needle_max_new_tokens, progress, f"needle [{name}]"
                 )
             if inputs:
                 entry["longbench"] = run_longbench(
@@ -259,9 +274,7 @@ def run_longctx(
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         result["methods"][name] = entry
         if out_dir is not None and prompts:
-            grid = {c["length"]: {} for c in entry["needle"]["cells"]}
-            for c in entry["needle"]["cells"]:
-                grid[c["length"]][c["depth"]] = c["score"]
+            grid = {int(n): {float(d): v for d, v in row.items()} for n, row in entry["needle"]["grid"].items()}
             png = needle_heatmap(grid, lengths, depths, out_dir / f"needle_{safe_name(name)}.png", f"needle: {name}")
             result["files"].append(str(png))
     if out_dir is not None:
