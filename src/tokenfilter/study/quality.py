@@ -1,0 +1,189 @@
+"""The KV-side quality study (Quality II): which KV-side configuration keeps the model *and* its rare facts.
+
+Budget: no candidate may hold more KV after a 1024-token prompt than ratio 0.5 with ``recent=64`` (the SPEC's
+"KV held", over all layers). Objective: the most needle hits among the candidates whose perplexity stays within
+the target, ties broken by perplexity. Selection and report never share data:
+
+* selection: even-numbered WikiText-2 windows, the ``NEEDLES["select"]`` facts at ``select_depths``;
+* held-out: odd-numbered windows, the ``NEEDLES["heldout"]`` facts at ``heldout_depths``.
+
+On the held-out half the chosen candidate is compared with its random twin (several seeds), with the sliding
+window (``TokenFilter.sliding_window``) holding the same KV as it on the same input, and with dense.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from tokenfilter.config import TokenFilter
+from tokenfilter.eval.ppl import wikitext_text, windows
+from tokenfilter.loading import load_model
+
+KV_SIDE = {"skip": "none", "kv": "drop"}
+# name -> TokenFilter fields (without ratio); every candidate fits the budget at ratio 0.5 (window <= 64)
+CANDIDATES: dict[str, dict] = {
+    "kv-w64": {**KV_SIDE, "recent": 64},
+    "kv-w64-g0.99": {**KV_SIDE, "recent": 64, "gamma": 0.99},
+    "kv-w64-cummean": {**KV_SIDE, "recent": 64, "score": "cumulative-mean"},
+    "kv-w64-keynorm": {**KV_SIDE, "recent": 64, "score": "key-norm"},
+    "kv-w32": {**KV_SIDE, "recent": 32},
+    "kv-w64-from0": {**KV_SIDE, "recent": 64, "start_layer": 0},
+}
+PPL_TARGET = {0.3: 1.03, 0.5: 1.08, 0.7: 1.20}  # x dense, SmolLM2-135M (issue 15)
+
+
+def random_twin(kwargs: dict, seed: int) -> dict:
+    return {**kwargs, "score": "random", "seed": seed}
+
+
+@dataclass
+class QualityConfig:
+    model: str | None = None
+    candidates: list[str] = field(default_factory=lambda: list(CANDIDATES))
+    budget_ratio: float = 0.5  # selection runs every candidate at this ratio
+    ratios: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])  # held-out report
+    ppl_window: int = 1024
+    ppl_windows: int = 16  # the first n WikiText-2 windows: even -> selection, odd -> held-out
+    needle_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
+    select_depths: list[float] = field(default_factory=lambda: [10.0, 45.0, 80.0])
+    heldout_depths: list[float] = field(default_factory=lambda: [0.0, 25.0, 50.0, 75.0, 100.0])
+    seeds: int = 3
+    stages: list[str] = field(default_factory=lambda: ["select", "heldout"])
+    chosen: str | None = None  # skip the choice (e.g. a reduced run on a second model)
+
+
+# ---- measurements -----------------------------------------------------------------------------------------
+def ppl_point(model, ids: torch.Tensor, tf: TokenFilter | None) -> dict:
+    """Perplexity over windows ``[n, T]`` (one prefill each) with the share of KV held after each window."""
+    cfg = tf or TokenFilter(ratio=0.0)
+    nll, count, per_window = 0.0, 0, []
+    with torch.no_grad():
+        for row in ids:
+            with cfg.apply(model) as run:  # one run per window: KV held is a snapshot after one prompt
+                x = row[None]
+                logits = model(x, use_cache=False).logits[0, :-1].float()
+                nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+                count += x.shape[1] - 1
+            st = run.stats
+            per_window.append((st.kv_held_fraction, st.ratio, st.pairs_fraction))
+    held, ratio, pairs = (sum(v) / len(v) for v in zip(*per_window, strict=True))
+    return {"ppl": math.exp(nll / count), "kv_held": held, "realized_ratio": ratio, "pairs": pairs}
+
+
+def needle_point(model, tok, make: Callable[[int], TokenFilter | None], lengths: list[int], depths: list[float],
+                 facts: tuple, progress: bool) -> dict:
+    """Needle hits per length (``make(length)`` gives the filter for inputs of that length) and the KV held."""
+    from tokenfilter.longctx.runner import run_longctx
+
+    out: dict = {"by_length": {}}
+    hits = []
+    for length in lengths:
+        tf = make(length)
+        res = run_longctx(model, tok, {"m": tf}, needle_lengths=[length], needle_depths=depths, needle=facts,
+                          benchmarks=("needle",), progress=False)
+        entry = res["methods"]["m"]
+        cells = [c["score"] for c in entry["needle"]["cells"]]
+        hits += cells
+        stats = entry["stats"]
+        out["by_length"][str(length)] = {"found": sum(cells) / len(cells),
+                                         "kv_held": stats["kv_held_fraction"] if stats else 1.0,
+                                         "filter": entry["filter"]}
+        if progress:
+            print(f"  needle {length}: {sum(cells)}/{len(cells)}", flush=True)
+    out["found"] = sum(hits) / len(hits)
+    out["cells"] = len(hits)
+    return out
+
+
+# ---- stages -----------------------------------------------------------------------------------------------
+def select(model, tok, ids: torch.Tensor, cfg: QualityConfig, progress: bool) -> dict:
+    from tokenfilter.longctx.needle import NEEDLES
+
+    r = cfg.budget_ratio
+    dense = ppl_point(model, ids, None)
+    out: dict = {"dense": dense, "runs": {}}
+    for name in tqdm(cfg.candidates, desc="selection", disable=not progress):
+        tf = TokenFilter(ratio=r, **CANDIDATES[name])
+        row = ppl_point(model, ids, tf)
+        row["needle"] = needle_point(model, tok, lambda _n, tf=tf: tf, cfg.needle_lengths, cfg.select_depths,
+                                     NEEDLES["select"], progress)
+        out["runs"][name] = row
+    out["choice"] = choose(out, r)
+    return out
+
+
+def choose(sel: dict, ratio: float) -> dict:
+    """Most needle hits among the candidates within the perplexity target at ``ratio``; ties by perplexity."""
+    dense = sel["dense"]["ppl"]
+    target = PPL_TARGET.get(ratio, 1.08)
+    ok = {n: r for n, r in sel["runs"].items() if r["ppl"] <= target * dense}
+    pool = ok or sel["runs"]
+    best = max(pool, key=lambda n: (pool[n]["needle"]["found"], -pool[n]["ppl"]))
+    return {"chosen": best, "within_target": sorted(ok), "target": target,
+            "rule": f"most selection-needle hits among candidates within {target}x dense PPL at ratio {ratio}; "
+                    "ties by PPL" + ("" if ok else " (no candidate met the target: best of all)")}
+
+
+def sliding_window_for(held: float, length: int, warmup: int = 4) -> TokenFilter:
+    """The sliding window (sinks + recent) that holds ``held`` of the KV of a ``length``-token input."""
+    recent = max(1, round(held * length) - warmup + 1)  # the engine holds warmup + recent - 1 entries per layer
+    return TokenFilter.sliding_window(recent=recent, warmup=warmup)
+
+
+def heldout(model, tok, ids: torch.Tensor, chosen: str, cfg: QualityConfig, progress: bool,
+            needle: bool = True) -> dict:
+    from tokenfilter.longctx.needle import NEEDLES
+
+    kwargs = CANDIDATES[chosen]
+    facts = NEEDLES["heldout"]
+    out: dict = {"chosen": chosen, "dense": ppl_point(model, ids, None), "runs": {}}
+    if needle:
+        out["dense"]["needle"] = needle_point(model, tok, lambda _n: None, cfg.needle_lengths, cfg.heldout_depths,
+                                              facts, progress)
+    for ratio in tqdm(cfg.ratios, desc="held-out", disable=not progress):
+        runs: dict = {}
+        tf = TokenFilter(ratio=ratio, **kwargs)
+        runs["chosen"] = ppl_point(model, ids, tf)
+        runs["random"] = [ppl_point(model, ids, TokenFilter(ratio=ratio, **random_twin(kwargs, s)))
+                          for s in range(cfg.seeds)]
+        runs["sliding_window"] = ppl_point(model, ids, sliding_window_for(runs["chosen"]["kv_held"], ids.shape[1]))
+        runs["paper"] = ppl_point(model, ids, TokenFilter.paper(ratio=ratio))
+        if needle and ratio == cfg.budget_ratio:
+            runs["chosen"]["needle"] = needle_point(model, tok, lambda _n, tf=tf: tf, cfg.needle_lengths,
+                                                    cfg.heldout_depths, facts, progress)
+            held = {int(n): v["kv_held"] for n, v in runs["chosen"]["needle"]["by_length"].items()}
+            runs["sliding_window"]["needle"] = needle_point(
+                model, tok, lambda n, held=held: sliding_window_for(held[n], n), cfg.needle_lengths,
+                cfg.heldout_depths, facts, progress)
+            for s in range(cfg.seeds):
+                twin = TokenFilter(ratio=ratio, **random_twin(kwargs, s))
+                runs["random"][s]["needle"] = needle_point(model, tok, lambda _n, t=twin: t, cfg.needle_lengths,
+                                                           cfg.heldout_depths, facts, progress)
+        out["runs"][str(ratio)] = runs
+    return out
+
+
+def run_quality(cfg: QualityConfig, progress: bool = True, previous: dict | None = None) -> dict:
+    result = dict(previous or {})
+    t0 = time.time()
+    model, tok = load_model(cfg.model)
+    ids = windows(tok, wikitext_text(), cfg.ppl_window, cfg.ppl_windows)
+    result["config"] = asdict(cfg)
+    result["model"] = cfg.model or "smollm2-135m"
+    if "select" in cfg.stages:
+        result["select"] = select(model, tok, ids[0::2], cfg, progress)
+    chosen = cfg.chosen or result.get("select", {}).get("choice", {}).get("chosen")
+    if chosen is None:
+        raise ValueError("No chosen candidate: run the select stage first, or name one with chosen=.")
+    if "heldout" in cfg.stages:
+        result["heldout"] = heldout(model, tok, ids[1::2], chosen, cfg, progress, needle=bool(cfg.needle_lengths))
+    result["seconds"] = result.get("seconds", 0) + time.time() - t0
+    result["torch"] = torch.__version__
+    result["threads"] = torch.get_num_threads()
+    return result

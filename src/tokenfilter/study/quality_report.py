@@ -1,0 +1,117 @@
+"""Markdown for the KV-side quality study (``study.quality``): tables and verdicts computed from its JSON."""
+
+from __future__ import annotations
+
+from tokenfilter.study.quality import PPL_TARGET
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows), ""]
+
+
+def _ppl_cells(row: dict, dense: float) -> list[str]:
+    return [f"{row['ppl']:.2f}", f"{row['ppl'] / dense:.3f}", f"{row['kv_held']:.3f}", f"{row['pairs']:.3f}"]
+
+
+def select_section(sel: dict, ratio: float) -> list[str]:
+    dense = sel["dense"]["ppl"]
+    choice = sel["choice"]
+    out = [f"### Selection half (even WikiText-2 windows, selection needle facts and depths), ratio {ratio}", "",
+           f"Dense PPL {dense:.2f}. KV held and pairs are shares of dense over all layers after each window.", ""]
+    rows = []
+    for name, r in sel["runs"].items():
+        mark = " (chosen)" if name == choice["chosen"] else ""
+        rows.append([name + mark, *_ppl_cells(r, dense), f"{r['needle']['found']:.2f}",
+                     "yes" if name in choice["within_target"] else "no"])
+    out += _table(["candidate", "PPL", "x dense", "KV held", "pairs", "needle found", "within target"], rows)
+    out.append(f"Rule: {choice['rule']}.")
+    return [*out, ""]
+
+
+def heldout_section(held: dict, model: str) -> list[str]:
+    dense = held["dense"]["ppl"]
+    out = [f"### Held-out half: {model} (odd WikiText-2 windows, held-out needle facts and depths)", "",
+           f"Chosen: `{held['chosen']}`. Dense PPL {dense:.2f}. Random: mean over seeds (min-max). Sliding window: "
+           "sinks + recent window holding the same KV as the chosen configuration on the same input.", ""]
+    rows = []
+    for ratio, runs in held["runs"].items():
+        rnd = [r["ppl"] for r in runs["random"]]
+        mean = sum(rnd) / len(rnd)
+        rows.append([ratio, "chosen", *_ppl_cells(runs["chosen"], dense)])
+        rows.append([ratio, f"random x{len(rnd)}", f"{mean:.2f} ({min(rnd):.2f}-{max(rnd):.2f})",
+                     f"{mean / dense:.3f}", f"{runs['random'][0]['kv_held']:.3f}", f"{runs['random'][0]['pairs']:.3f}"])
+        rows.append([ratio, "sliding window", *_ppl_cells(runs["sliding_window"], dense)])
+        rows.append([ratio, "paper", *_ppl_cells(runs["paper"], dense)])
+    out += _table(["ratio", "method", "PPL", "x dense", "KV held", "pairs"], rows)
+    needle = [(ratio, runs) for ratio, runs in held["runs"].items() if "needle" in runs["chosen"]]
+    if "needle" in held["dense"] and needle:
+        lengths = list(held["dense"]["needle"]["by_length"])
+        head = ["ratio", "method", "found", "x dense", *(f"{n} tokens" for n in lengths)]
+        base = held["dense"]["needle"]["found"]
+
+        def cells(nd: dict) -> list[str]:
+            per = [f"{nd['by_length'][n]['found']:.2f} (KV {nd['by_length'][n]['kv_held']:.2f})" for n in lengths]
+            return [f"{nd['found']:.2f}", f"{nd['found'] / base:.2f}" if base else "–", *per]
+
+        rows = [["–", "dense", *cells(held["dense"]["needle"])]]
+        for ratio, runs in needle:
+            rows.append([ratio, "chosen", *cells(runs["chosen"]["needle"])])
+            for s, r in enumerate(runs["random"]):
+                if "needle" in r:
+                    rows.append([ratio, f"random seed {s}", *cells(r["needle"])])
+            rows.append([ratio, "sliding window", *cells(runs["sliding_window"]["needle"])])
+        cells_n = held["dense"]["needle"]["cells"]
+        out += ["", f"Needle in a haystack, held-out facts ({cells_n} prompts per method; one prompt = "
+                f"{1 / cells_n:.3f}):", "", *_table(head, rows)]
+    out += verdicts(held)
+    return [*out, ""]
+
+
+def verdicts(held: dict) -> list[str]:
+    """The issue's targets, each checked on the numbers above."""
+    dense = held["dense"]["ppl"]
+    out = ["Targets (issue 15), computed:", ""]
+    for ratio, runs in held["runs"].items():
+        x = runs["chosen"]["ppl"] / dense
+        target = PPL_TARGET.get(float(ratio))
+        if target:
+            verdict = "met" if x <= target else "MISSED"
+            out.append(f"- ratio {ratio}: PPL x{x:.3f} dense, target <= x{target}: {verdict}.")
+        rnd = [r["ppl"] for r in runs["random"]]
+        gap = min(rnd) - runs["chosen"]["ppl"]
+        spread = max(rnd) - min(rnd)
+        out.append(f"- ratio {ratio}: beats its random twin on PPL by {gap:.2f} against a seed range of {spread:.2f}: "
+                   f"{'met' if gap > spread else 'MISSED'}.")
+        if "needle" in runs["chosen"] and "needle" in held["dense"]:
+            out += _needle_verdicts(ratio, runs, held["dense"]["needle"]["found"])
+    return [*out, ""]
+
+
+def _needle_verdicts(ratio: str, runs: dict, base: float) -> list[str]:
+    found = runs["chosen"]["needle"]["found"]
+    sw = runs["sliding_window"]["needle"]["found"]
+    rnd = [r["needle"]["found"] for r in runs["random"] if "needle" in r]
+    share = found / base if base else float("nan")
+    out = [f"- ratio {ratio}: needle {found:.2f} = {share:.2f} of dense ({base:.2f}), target >= 0.80: "
+           f"{'met' if share >= 0.8 else 'MISSED'}.",
+           f"- ratio {ratio}: needle against the sliding window at equal KV ({sw:.2f}): "
+           f"{'more' if found > sw else 'NOT more'}."]
+    if rnd:
+        spread = max(rnd) - min(rnd)
+        out.append(f"- ratio {ratio}: needle against its random twin ({', '.join(f'{v:.2f}' for v in rnd)}; range "
+                   f"{spread:.2f}): {'beaten by more than the range' if found - max(rnd) > spread else 'MISSED'}.")
+    return out
+
+
+def render(result: dict) -> str:
+    commands = "; ".join(result.get("commands", ["tokenfilter study --kv-side"]))
+    parts = ["## KV-side study (Quality II)", "",
+             f"Generated by `{commands}` ({result.get('seconds', 0) / 60:.0f} min, torch {result.get('torch')}, "
+             f"{result.get('threads')} threads).", ""]
+    for model, res in result.get("models", {}).items():
+        if "select" in res:
+            parts += select_section(res["select"], res["config"]["budget_ratio"])
+        if "heldout" in res:
+            parts += heldout_section(res["heldout"], model)
+    return "\n".join(parts)
