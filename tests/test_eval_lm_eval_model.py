@@ -151,3 +151,27 @@ def test_filtered_batches_equal_one_request_at_a_time():
     batched = _loglikelihoods(lm)
     assert batched == pytest.approx(one, abs=1e-4)
     assert 0.35 < lm.filter_stats.ratio <= 0.5  # padding is not counted as tokens
+
+
+def test_gathered_stats_sum_every_process_counts():
+    """With several processes every one counts its own share; the gathered statistics are their sum (here a
+    stand-in for accelerate's all-reduce: two processes with identical shares)."""
+    from tokenfilter.eval.harness_model import TokenFilterLM
+
+    class TwoEqualProcesses:
+        def unwrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+            return model
+
+        def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+            assert reduction == "sum"
+            return tensor * 2
+
+    model, tok = tiny_lm()
+    lm = TokenFilterLM(pretrained=model, tokenizer=tok, batch_size=1, ratio=0.5)
+    _loglikelihoods(lm)
+    one = lm.filter_stats
+    lm.accelerator, lm._world_size = TwoEqualProcesses(), 2
+    both = lm.gathered_filter_stats()
+    assert both.tokens == 2 * one.tokens and both.flops_dense == 2 * one.flops_dense
+    assert both.ratio == one.ratio and both.total_flops_skipped == pytest.approx(one.total_flops_skipped)
+    assert lm.stats_line(both).startswith(f"tokenfilter: realized ratio {one.ratio:.4f} over {2 * one.tokens} tokens")
