@@ -56,6 +56,7 @@ class QualityConfig:
     seeds: int = 3
     stages: list[str] = field(default_factory=lambda: ["select", "heldout"])
     chosen: str | None = None  # skip the choice (e.g. a reduced run on a second model)
+    overrides: dict = field(default_factory=dict)  # TokenFilter fields set on every run (e.g. path="reference")
 
 
 # ---- measurements -----------------------------------------------------------------------------------------
@@ -102,18 +103,21 @@ def needle_point(model, tok, make: Callable[[int], TokenFilter | None], lengths:
 
 
 # ---- stages -----------------------------------------------------------------------------------------------
-def select(model, tok, ids: torch.Tensor, cfg: QualityConfig, progress: bool) -> dict:
+def select(model, tok, ids: torch.Tensor, cfg: QualityConfig, progress: bool,
+           save: Callable[[dict], None] | None = None) -> dict:
     from tokenfilter.longctx.needle import NEEDLES
 
+    keep = save or (lambda _out: None)
     r = cfg.budget_ratio
     dense = ppl_point(model, ids, None)
     out: dict = {"dense": dense, "runs": {}}
     for name in tqdm(cfg.candidates, desc="selection", disable=not progress):
-        tf = TokenFilter(ratio=r, **CANDIDATES[name])
+        tf = TokenFilter(ratio=r, **CANDIDATES[name], **cfg.overrides)
         row = ppl_point(model, ids, tf)
         row["needle"] = needle_point(model, tok, lambda _n, tf=tf: tf, cfg.needle_lengths, cfg.select_depths,
                                      NEEDLES["select"], progress)
         out["runs"][name] = row
+        keep(out)
     out["choice"] = choose(out, r)
     return out
 
@@ -130,59 +134,77 @@ def choose(sel: dict, ratio: float) -> dict:
                     "ties by PPL" + ("" if ok else " (no candidate met the target: best of all)")}
 
 
-def sliding_window_for(held: float, length: int, warmup: int = 4) -> TokenFilter:
+def sliding_window_for(held: float, length: int, warmup: int = 4, **fields: object) -> TokenFilter:
     """The sliding window (sinks + recent) that holds ``held`` of the KV of a ``length``-token input."""
     recent = max(1, round(held * length) - warmup + 1)  # the engine holds warmup + recent - 1 entries per layer
-    return TokenFilter.sliding_window(recent=recent, warmup=warmup)
+    return TokenFilter.sliding_window(recent=recent, warmup=warmup, **fields)
 
 
 def heldout(model, tok, ids: torch.Tensor, chosen: str, cfg: QualityConfig, progress: bool,
-            needle: bool = True) -> dict:
+            needle: bool = True, save: Callable[[dict], None] | None = None) -> dict:
+    """Held-out comparison; ``save(partial)`` is called after every measurement (long runs keep what they did)."""
     from tokenfilter.longctx.needle import NEEDLES
 
-    kwargs = CANDIDATES[chosen]
+    kwargs = {**CANDIDATES[chosen], **cfg.overrides}
     facts = NEEDLES["heldout"]
     out: dict = {"chosen": chosen, "dense": ppl_point(model, ids, None), "runs": {}}
-    if needle:
-        out["dense"]["needle"] = needle_point(model, tok, lambda _n: None, cfg.needle_lengths, cfg.heldout_depths,
-                                              facts, progress)
+    done = save or (lambda _out: None)
+
+    def needle_of(make: Callable[[int], TokenFilter | None]) -> dict:
+        return needle_point(model, tok, make, cfg.needle_lengths, cfg.heldout_depths, facts, progress)
+
     for ratio in tqdm(cfg.ratios, desc="held-out", disable=not progress):
-        runs: dict = {}
+        runs: dict = out["runs"].setdefault(str(ratio), {})
         tf = TokenFilter(ratio=ratio, **kwargs)
+        twins = [TokenFilter(ratio=ratio, **random_twin(kwargs, s)) for s in range(cfg.seeds)]
         runs["chosen"] = ppl_point(model, ids, tf)
-        runs["random"] = [ppl_point(model, ids, TokenFilter(ratio=ratio, **random_twin(kwargs, s)))
-                          for s in range(cfg.seeds)]
-        runs["sliding_window"] = ppl_point(model, ids, sliding_window_for(runs["chosen"]["kv_held"], ids.shape[1]))
+        window = sliding_window_for(runs["chosen"]["kv_held"], ids.shape[1], **cfg.overrides)
+        runs["sliding_window"] = ppl_point(model, ids, window)
+        runs["random"] = [ppl_point(model, ids, twin) for twin in twins]
         runs["paper"] = ppl_point(model, ids, TokenFilter.paper(ratio=ratio))
-        if needle and ratio == cfg.budget_ratio:
-            runs["chosen"]["needle"] = needle_point(model, tok, lambda _n, tf=tf: tf, cfg.needle_lengths,
-                                                    cfg.heldout_depths, facts, progress)
-            held = {int(n): v["kv_held"] for n, v in runs["chosen"]["needle"]["by_length"].items()}
-            runs["sliding_window"]["needle"] = needle_point(
-                model, tok, lambda n, held=held: sliding_window_for(held[n], n), cfg.needle_lengths,
-                cfg.heldout_depths, facts, progress)
-            for s in range(cfg.seeds):
-                twin = TokenFilter(ratio=ratio, **random_twin(kwargs, s))
-                runs["random"][s]["needle"] = needle_point(model, tok, lambda _n, t=twin: t, cfg.needle_lengths,
-                                                           cfg.heldout_depths, facts, progress)
-        out["runs"][str(ratio)] = runs
+        done(out)
+        if not needle or ratio != cfg.budget_ratio:
+            continue
+        if "needle" not in out["dense"]:
+            out["dense"]["needle"] = needle_of(lambda _n: None)
+        runs["chosen"]["needle"] = needle_of(lambda _n, tf=tf: tf)
+        done(out)
+        held = {int(n): v["kv_held"] for n, v in runs["chosen"]["needle"]["by_length"].items()}
+        runs["sliding_window"]["needle"] = needle_of(
+            lambda n, held=held: sliding_window_for(held[n], n, **cfg.overrides))
+        done(out)
+        for s, twin in enumerate(twins):
+            runs["random"][s]["needle"] = needle_of(lambda _n, t=twin: t)
+            done(out)
     return out
 
 
-def run_quality(cfg: QualityConfig, progress: bool = True, previous: dict | None = None) -> dict:
+def run_quality(cfg: QualityConfig, progress: bool = True, previous: dict | None = None,
+                save: Callable[[dict], None] | None = None) -> dict:
+    """Run the asked stages on one model; ``save(partial result)`` after every measurement of the long stages."""
     result = dict(previous or {})
+    keep = save or (lambda _r: None)
     t0 = time.time()
     model, tok = load_model(cfg.model)
     ids = windows(tok, wikitext_text(), cfg.ppl_window, cfg.ppl_windows)
     result["config"] = asdict(cfg)
     result["model"] = cfg.model or "smollm2-135m"
     if "select" in cfg.stages:
-        result["select"] = select(model, tok, ids[0::2], cfg, progress)
+        def save_select(part: dict) -> None:
+            result["select"] = part
+            keep(result)
+
+        result["select"] = select(model, tok, ids[0::2], cfg, progress, save_select)
     chosen = cfg.chosen or result.get("select", {}).get("choice", {}).get("chosen")
     if chosen is None:
         raise ValueError("No chosen candidate: run the select stage first, or name one with chosen=.")
     if "heldout" in cfg.stages:
-        result["heldout"] = heldout(model, tok, ids[1::2], chosen, cfg, progress, needle=bool(cfg.needle_lengths))
+        def save_heldout(part: dict) -> None:
+            result["heldout"] = part
+            keep(result)
+
+        result["heldout"] = heldout(model, tok, ids[1::2], chosen, cfg, progress, bool(cfg.needle_lengths),
+                                    save_heldout)
     result["seconds"] = result.get("seconds", 0) + time.time() - t0
     result["torch"] = torch.__version__
     result["threads"] = torch.get_num_threads()
