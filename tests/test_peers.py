@@ -118,7 +118,7 @@ def test_jobs_dense_per_prompt_and_decoding_target() -> None:
     prompts = _prompts()
     budgets = _budgets(prompts)
     js = merge.jobs(budgets, ["KnormPress", "DecodingPress"], {p.id: p for p in prompts})
-    assert sum(j["press"] == "dense" for j in js) == len(prompts)
+    assert sum(j["press"] == "dense" for j in js) == sum(j["press"] == "generate" for j in js) == len(prompts)
     dec = [j for j in js if j["press"] == "DecodingPress"]
     assert len(dec) == len(prompts)
     b0 = budgets[0]
@@ -143,6 +143,8 @@ def test_merge_rows_and_summaries() -> None:
     assert ours_dense["prefill_flops"] == [r for r in rows if r["method"] == "kvpress dense"][0]["prefill_flops"]
     tova = [r for r in rows if r["method"] == "TOVAPress"]
     assert tova and all(r["error"] and r["score"] is None for r in tova)
+    gen = [r for r in rows if r["method"] == "dense generate (peer venv)"]
+    assert len(gen) == len(prompts) and gen[0]["kv_share"] == pytest.approx(1.0)
 
     summ = {(s["family"], s["method"]): s for s in merge.summarize(rows)}
     needle = summ[("needle", "KnormPress")]
@@ -178,7 +180,8 @@ def test_parity_finds_the_differing_prompt() -> None:
     rows = merge.merge(prompts, _ours(), _peer(prompts, budgets), budgets, SHAPE)
     checks = {c["prompt"]: c for c in merge.parity(rows)}
     assert checks["needle/a"]["same"]
-    assert not checks["needle/b"]["same"]  # ours " 7.", kvpress " 42"
+    assert not checks["needle/b"]["same"]  # ours " 7.", the peer venv " 42" both ways
+    assert checks["needle/b"]["why"].startswith("transformers versions")
     assert checks["longbench/trec/0"]["same"]  # first lines agree
     lines = report.parity_lines(list(checks.values()))
     assert lines[0].startswith("- Dense parity: 3/4") and "needle/b" in lines[1]

@@ -39,13 +39,20 @@ PRESS_NOTES: dict[str, str] = {
 }
 
 
+PEER_DENSE = {"dense": "kvpress dense", "generate": "dense generate (peer venv)"}
+
+
 def job_key(press: str, config: str, prompt: str) -> str:
     return f"{press}|{config}|{prompt}"
 
 
 def jobs(budgets: Iterable[bud.Budget], presses: Sequence[str], prompts: Mapping[str, SplitPrompt]) -> list[dict]:
-    """The peer script's jobs: one dense run per prompt, and every press at every matched budget."""
-    out = [{"key": job_key("dense", "dense", pid), "prompt": pid, "press": "dense", "ratio": None} for pid in prompts]
+    """The peer script's jobs: per prompt a dense pipeline run and a plain ``generate`` (the parity check), then
+    every press at every matched budget."""
+    out = []
+    for pid in prompts:
+        for press in ("dense", "generate"):
+            out.append({"key": job_key(press, "dense", pid), "prompt": pid, "press": press, "ratio": None})
     for b in budgets:
         q = len(prompts[b.prompt].question_ids)
         for press in presses:
@@ -108,7 +115,7 @@ def merge(
         dense = L * p.tokens
         row = {
             **_base(p),
-            "method": "kvpress dense" if press == "dense" else press,
+            "method": PEER_DENSE.get(press, press),
             "side": "kvpress",
             "config": config,
             "ratio": r.get("ratio"),
@@ -199,20 +206,45 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
     return out
 
 
+def _scored_text(row: dict | None) -> str | None:
+    """The answer as it is scored (first line for the few-shot LongBench tasks), stripped; None if it failed."""
+    if row is None or row.get("error") or row.get("answer") is None:
+        return None
+    a = row["answer"]
+    if row["family"] == "longbench" and ENGLISH_TASKS[row["task"]].first_line:
+        a = postprocess(row["task"], a)
+    return a.strip()
+
+
 def parity(rows: Iterable[dict], dense: str = "dense") -> list[dict]:
-    """Dense on both sides, per prompt: the two answers and whether they agree (the few-shot LongBench tasks
-    compare first lines, as LongBench scores them: kvpress's decode has no first-line stop)."""
+    """Dense three ways, per prompt: ours (our transformers, ``generate`` on the whole prompt), the peer venv's
+    ``generate`` on the whole prompt, and kvpress's pipeline without a press (context prefilled, then the question
+    on its cache). ``same``: ours equals the pipeline; ``why`` names where a difference comes from. The few-shot
+    LongBench tasks compare first lines, as LongBench scores them (kvpress's decode has no first-line stop)."""
     rs = list(rows)
-    ours = {r["prompt"]: r for r in rs if r["side"] == "ours" and r["method"] == dense}
+
+    def answers(method: str, side: str) -> dict[str, dict]:
+        return {r["prompt"]: r for r in rs if r["method"] == method and r["side"] == side}
+
+    ours, gen = answers(dense, "ours"), answers(PEER_DENSE["generate"], "kvpress")
+    pipe = answers(PEER_DENSE["dense"], "kvpress")
     out = []
-    for r in rs:
-        if r["method"] != "kvpress dense" or r["prompt"] not in ours:
+    for pid, r in pipe.items():
+        if pid not in ours:
             continue
-        a, b = ours[r["prompt"]]["answer"], r.get("answer")
-        if b is not None and r["family"] == "longbench" and ENGLISH_TASKS[r["task"]].first_line:
-            a, b = postprocess(r["task"], a), postprocess(r["task"], b)
-        same = b is not None and a.strip() == b.strip()
-        prefix = b is not None and (a.strip().startswith(b.strip()) or b.strip().startswith(a.strip()))
-        out.append({"prompt": r["prompt"], "ours": a, "kvpress": b, "same": same, "prefix": prefix,
-                    "error": r.get("error")})
+        a, g, b = _scored_text(ours[pid]), _scored_text(gen.get(pid)), _scored_text(r)
+        same = b is not None and a == b
+        if r.get("error"):
+            why = r["error"]
+        elif same:
+            why = ""
+        elif g is not None and g == a:
+            why = "the pipeline's split prefill (context, then the question on its cache) changes float rounding"
+        elif g is not None:
+            why = "transformers versions: the peer venv's own generate differs from ours on the same ids"
+        else:
+            why = "different tokens"
+        if not same and b is not None and (a.startswith(b) or b.startswith(a)):
+            why += " (same start, one answer longer)"
+        out.append({"prompt": pid, "ours": a, "generate": g, "kvpress": b, "same": same, "why": why})
     return out

@@ -6,7 +6,8 @@ ids (``context_ids``, ``question_ids``) through its ``forward`` step, so no text
 
 IN.json: ``{"model": {"path", "gguf_file", "dtype", "threads"}, "prompts": [{"id", "context_ids",
 "question_ids", "max_new_tokens", ...}], "jobs": [{"key", "prompt", "press", "ratio", "target_size"}]}``;
-``press`` is a kvpress class name, ``"dense"`` (no press) or ``"DecodingPress"`` (a ``PrefillDecodingPress``
+``press`` is a kvpress class name, ``"dense"`` (the pipeline, no press), ``"generate"`` (plain greedy
+``generate`` on the whole prompt, for the parity check) or ``"DecodingPress"`` (a ``PrefillDecodingPress``
 with Knorm at ``ratio`` on the prefill and a ``DecodingPress`` holding ``target_size`` entries per layer while
 decoding). OUT.json: ``{"versions", "load_seconds", "results": [{"key", "prompt", "press", "ratio", "answer",
 "new_tokens", "seconds", "context_held", "error"}]}``; ``context_held``: context entries left per layer.
@@ -60,10 +61,32 @@ def make_press(name: str, ratio: float | None, target_size: int | None):
     return cls(compression_ratio=ratio) if ratio is not None else cls()
 
 
+def run_generate(pipe, model, prompt: dict) -> dict:
+    """Greedy ``model.generate`` over the whole prompt in this venv (no split, no kvpress): tells a transformers
+    version difference from a difference made by the pipeline's split prefill."""
+    import torch
+
+    ids = torch.tensor([prompt["context_ids"] + prompt["question_ids"]], dtype=torch.long)  # [1, T]
+    eos = model.generation_config.eos_token_id
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=prompt["max_new_tokens"], do_sample=False,
+            num_beams=1, eos_token_id=eos, pad_token_id=pipe.tokenizer.pad_token_id or eos,
+        )
+    seconds = time.perf_counter() - t0
+    new = out[0, ids.shape[1] :]
+    answer = pipe.tokenizer.decode(new, skip_special_tokens=True)
+    held = [ids.shape[1] - len(prompt["question_ids"])] * model.config.num_hidden_layers
+    return {"answer": answer, "seconds": round(seconds, 3), "context_held": held, "new_tokens": int(new.shape[0])}
+
+
 def run_job(pipe, model, prompt: dict, job: dict) -> dict:
     import torch
     from transformers import DynamicCache
 
+    if job["press"] == "generate":
+        return run_generate(pipe, model, prompt)
     press = make_press(job["press"], job.get("ratio"), job.get("target_size"))
     cache = DynamicCache()
     inputs = {

@@ -84,8 +84,10 @@ def parity_lines(checks: Sequence[Mapping]) -> list[str]:
     out = [f"- Dense parity: {same}/{len(checks)} prompts give the same answer in the peer venv as ours."]
     for c in checks:
         if not c["same"]:
-            why = c["error"] or ("same start, one answer longer" if c["prefix"] else "different tokens")
-            out.append(f"  - `{c['prompt']}`: ours {c['ours'][:60]!r}, kvpress {str(c['kvpress'])[:60]!r} ({why}).")
+            out.append(
+                f"  - `{c['prompt']}`: ours {str(c['ours'])[:60]!r}, peer-venv generate {str(c['generate'])[:60]!r}, "
+                f"kvpress pipeline {str(c['kvpress'])[:60]!r}: {c['why']}."
+            )
     return out
 
 
