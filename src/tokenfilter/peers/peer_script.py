@@ -98,7 +98,9 @@ def run_job(pipe, model, prompt: dict, job: dict) -> dict:
     seconds = time.perf_counter() - t0
     answer = answers[0]
     held = [int(cache.get_seq_length(i)) for i in range(model.config.num_hidden_layers)]
+    # The pipeline returns text only: count its tokens again, plus the end-of-sequence token when it stopped early.
     new_tokens = len(pipe.tokenizer(answer, add_special_tokens=False)["input_ids"])
+    new_tokens = min(new_tokens + 1, prompt["max_new_tokens"]) if new_tokens < prompt["max_new_tokens"] else new_tokens
     return {"answer": answer, "seconds": round(seconds, 3), "context_held": held, "new_tokens": new_tokens}
 
 

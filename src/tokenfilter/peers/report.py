@@ -105,10 +105,18 @@ def plot(summaries: Sequence[Mapping], family: str, path: Path) -> Path | None:
     lines: dict[str, list[tuple[float, float, float]]] = {}
     for s in pts:
         lines.setdefault(line_name(s), []).append((s["kv_bytes"] / 2**20, s["score"], s["se"]))
-    for name, xs in sorted(lines.items()):
+    # Every method is the dense model at ratio 0: its line starts at our dense point.
+    dense = lines.get("dense", [])
+    span = max(x for xs in lines.values() for x, _, _ in xs)
+    for i, (name, xs) in enumerate(sorted(lines.items())):
+        if "dense" in name:
+            style: dict = {"marker": "*", "markersize": 12, "linestyle": "none"}
+        else:
+            xs = xs + dense
+            style = {"marker": "o", "markersize": 4}
         xs.sort()
-        style = {"marker": "*", "markersize": 12, "linestyle": "none"} if "dense" in name else {"marker": "o"}
-        ax.errorbar([x for x, _, _ in xs], [y for _, y, _ in xs], yerr=[e for _, _, e in xs], label=name,
+        dx = (i - len(lines) / 2) * 0.004 * span  # a small offset per method, so that equal budgets stay visible
+        ax.errorbar([x + dx for x, _, _ in xs], [y for _, y, _ in xs], yerr=[e for _, _, e in xs], label=name,
                     capsize=2, **style)
     ax.set_xlabel("KV held after the prompt (MiB, all layers)")
     ax.set_ylabel("needle found (0-1)" if family == "needle" else "LongBench average (0-100)")
