@@ -310,3 +310,53 @@ def test_one_press_through_the_peer_venv(tmp_path: Path) -> None:
     assert r["error"] is None, r.get("trace")
     assert r["context_held"] == [b.kept] * 30
     assert isinstance(r["answer"], str)
+
+
+def test_reuse_runs_only_the_missing_press_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from tokenfilter.peers import cli
+
+    prompts = _prompts()[:1]
+    jobs = [{"key": merge.job_key(p, "tf", prompts[0].id), "prompt": prompts[0].id, "press": p, "ratio": 0.5}
+            for p in ("KnormPress", "SnapKVPress", "TOVAPress")]
+    old = {"model": "m", "versions": {"kvpress": "0.5.5"}, "results": [
+        {**jobs[0], "answer": "old", "error": None},
+        {**jobs[2], "error": "RuntimeError: boom"},  # failed before: runs again
+    ]}
+    (tmp_path / "peer_out.json").write_text(json.dumps(old))
+    ran: list[str] = []
+
+    def fake(peer: object, in_json: Path, out_json: Path) -> dict:
+        todo = json.loads(in_json.read_text())["jobs"]
+        ran.extend(j["press"] for j in todo)
+        return {"versions": {"kvpress": "0.5.5"}, "results": [{**j, "answer": "new", "error": None} for j in todo]}
+
+    monkeypatch.setattr(cli, "run_peer_script", fake)
+    args = argparse.Namespace(reuse=True, threads=1)
+    out = cli._run_presses(args, None, tmp_path, Path("/x/m.gguf"), "m", prompts, jobs)
+    assert ran == ["SnapKVPress", "TOVAPress"]
+    assert [r["answer"] for r in out["results"]] == ["old", "new", "new"]
+    args.reuse = False
+    ran.clear()
+    cli._run_presses(args, None, tmp_path, Path("/x/m.gguf"), "m", prompts, jobs)
+    assert len(ran) == 3
+
+
+def test_cli_arguments() -> None:
+    import argparse
+
+    from tokenfilter.peers import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--presses", "KnormPress,SnapKVPress", "--ratios", "0.3,0.5", "--needle-lengths", "1024",
+                              "--tasks", "needle,trec", "--limit", "2", "--output", "o", "--results-md", "r.md"])
+    assert args.presses == ["KnormPress", "SnapKVPress"] and args.ratios == [0.3, 0.5]
+    assert args.needle_lengths == [1024] and args.limit == 2 and not args.setup
+    assert cli._longbench_tasks(args.tasks) == ["trec"]
+    assert cli._longbench_tasks(["needle", "longbench"]) == []
+    assert cli._longbench_tasks(["needle"]) is None
+    with pytest.raises(ValueError, match="Unknown task"):
+        cli._longbench_tasks(["nope"])
+    assert list(cli.our_methods([0.5])) == ["dense", "token-filter-0.5"]

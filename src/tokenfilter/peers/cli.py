@@ -51,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", choices=("measured", "nominal"), default="measured",
                    help="our KV held per prompt: from the engine's stats, or 1 - ratio (default measured)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads on both sides (default 1)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the rows of an earlier run in --output (same model) and run only the missing ones")
     p.add_argument("--output", type=Path, default=Path("results/peers"), help="folder for the JSON (results/peers)")
     p.add_argument("--results-md", type=Path, default=None, help="write the Peers section of this file")
 
@@ -97,27 +99,40 @@ def run_peer_script(peer: env.PeerEnv, in_json: Path, out_json: Path) -> dict:
     return json.loads(out_json.read_text(encoding="utf-8"))
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.setup:
-        _, seconds = env.setup(force=True)
-        print(f"peer venv setup took {seconds:.0f} s ({env.venv_dir()})")
-        return 0
-    import torch
-
+def our_methods(ratios: list[float]) -> dict[str, object | None]:
+    """Our rows: dense, then Token Filtering at each ratio (the sliding-window preset and the KV-side default join
+    here once they are merged)."""
     from tokenfilter.config import TokenFilter
-    from tokenfilter.loading import load_model
-    from tokenfilter.longctx.needle import NEEDLES
-    from tokenfilter.longctx.runner import max_positions
-    from tokenfilter.peers.ours import run_ours
 
-    peer = _peer_env()
-    torch.set_num_threads(args.threads)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    path, model_name = _model_file(args.model)
-    t0 = time.perf_counter()
-    model, tok = load_model(str(path))
-    positions = max_positions(model)
+    methods: dict[str, object | None] = {"dense": None}
+    methods.update({f"token-filter-{r:g}": TokenFilter(ratio=r) for r in ratios})
+    return methods
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _load(path: Path, need_weights: bool) -> tuple[object | None, object, object]:
+    """(model or None, tokenizer, config): without ``need_weights`` only the tokenizer and the config load."""
+    from tokenfilter.loading import load_model
+
+    if need_weights:
+        model, tok = load_model(str(path))
+        return model, tok, model.config
+    from transformers import AutoConfig, AutoTokenizer
+
+    kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    folder = str(path.parent if path.suffix == ".gguf" else path)
+    return None, AutoTokenizer.from_pretrained(folder, **kwargs), AutoConfig.from_pretrained(folder, **kwargs)
+
+
+def build_prompts(args: argparse.Namespace, tok: object, positions: int | None) -> list[inputs.SplitPrompt]:
+    from tokenfilter.longctx.needle import NEEDLES
+
     prompts: list[inputs.SplitPrompt] = []
     if "needle" in args.tasks:
         facts = NEEDLES["heldout"][: max(1, min(args.needle_facts, 3))]
@@ -129,12 +144,49 @@ def run(args: argparse.Namespace) -> int:
         )
     if not prompts:
         raise ValueError("No prompts: give --tasks needle and/or longbench.")
-    print(f"{len(prompts)} prompts built ({time.perf_counter() - t0:.0f} s with the model load)", file=sys.stderr)
-    methods: dict[str, TokenFilter | None] = {"dense": None}
-    methods.update({f"token-filter-{r:g}": TokenFilter(ratio=r) for r in args.ratios})
-    ours = run_ours(model, tok, methods, prompts, progress=lambda m: print(m, file=sys.stderr))
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.setup:
+        _, seconds = env.setup(force=True)
+        print(f"peer venv setup took {seconds:.0f} s ({env.venv_dir()})")
+        return 0
+    import torch
+
+    from tokenfilter.peers.ours import run_ours
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    peer = _peer_env(log)
+    torch.set_num_threads(args.threads)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    path, model_name = _model_file(args.model)
+    methods = our_methods(args.ratios)
+    # --reuse: rows of an earlier run of the same model in --output are kept; only the missing ones run.
+    old_ours = _read(out / "ours.json") if args.reuse else None
+    old_ours = old_ours if old_ours and old_ours.get("model") == model_name else {"rows": []}
+    t0 = time.perf_counter()
+    _, tok, config = _load(path, need_weights=False)
+    prompts = build_prompts(args, tok, getattr(config, "max_position_embeddings", None))
+    log(f"{len(prompts)} prompts built ({time.perf_counter() - t0:.0f} s)")
+    done = {(r["method"], r["prompt"]): r for r in old_ours["rows"]}
+    missing = any((name, p.id) not in done for name in methods for p in prompts)
+    model, element = None, int(old_ours.get("element_size", 4))
+    if missing:
+        model, tok, config = _load(path, need_weights=True)
+        element = next(model.parameters()).element_size()
+    rows = []
+    for name, method in methods.items():
+        todo = [p for p in prompts if (name, p.id) not in done]
+        new = run_ours(model, tok, {name: method}, todo, progress=log)["rows"] if todo else []
+        fresh = {r["prompt"]: r for r in new}
+        rows += [fresh.get(p.id) or done[(name, p.id)] for p in prompts]
+    ours = {"model": model_name, "element_size": element, "rows": rows}
     (out / "ours.json").write_text(json.dumps(ours), encoding="utf-8")
-    shape = bud.ModelShape.from_config(model.config, next(model.parameters()).element_size())
+    shape = bud.ModelShape.from_config(config, element)  # float32 unless the weights said otherwise
     del model
     held: dict[str, dict[str, float]] = {}
     for r in ours["rows"]:
@@ -142,13 +194,10 @@ def run(args: argparse.Namespace) -> int:
             share = bud.nominal_share(r["ratio"]) if args.budget == "nominal" else r["kv_held_share"]
             held.setdefault(r["method"], {})[r["prompt"]] = share
     by_id = {p.id: p for p in prompts}
-    budgets = bud.match_all(held, [{"id": p.id, "context_ids": p.context_ids, "question_ids": p.question_ids}
-                                   for p in prompts], shape.layers)
+    split = [{"id": p.id, "context_ids": p.context_ids, "question_ids": p.question_ids} for p in prompts]
+    budgets = bud.match_all(held, split, shape.layers)
     jobs = merge.jobs(budgets, args.presses, by_id)
-    model_spec = {"path": str(path.parent if path.suffix == ".gguf" else path),
-                  "gguf_file": path.name if path.suffix == ".gguf" else None, "threads": args.threads}
-    in_json = inputs.write(out / "peer_in.json", prompts, model_spec, {"jobs": jobs})
-    peer_out = run_peer_script(peer, in_json, out / "peer_out.json")
+    peer_out = _run_presses(args, peer, out, path, model_name, prompts, jobs)
     rows = merge.merge(prompts, ours, peer_out, budgets, shape)
     summaries = merge.summarize(rows)
     checks = merge.parity(rows)
@@ -157,11 +206,16 @@ def run(args: argparse.Namespace) -> int:
         "model": model_name,
         "versions": peer_out.get("versions"),
         "setup_seconds": env.setup_seconds(),
-        "budget_source": ("nominal (1 - ratio: a stand-in until the engine's KV-held statistic is wired)"
-                          if args.budget == "nominal" else "measured per prompt from the engine's statistics"),
+        "threads": args.threads,
+        "budget_source": (
+            "nominal (1 - ratio: a stand-in until the engine's KV-held statistic is wired)"
+            if args.budget == "nominal"
+            else "measured per prompt from the engine's statistics at the end of the prompt"
+        ),
     }
-    merged = {"meta": meta, "budgets": [b.as_dict() for b in budgets], "rows": rows, "summaries": summaries,
-              "parity": checks}
+    merged = {
+        "meta": meta, "budgets": [b.as_dict() for b in budgets], "rows": rows, "summaries": summaries, "parity": checks
+    }
     (out / "peers.json").write_text(json.dumps(merged, indent=1), encoding="utf-8")
     for family in ("needle", "longbench"):
         if any(s["family"] == family for s in summaries):
@@ -172,6 +226,37 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote the Peers section of {args.results_md}")
     print(f"wrote {out / 'peers.json'}")
     return 0
+
+
+def _run_presses(
+    args: argparse.Namespace,
+    peer: env.PeerEnv,
+    out: Path,
+    path: Path,
+    model_name: str,
+    prompts: list[inputs.SplitPrompt],
+    jobs: list[dict],
+) -> dict:
+    """The peer script's results for ``jobs`` (with ``--reuse``: earlier results of the same job kept)."""
+    old = _read(out / "peer_out.json") if args.reuse else None
+    old = old if old and old.get("model") == model_name else {"results": []}
+    kept = {r["key"]: r for r in old["results"] if not r.get("error")}
+    todo = [j for j in jobs if j["key"] not in kept or kept[j["key"]].get("ratio") != j.get("ratio")]
+    new: dict = {"results": [], "versions": old.get("versions")}
+    if todo:
+        model_spec = {
+            "path": str(path.parent if path.suffix == ".gguf" else path),
+            "gguf_file": path.name if path.suffix == ".gguf" else None,
+            "threads": args.threads,
+        }
+        needed = {j["prompt"] for j in todo}
+        in_json = inputs.write(out / "peer_in.json", [p for p in prompts if p.id in needed], model_spec, {"jobs": todo})
+        new = run_peer_script(peer, in_json, out / "peer_new.json")
+    fresh = {r["key"]: r for r in new["results"]}
+    results = [fresh.get(j["key"]) or kept[j["key"]] for j in jobs]
+    peer_out = {"model": model_name, "versions": new.get("versions"), "results": results}
+    (out / "peer_out.json").write_text(json.dumps(peer_out), encoding="utf-8")
+    return peer_out
 
 
 def main(argv: list[str] | None = None) -> int:
