@@ -202,6 +202,9 @@ def test_report_tables_errors_and_section(tmp_path: Path) -> None:
     assert "failed on 2/2: RuntimeError: no attention weights" in table
     assert "n/a (target size)" in table and "KnormPress" in table and "1.00 ± 0.00" in table
     assert table.splitlines()[2].startswith("| dense |")  # dense rows first
+    knorm = [line for line in table.splitlines() if line.startswith("| KnormPress |")][0]
+    assert "+0.00 ± 0.00" in knorm  # the press minus ours at the same budget
+    assert any("at least as good as KnormPress" in f for f in report.findings(summ))
     md = tmp_path / "results.md"
     write_section(md, "longctx", "## Long context\nkept")
     files = report.write_results_section(summ, merge.parity(rows), {"command": "tokenfilter peers"}, md)
@@ -360,3 +363,14 @@ def test_cli_arguments() -> None:
     with pytest.raises(ValueError, match="Unknown task"):
         cli._longbench_tasks(["nope"])
     assert list(cli.our_methods([0.5])) == ["dense", "token-filter-0.5"]
+
+
+def test_findings_say_who_wins_and_by_how_much() -> None:
+    def s(method: str, side: str, score: float, se: float) -> dict:
+        return {"family": "needle", "method": method, "side": side, "config": "tf-0.5", "n": 10, "score": score,
+                "se": se}
+
+    summ = [s("tf-0.5", "ours", 0.6, 0.1), s("KnormPress", "kvpress", 0.65, 0.1)]
+    summ.append(s("SnapKVPress", "kvpress", 0.9, 0.05))
+    [line] = report.findings(summ)
+    assert "at least as good as KnormPress" in line and "behind SnapKVPress by 0.30" in line

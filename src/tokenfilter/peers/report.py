@@ -41,15 +41,49 @@ def _note(s: Mapping) -> str:
     return "; ".join(parts).replace("|", "/")
 
 
+def _delta(press: Mapping, ours: Mapping | None, fmt: str) -> str:
+    """The press's score minus ours at the same budget, ± the two standard errors combined."""
+    if ours is None or not press["n"] or not ours["n"]:
+        return "-"
+    d = press["score"] - ours["score"]
+    return f"{format(d, '+' + fmt)} ± {format(math.hypot(press['se'], ours['se']), fmt)}"
+
+
+def findings(summaries: Sequence[Mapping]) -> list[str]:
+    """Per family and budget: the presses that ours matches (ours >= press - one se of the press) and those that
+    beat ours, by how much."""
+    out = []
+    for family in ("needle", "longbench"):
+        fmt = ".2f" if family == "needle" else ".1f"
+        ours = {s["method"]: s for s in summaries if s["family"] == family and s["side"] == "ours" and s["n"]}
+        for config, o in ours.items():
+            presses = [s for s in summaries if s["family"] == family and s["side"] == "kvpress"
+                       and s["config"] == config and s["n"]]
+            if not presses or config == "dense":
+                continue
+            held = [p["method"] for p in presses if o["score"] >= p["score"] - p["se"]]
+            wins = [f"{p['method']} by {format(p['score'] - o['score'], fmt)}" for p in presses
+                    if o["score"] < p["score"] - p["se"]]
+            line = f"- {family}, budget of `{config}` ({format(o['score'], fmt)}):"
+            if held:
+                line += f" at least as good as {', '.join(held)} (within one standard error of the press)"
+            if wins:
+                line += ("; " if held else " ") + f"behind {', '.join(wins)}"
+            out.append(line + ".")
+    return out
+
+
 def family_table(summaries: Sequence[Mapping], family: str) -> str:
     """Markdown table of one family's summaries (score: needle 0-1, LongBench 0-100)."""
     head = [
         "method", "side", "budget of", "ratio", "score ± se", "n", "KV held (MiB)", "KV held (% dense)",
-        "mismatch (% dense)", "prefill attn GFLOP", "decode attn GFLOP", "s / answer", "note",
+        "mismatch (% dense)", "prefill attn GFLOP", "decode attn GFLOP", "s / answer", "press - ours", "note",
     ]
     rows = []
     fmt = ".2f" if family == "needle" else ".1f"
+    ours = {s["method"]: s for s in summaries if s["family"] == family and s["side"] == "ours"}
     for s in sorted((s for s in summaries if s["family"] == family), key=_order):
+        delta = _delta(s, ours.get(s["config"]), fmt) if s["side"] == "kvpress" else ""
         ratio = "n/a (target size)" if s["method"] == "DecodingPress" else _num(s["ratio"], ".3f")
         score = "-" if not s["n"] else f"{_num(s['score'], fmt)} ± {_num(s['se'], fmt)}"
         def v(key: str, scale: float, f: str, s: Mapping = s) -> str:
@@ -59,7 +93,8 @@ def family_table(summaries: Sequence[Mapping], family: str) -> str:
             [
                 s["method"], s["side"], s["config"], ratio, score, str(s["n"]),
                 v("kv_bytes", 2**-20, ".2f"), v("kv_share", 100, ".1f"), v("mismatch_share", 100, "+.2f"),
-                v("prefill_flops", 1e-9, ".2f"), v("decode_flops", 1e-9, ".3f"), v("seconds", 1, ".1f"), _note(s),
+                v("prefill_flops", 1e-9, ".2f"), v("decode_flops", 1e-9, ".3f"), v("seconds", 1, ".1f"), delta,
+                _note(s),
             ]
         )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -161,6 +196,9 @@ def section_markdown(
         if family == "longbench":
             lines += ["Per task:", "", task_table(summaries), ""]
         lines += [f"![peers {family}]({img})" for img in images if family in Path(img).stem] + [""]
+    found = findings(summaries)
+    if found:
+        lines += ["### Ours against the presses at equal KV held", "", *found, ""]
     lines += ["### Dense parity (no press, transformers versions side by side)", "", *parity_lines(checks), ""]
     return "\n".join(lines) + "\n"
 
