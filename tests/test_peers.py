@@ -71,6 +71,18 @@ def test_pairs_dense_press_equals_dense() -> None:
     assert dec < bud.dense_pairs(c + q, layers, new)[1]
 
 
+def test_decoding_press_pairs_follow_its_compression_steps() -> None:
+    # target 10, one layer, interval 4: the question is step 1; tokens 2, 3, 4 attend 11, 12, 13, then back to 10
+    assert bud.decoding_press_decode_pairs(10, 1, 4, 4) == 11 + 12 + 13
+    assert bud.decoding_press_decode_pairs(10, 1, 6, 4) == 11 + 12 + 13 + 11 + 12
+    assert bud.decoding_press_decode_pairs(10, 2, 1, 4) == 0
+
+
+def test_decoding_interval_matches_the_peer_script() -> None:
+    text = Path(inputs.__file__).with_name("peer_script.py").read_text(encoding="utf-8")
+    assert f"DECODING_INTERVAL = {merge.DECODING_INTERVAL}" in text
+
+
 # ---- merge ------------------------------------------------------------------------------------------
 def _prompts() -> list[SplitPrompt]:
     return [

@@ -150,3 +150,17 @@ def press_pairs(context: int, question: int, kept_total: int, layers: int, new_t
 def dense_pairs(tokens: int, layers: int, new_tokens: int) -> tuple[int, int]:
     """(prefill pairs, decode pairs) of the unmodified model on ``tokens`` prompt tokens."""
     return press_pairs(tokens, 0, layers * tokens, layers, new_tokens)
+
+
+def decoding_press_decode_pairs(target: int, layers: int, new_tokens: int, interval: int) -> int:
+    """Decode pairs over all layers for kvpress's ``DecodingPress``: each layer holds ``target`` entries after the
+    question (whose forward counts as the first decoding step), grows by one per new token and is pulled back to
+    ``target`` once ``interval`` steps have been counted."""
+    held, count, pairs = target, 1, 0
+    for _ in range(max(new_tokens - 1, 0)):
+        held += 1
+        pairs += layers * held
+        count += 1
+        if count >= interval:
+            held, count = target, 0
+    return pairs

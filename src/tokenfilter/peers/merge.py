@@ -39,6 +39,7 @@ PRESS_NOTES: dict[str, str] = {
 }
 
 
+DECODING_INTERVAL = 4  # equal to peer_script.DECODING_INTERVAL (a test checks it: the two cannot import each other)
 PEER_DENSE = {"dense": "kvpress dense", "generate": "dense generate (peer venv)"}
 
 
@@ -131,6 +132,8 @@ def merge(
             kept = sum(r["context_held"])
             held = kept + L * len(p.question_ids)
             pre, dec = bud.press_pairs(len(p.context_ids), len(p.question_ids), kept, L, r["new_tokens"])
+            if press == "DecodingPress" and r.get("target_size"):
+                dec = bud.decoding_press_decode_pairs(r["target_size"], L, r["new_tokens"], DECODING_INTERVAL)
             row.update(
                 score=score(p, r["answer"]),
                 **_kv(held, dense, shape),
