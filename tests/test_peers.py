@@ -184,6 +184,9 @@ def test_summary_standard_error_and_longbench_average() -> None:
     s = merge.summarize(lb)[0]
     assert s["score"] == pytest.approx(50.0)  # mean over the tasks of 50 and 50
     assert s["se"] == pytest.approx(math.sqrt(50.0**2 + 0.0) / 2)
+    one = [{**lb[0], "task": "a", "score": 1.0}, {**lb[0], "task": "b", "score": 0.5}]  # one sample per task
+    s = merge.summarize(one)[0]
+    assert s["score"] == pytest.approx(75.0) and s["se"] == pytest.approx(25.0)
 
 
 def test_parity_finds_the_differing_prompt() -> None:

@@ -163,7 +163,8 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
     """Per (family, method, config): mean score and its standard error, mean KV held, FLOPs, seconds, mismatch.
 
     Needle: the mean over its prompts (0-1). LongBench: per task the mean (0-100), the family score the mean over
-    the tasks, its standard error ``sqrt(sum se_t^2) / n_tasks``. Errors: the rows that failed, with their first
+    the tasks, its standard error ``sqrt(sum se_t^2) / n_tasks`` (with a single sample in some task: the standard
+    error of the task means). Errors: the rows that failed, with their first
     message (the summary keeps the row, scored over what ran)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -178,8 +179,12 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
             xs = [scale * r["score"] for r in ok if r["task"] == task]
             tasks[task] = {"score": _mean(xs), "se": _se(xs), "n": len(xs)}
         if family == "longbench" and tasks:
-            score_ = _mean([t["score"] for t in tasks.values()])
-            se = math.sqrt(sum(t["se"] ** 2 for t in tasks.values())) / len(tasks)
+            means = [t["score"] for t in tasks.values()]
+            score_ = _mean(means)
+            if all(t["n"] >= 2 for t in tasks.values()):
+                se = math.sqrt(sum(t["se"] ** 2 for t in tasks.values())) / len(tasks)
+            else:  # one sample in some task: no within-task spread, so the spread over the tasks stands in
+                se = _se(means)
         else:
             xs = [scale * r["score"] for r in ok]
             score_, se = _mean(xs), _se(xs)
