@@ -288,6 +288,19 @@ def test_env_missing_or_stale_names_the_fix(tmp_path: Path, monkeypatch: pytest.
     assert "torch==2.13.0" in env.requirements() and "kvpress==0.5.5" in env.requirements()
 
 
+def test_env_broken_venv_names_the_fix(tmp_path: Path) -> None:
+    root = tmp_path / "peers-venv"
+    (root / "bin").mkdir(parents=True)
+    python = root / "bin" / "python"
+    python.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'kvpress'\" >&2\nexit 1\n")
+    python.chmod(0o755)
+    (root / "tokenfilter-peers.json").write_text(json.dumps({"pins": env.PINS, "seconds": 12.5}))
+    assert env.check(root).python == python  # the stamp alone passes
+    assert env.setup_seconds(root) == 12.5
+    with pytest.raises(env.PeerEnvError, match=r"cannot import kvpress \(ModuleNotFoundError.*run `.*--setup`"):
+        env.check(root, import_check=True)
+
+
 def test_peer_script_imports_only_stdlib_torch_transformers_kvpress() -> None:
     import ast
     import sys
