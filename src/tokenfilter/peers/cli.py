@@ -1,0 +1,274 @@
+"""``tokenfilter peers``: kvpress presses beside Token Filtering at equal KV held (until the main CLI registers it:
+``python -m tokenfilter.peers.cli ...``).
+
+Flow: build the shared inputs (needle cells, MiniLongBench samples, split into context and question ids), run ours
+(dense and each ratio) here, match every press to each of our rows' KV held per prompt, run the presses in the peer
+venv (built on the first run), merge, print the tables, and write the Peers section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tokenfilter.peers import budget as bud
+from tokenfilter.peers import env, inputs, merge, report
+
+PEER_SCRIPT = Path(__file__).with_name("peer_script.py")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--setup", action="store_true", help="build (or rebuild) the peer venv, then stop")
+    p.add_argument("--model", default=None, help="built-in name, .gguf file or folder (default: smollm2-135m)")
+    p.add_argument("--presses", type=_names, default=list(merge.PRESSES),
+                   help=f"kvpress classes (default {','.join(merge.PRESSES)})")
+    p.add_argument("--ratios", type=_floats, default=[0.5], help="our Token Filtering ratios (default 0.5)")
+    p.add_argument("--needle-lengths", type=_ints, default=[1024, 2048, 4096, 8192], help="default 1024,2048,4096,8192")
+    p.add_argument("--needle-depths", type=_floats, default=[0, 25, 50, 75, 100], help="default 0,25,50,75,100")
+    p.add_argument("--needle-facts", type=int, default=3, help="held-out needle facts per cell (1-3, default 3)")
+    p.add_argument("--tasks", type=_names, default=["needle", "longbench"],
+                   help="needle and/or longbench, or LongBench task names (default needle,longbench)")
+    p.add_argument("--limit", type=int, default=1, help="MiniLongBench samples per task (default 1)")
+    p.add_argument("--max-length", type=int, default=2048, help="MiniLongBench truncation in tokens (default 2048)")
+    p.add_argument("--max-new-tokens-cap", type=int, default=64, help="caps LongBench answer lengths (default 64)")
+    p.add_argument("--budget", choices=("measured", "nominal"), default="measured",
+                   help="our KV held per prompt: from the engine's stats, or 1 - ratio (default measured)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads on both sides (default 1)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the rows of an earlier run in --output (same model) and run only the missing ones")
+    p.add_argument("--output", type=Path, default=Path("results/peers"), help="folder for the JSON (results/peers)")
+    p.add_argument("--results-md", type=Path, default=None, help="write the Peers section of this file")
+
+
+def _longbench_tasks(tasks: list[str]) -> list[str] | None:
+    """None: no LongBench; [] : all English tasks; else the named ones."""
+    from tokenfilter.longctx.longbench import ENGLISH_TASKS
+
+    named = [t for t in tasks if t in ENGLISH_TASKS]
+    unknown = [t for t in tasks if t not in ENGLISH_TASKS and t not in ("needle", "longbench")]
+    if unknown:
+        raise ValueError(f"Unknown task(s) {unknown}; use needle, longbench or LongBench task names.")
+    if "longbench" in tasks:
+        return []
+    return named or None
+
+
+def _model_file(spec: str | None) -> tuple[Path, str]:
+    """(path of a .gguf file or a folder, display name)."""
+    from tokenfilter import builtin_models
+
+    hit = builtin_models.resolve(spec or builtin_models.DEFAULT)
+    if hit is not None:
+        return hit
+    return Path(spec).expanduser(), str(spec)
+
+
+def _peer_env(log: object = print) -> env.PeerEnv:
+    """The peer venv, built on the first run; a broken one raises ``PeerEnvError`` naming the fix."""
+    if env.installed_pins() is None:
+        _, seconds = env.setup(log=log)
+        log(f"peer venv setup took {seconds:.0f} s")
+    return env.check(import_check=True)
+
+
+def run_peer_script(peer: env.PeerEnv, in_json: Path, out_json: Path) -> dict:
+    """Runs ``peer_script.py`` in the peer venv (its progress on our stderr) and returns its JSON."""
+    proc = subprocess.run([str(peer.python), str(PEER_SCRIPT), str(in_json), str(out_json)])
+    if proc.returncode != 0 or not out_json.exists():
+        raise env.PeerEnvError(
+            f"The peer script failed (exit {proc.returncode}, see above); if kvpress cannot import, run "
+            f"`{env.SETUP_COMMAND}`."
+        )
+    return json.loads(out_json.read_text(encoding="utf-8"))
+
+
+def our_methods(ratios: list[float]) -> dict[str, object | None]:
+    """Our rows: dense, then Token Filtering at each ratio (the sliding-window preset and the KV-side default join
+    here once they are merged)."""
+    from tokenfilter.config import TokenFilter
+
+    methods: dict[str, object | None] = {"dense": None}
+    methods.update({f"token-filter-{r:g}": TokenFilter(ratio=r) for r in ratios})
+    return methods
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _load(path: Path, need_weights: bool) -> tuple[object | None, object, object]:
+    """(model or None, tokenizer, config): without ``need_weights`` only the tokenizer and the config load."""
+    from tokenfilter.loading import load_model
+
+    if need_weights:
+        model, tok = load_model(str(path))
+        return model, tok, model.config
+    from transformers import AutoConfig, AutoTokenizer
+
+    kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    folder = str(path.parent if path.suffix == ".gguf" else path)
+    return None, AutoTokenizer.from_pretrained(folder, **kwargs), AutoConfig.from_pretrained(folder, **kwargs)
+
+
+def build_prompts(args: argparse.Namespace, tok: object, positions: int | None) -> list[inputs.SplitPrompt]:
+    from tokenfilter.longctx.needle import NEEDLES
+
+    prompts: list[inputs.SplitPrompt] = []
+    if "needle" in args.tasks:
+        facts = NEEDLES["heldout"][: max(1, min(args.needle_facts, 3))]
+        prompts += inputs.needle_prompts(tok, args.needle_lengths, args.needle_depths, facts)
+    lb = _longbench_tasks(args.tasks)
+    if lb is not None:
+        prompts += inputs.longbench_prompts(
+            tok, lb or None, args.limit, args.max_length, positions, max_new_tokens_cap=args.max_new_tokens_cap
+        )
+    if not prompts:
+        raise ValueError("No prompts: give --tasks needle and/or longbench.")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.setup:
+        _, seconds = env.setup(force=True)
+        print(f"peer venv setup took {seconds:.0f} s ({env.venv_dir()})")
+        return 0
+    import torch
+
+    from tokenfilter.peers.ours import run_ours
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    peer = _peer_env(log)
+    torch.set_num_threads(args.threads)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    path, model_name = _model_file(args.model)
+    methods = our_methods(args.ratios)
+    # --reuse: rows of an earlier run of the same model in --output are kept; only the missing ones run.
+    old_ours = _read(out / "ours.json") if args.reuse else None
+    old_ours = old_ours if old_ours and old_ours.get("model") == model_name else {"rows": []}
+    t0 = time.perf_counter()
+    _, tok, config = _load(path, need_weights=False)
+    prompts = build_prompts(args, tok, getattr(config, "max_position_embeddings", None))
+    log(f"{len(prompts)} prompts built ({time.perf_counter() - t0:.0f} s)")
+    done = {(r["method"], r["prompt"]): r for r in old_ours["rows"]}
+    missing = any((name, p.id) not in done for name in methods for p in prompts)
+    model, element = None, int(old_ours.get("element_size", 4))
+    if missing:
+        model, tok, config = _load(path, need_weights=True)
+        element = next(model.parameters()).element_size()
+    rows = []
+    for name, method in methods.items():
+        todo = [p for p in prompts if (name, p.id) not in done]
+        new = run_ours(model, tok, {name: method}, todo, progress=log)["rows"] if todo else []
+        fresh = {r["prompt"]: r for r in new}
+        rows += [fresh.get(p.id) or done[(name, p.id)] for p in prompts]
+    ours = {"model": model_name, "element_size": element, "rows": rows}
+    (out / "ours.json").write_text(json.dumps(ours), encoding="utf-8")
+    shape = bud.ModelShape.from_config(config, element)  # float32 unless the weights said otherwise
+    del model
+    held: dict[str, dict[str, float]] = {}
+    for r in ours["rows"]:
+        if r["method"] != "dense":
+            share = bud.nominal_share(r["ratio"]) if args.budget == "nominal" else r["kv_held_share"]
+            held.setdefault(r["method"], {})[r["prompt"]] = share
+    by_id = {p.id: p for p in prompts}
+    split = [{"id": p.id, "context_ids": p.context_ids, "question_ids": p.question_ids} for p in prompts]
+    budgets = bud.match_all(held, split, shape.layers)
+    jobs = merge.jobs(budgets, args.presses, by_id)
+    peer_out = _run_presses(args, peer, out, path, model_name, prompts, jobs)
+    rows = merge.merge(prompts, ours, peer_out, budgets, shape)
+    summaries = merge.summarize(rows)
+    checks = merge.parity(rows)
+    meta = {
+        "command": "tokenfilter peers " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "model": model_name,
+        "versions": peer_out.get("versions"),
+        "setup_seconds": env.setup_seconds(),
+        "threads": args.threads,
+        "budget_source": (
+            "nominal (1 - ratio: a stand-in until the engine's KV-held statistic is wired)"
+            if args.budget == "nominal"
+            else "measured per prompt from the engine's statistics at the end of the prompt"
+        ),
+    }
+    merged = {
+        "meta": meta, "budgets": [b.as_dict() for b in budgets], "rows": rows, "summaries": summaries, "parity": checks
+    }
+    (out / "peers.json").write_text(json.dumps(merged, indent=1), encoding="utf-8")
+    for family in ("needle", "longbench"):
+        if any(s["family"] == family for s in summaries):
+            print(f"\n{family}\n" + report.family_table(summaries, family))
+    print("\n" + "\n".join(report.parity_lines(checks)))
+    if args.results_md:
+        report.write_results_section(summaries, checks, meta, args.results_md)
+        print(f"wrote the Peers section of {args.results_md}")
+    print(f"wrote {out / 'peers.json'}")
+    return 0
+
+
+def _run_presses(
+    args: argparse.Namespace,
+    peer: env.PeerEnv,
+    out: Path,
+    path: Path,
+    model_name: str,
+    prompts: list[inputs.SplitPrompt],
+    jobs: list[dict],
+) -> dict:
+    """The peer script's results for ``jobs`` (with ``--reuse``: earlier results of the same job kept)."""
+    old = _read(out / "peer_out.json") if args.reuse else None
+    old = old if old and old.get("model") == model_name else {"results": []}
+    kept = {r["key"]: r for r in old["results"] if not r.get("error")}
+    todo = [j for j in jobs if j["key"] not in kept or kept[j["key"]].get("ratio") != j.get("ratio")]
+    new: dict = {"results": [], "versions": old.get("versions")}
+    if todo:
+        model_spec = {
+            "path": str(path.parent if path.suffix == ".gguf" else path),
+            "gguf_file": path.name if path.suffix == ".gguf" else None,
+            "threads": args.threads,
+        }
+        needed = {j["prompt"] for j in todo}
+        in_json = inputs.write(out / "peer_in.json", [p for p in prompts if p.id in needed], model_spec, {"jobs": todo})
+        new = run_peer_script(peer, in_json, out / "peer_new.json")
+    fresh = {r["key"]: r for r in new["results"]}
+    results = [fresh.get(j["key"]) or kept[j["key"]] for j in jobs]
+    peer_out = {"model": model_name, "versions": new.get("versions"), "results": results}
+    (out / "peer_out.json").write_text(json.dumps(peer_out), encoding="utf-8")
+    return peer_out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tokenfilter peers", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (env.PeerEnvError, ValueError, KeyError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

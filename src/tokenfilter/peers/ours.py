@@ -1,0 +1,116 @@
+"""Our side on the shared inputs: greedy answers over ``context_ids + question_ids`` for dense and Token Filtering.
+
+Per prompt it records the answer, its score, the wall time, and (for a filter) the statistics at the end of the
+prompt (a snapshot taken after the prefill) and at the end of the answer. Our KV held after the prompt comes from
+:func:`kv_held_share`, which reads the engine's statistics; the lead replaces it by the KV-held statistic of the
+KV-side mode (SPEC "Recent window") once that is merged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from tokenfilter.longctx.longbench import ENGLISH_TASKS
+from tokenfilter.longctx.runner import FirstLineStop, _eos_ids
+from tokenfilter.peers import inputs
+from tokenfilter.peers.inputs import SplitPrompt
+
+
+class _AfterPrefill:
+    """Stopping criterion that never stops: on its first call (right after the prefill) it snapshots the stats."""
+
+    def __init__(self, run: object | None) -> None:
+        self.run, self.snapshot = run, None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: object) -> torch.Tensor:
+        if self.snapshot is None and self.run is not None:
+            self.snapshot = self.run.stats.as_dict()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def generate(
+    model: object, tokenizer: object, ids: Sequence[int], max_new_tokens: int, first_line: bool, run: object | None
+) -> tuple[str, int, dict | None]:
+    """Greedy continuation as ``runner.greedy`` does (same eos, pad and first-line stop), plus the stats after the
+    prefill. Returns (answer, new tokens, stats snapshot or None)."""
+    from transformers import StoppingCriteriaList
+
+    device = next(model.parameters()).device
+    x = torch.tensor([list(ids)], dtype=torch.long, device=device)  # [1, T]
+    probe = _AfterPrefill(run)
+    criteria = [probe] + ([FirstLineStop(tokenizer, x.shape[1])] if first_line else [])
+    eos = _eos_ids(model, tokenizer)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    with torch.inference_mode():
+        out = model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos or None,
+            pad_token_id=pad if pad is not None else (eos[0] if eos else None),
+            stopping_criteria=StoppingCriteriaList(criteria),
+        )
+    new = out[0, x.shape[1] :]
+    return tokenizer.decode(new, skip_special_tokens=True), int(new.shape[0]), probe.snapshot
+
+
+def kv_held_share(stats: Mapping | None) -> float:
+    """Our KV held at the end of the prompt as a share of dense over all layers (SPEC "KV held").
+
+    Reads ``kv_held_share`` when the engine reports it; else, for today's engine (no window), dense minus the
+    entries not stored (``kv_bytes_saved / kv_bytes_dense``)."""
+    if not stats:
+        return 1.0
+    if stats.get("kv_held_share") is not None:
+        return float(stats["kv_held_share"])
+    dense = stats.get("kv_bytes_dense") or 0
+    return 1.0 - (stats.get("kv_bytes_saved", 0) / dense if dense else 0.0)
+
+
+def _pairs(stats: Mapping | None) -> int | None:
+    return None if not stats else int(sum(c["pairs"] for c in stats.get("layers", [])))
+
+
+def run_ours(
+    model: object,
+    tokenizer: object,
+    methods: Mapping[str, object | None],
+    prompts: Sequence[SplitPrompt],
+    progress: object = print,
+) -> dict:
+    """``{"rows": [...]}``: one row per (method, prompt). ``methods``: name -> ``TokenFilter`` or None (dense)."""
+    rows = []
+    for name, method in methods.items():
+        for i, p in enumerate(prompts):
+            first_line = p.family == "longbench" and ENGLISH_TASKS[p.task].first_line
+            t0 = time.perf_counter()
+            if method is None:
+                answer, new, snap = generate(model, tokenizer, p.input_ids, p.max_new_tokens, first_line, None)
+                end = None
+            else:
+                with method.apply(model) as run:
+                    answer, new, snap = generate(model, tokenizer, p.input_ids, p.max_new_tokens, first_line, run)
+                    end = run.stats.as_dict()
+            seconds = time.perf_counter() - t0
+            pre, total = _pairs(snap), _pairs(end)
+            rows.append(
+                {
+                    "method": name,
+                    "ratio": getattr(method, "ratio", None),
+                    "prompt": p.id,
+                    "answer": answer,
+                    "new_tokens": new,
+                    "score": inputs.score(p, answer),
+                    "seconds": round(seconds, 3),
+                    "kv_held_share": kv_held_share(snap),
+                    "prefill_pairs": pre,
+                    "decode_pairs": None if pre is None or total is None else total - pre,
+                }
+            )
+            progress(f"[ours {name} {i + 1}/{len(prompts)}] {p.id}: {answer[:40]!r}")
+    return {"rows": rows}

@@ -1,0 +1,221 @@
+"""The "Peers" section of ``docs/results.md``: one table per task family and a plot of score against KV held."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from tokenfilter.eval.sections import write_section
+from tokenfilter.peers.merge import PRESS_NOTES
+
+SECTION = "peers"
+_RATIO_SUFFIX = re.compile(r"[-_@=]?r?\d*\.?\d+$")
+
+
+def line_name(summary: Mapping) -> str:
+    """The plot line a summary row belongs to: a press by its class; ours by its name less the ratio."""
+    if summary["side"] == "kvpress" or summary["method"] == "dense":
+        return summary["method"]
+    return _RATIO_SUFFIX.sub("", summary["method"]) or summary["method"]
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _order(s: Mapping) -> tuple:
+    dense = s["config"] == "dense"
+    return (not dense, s["config"], s["side"] != "ours", s["method"])
+
+
+def _note(s: Mapping) -> str:
+    parts = []
+    if s["n_failed"]:
+        parts.append(f"failed on {s['n_failed']}/{s['n'] + s['n_failed']}: {s['errors'][0]}")
+    if s["capped"]:
+        parts.append(f"our budget is below the question on {s['capped']} prompt(s): the press holds more")
+    if s["side"] == "kvpress" and s["method"] in PRESS_NOTES:
+        parts.append(PRESS_NOTES[s["method"]])
+    return "; ".join(parts).replace("|", "/")
+
+
+def _delta(press: Mapping, ours: Mapping | None, fmt: str) -> str:
+    """The press's score minus ours at the same budget, ± the two standard errors combined."""
+    if ours is None or not press["n"] or not ours["n"]:
+        return "-"
+    d = press["score"] - ours["score"]
+    return f"{format(d, '+' + fmt)} ± {format(math.hypot(press['se'], ours['se']), fmt)}"
+
+
+def findings(summaries: Sequence[Mapping]) -> list[str]:
+    """Per family and budget: the presses that ours matches (ours >= press - one se of the press) and those that
+    beat ours, by how much."""
+    out = []
+    for family in ("needle", "longbench"):
+        fmt = ".2f" if family == "needle" else ".1f"
+        ours = {s["method"]: s for s in summaries if s["family"] == family and s["side"] == "ours" and s["n"]}
+        for config, o in ours.items():
+            presses = [s for s in summaries if s["family"] == family and s["side"] == "kvpress"
+                       and s["config"] == config and s["n"]]
+            if not presses or config == "dense":
+                continue
+            held = [p["method"] for p in presses if o["score"] >= p["score"] - p["se"]]
+            wins = [f"{p['method']} by {format(p['score'] - o['score'], fmt)}" for p in presses
+                    if o["score"] < p["score"] - p["se"]]
+            line = f"- {family}, budget of `{config}` ({format(o['score'], fmt)}):"
+            if held:
+                line += f" at least as good as {', '.join(held)} (within one standard error of the press)"
+            if wins:
+                line += ("; " if held else " ") + f"behind {', '.join(wins)}"
+            out.append(line + ".")
+    return out
+
+
+def family_table(summaries: Sequence[Mapping], family: str) -> str:
+    """Markdown table of one family's summaries (score: needle 0-1, LongBench 0-100)."""
+    head = [
+        "method", "side", "budget of", "ratio", "score ± se", "n", "KV held (MiB)", "KV held (% dense)",
+        "mismatch (% dense)", "prefill attn GFLOP", "decode attn GFLOP", "s / answer", "press - ours", "note",
+    ]
+    rows = []
+    fmt = ".2f" if family == "needle" else ".1f"
+    ours = {s["method"]: s for s in summaries if s["family"] == family and s["side"] == "ours"}
+    for s in sorted((s for s in summaries if s["family"] == family), key=_order):
+        delta = _delta(s, ours.get(s["config"]), fmt) if s["side"] == "kvpress" else ""
+        ratio = "n/a (target size)" if s["method"] == "DecodingPress" else _num(s["ratio"], ".3f")
+        score = "-" if not s["n"] else f"{_num(s['score'], fmt)} ± {_num(s['se'], fmt)}"
+        def v(key: str, scale: float, f: str, s: Mapping = s) -> str:
+            return _num(scale * s[key] if s["n"] else None, f)
+
+        rows.append(
+            [
+                s["method"], s["side"], s["config"], ratio, score, str(s["n"]),
+                v("kv_bytes", 2**-20, ".2f"), v("kv_share", 100, ".1f"), v("mismatch_share", 100, "+.2f"),
+                v("prefill_flops", 1e-9, ".2f"), v("decode_flops", 1e-9, ".3f"), v("seconds", 1, ".1f"), delta,
+                _note(s),
+            ]
+        )
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def task_table(summaries: Sequence[Mapping]) -> str:
+    """LongBench per task (0-100), one row per (method, budget)."""
+    lb = sorted((s for s in summaries if s["family"] == "longbench"), key=_order)
+    tasks = list(dict.fromkeys(t for s in lb for t in s["tasks"]))
+    head = ["method", "budget of", *tasks]
+    rows = [[s["method"], s["config"], *[_num(s["tasks"].get(t, {}).get("score"), ".1f") for t in tasks]] for s in lb]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def parity_lines(checks: Sequence[Mapping]) -> list[str]:
+    """Dense on both sides: how many answers agree, and each one that does not."""
+    if not checks:
+        return ["- Dense parity was not checked (no dense run on one side)."]
+    same = sum(c["same"] for c in checks)
+    out = [f"- Dense parity: {same}/{len(checks)} prompts give the same answer in the peer venv as ours."]
+    for c in checks:
+        if not c["same"]:
+            out.append(
+                f"  - `{c['prompt']}`: ours {str(c['ours'])[:60]!r}, peer-venv generate {str(c['generate'])[:60]!r}, "
+                f"kvpress pipeline {str(c['kvpress'])[:60]!r}: {c['why']}."
+            )
+    return out
+
+
+def plot(summaries: Sequence[Mapping], family: str, path: Path) -> Path | None:
+    """Score against KV held after the prompt (MiB), one line per method; None when nothing ran."""
+    pts = [s for s in summaries if s["family"] == family and s["n"]]
+    if not pts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    lines: dict[str, list[tuple[float, float, float]]] = {}
+    for s in pts:
+        lines.setdefault(line_name(s), []).append((s["kv_bytes"] / 2**20, s["score"], s["se"]))
+    # Every method is the dense model at ratio 0: its line starts at our dense point.
+    dense = lines.get("dense", [])
+    span = max(x for xs in lines.values() for x, _, _ in xs)
+    for i, (name, xs) in enumerate(sorted(lines.items())):
+        if "dense" in name:
+            style: dict = {"marker": "*", "markersize": 12, "linestyle": "none"}
+        else:
+            xs = xs + dense
+            style = {"marker": "o", "markersize": 4}
+        xs.sort()
+        dx = (i - len(lines) / 2) * 0.004 * span  # a small offset per method, so that equal budgets stay visible
+        ax.errorbar([x + dx for x, _, _ in xs], [y for _, y, _ in xs], yerr=[e for _, _, e in xs], label=name,
+                    capsize=2, **style)
+    ax.set_xlabel("KV held after the prompt (MiB, all layers)")
+    ax.set_ylabel("needle found (0-1)" if family == "needle" else "LongBench average (0-100)")
+    ax.set_title(f"Peers at equal KV held: {family}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def section_markdown(
+    summaries: Sequence[Mapping], checks: Sequence[Mapping], meta: Mapping, images: Sequence[str]
+) -> str:
+    """The section body. ``meta``: command, model, versions (peer side), setup_seconds, budget_source, presses."""
+    versions = meta.get("versions") or {}
+    setup = meta.get("setup_seconds")
+    lines = [
+        "## Peers: kvpress presses at equal KV held",
+        "",
+        f"Generated by `{meta.get('command', 'tokenfilter peers')}` on {meta.get('model', 'the model')}. The presses "
+        f"run through NVIDIA kvpress's own pipeline ({', '.join(f'{k} {v}' for k, v in versions.items())}) in a venv "
+        "of their own" + (f" (built in {setup:.0f} s)" if setup else "") + ", on the same token ids as ours: each "
+        "prompt is split into the context (which a press compresses after a dense prefill) and the question with "
+        "the answer prefix (prefilled after the compression, kept whole).",
+        "",
+        "Each press runs at the `compression_ratio` (the fraction of the context removed) that holds, after the "
+        "prompt, the KV that the Token Filtering row in `budget of` holds on that prompt (SPEC \"KV held\", all "
+        f"layers); our KV held is {meta.get('budget_source', 'measured')}. `mismatch` is the press's KV held minus "
+        "ours, left by rounding to whole tokens. Attention FLOPs: (query, key) pairs x 4·heads·head_dim; a press "
+        "prefills densely, so it saves no prefill attention; decode counts every new token against everything held. "
+        "Seconds: the whole answer (prefill, compression, decode) on this machine's CPU, shared with other work, "
+        f"{meta.get('threads', 1)} thread(s) on both sides. On the few-shot LongBench tasks ours stops at the end of "
+        "the first line while kvpress's pipeline decodes to the cap (both are scored on the first line), so there "
+        "the presses' decode FLOPs and seconds are higher for that reason alone. Needle scores are 0-1, "
+        "LongBench scores 0-100 (average over the tasks); ± is one standard error.",
+        "",
+    ]
+    for family, title in (("needle", "Needle in a haystack"), ("longbench", "MiniLongBench")):
+        if not any(s["family"] == family for s in summaries):
+            continue
+        lines += [f"### {title}", "", family_table(summaries, family), ""]
+        if family == "longbench":
+            lines += ["Per task:", "", task_table(summaries), ""]
+        lines += [f"![peers {family}]({img})" for img in images if family in Path(img).stem] + [""]
+    found = findings(summaries)
+    if found:
+        lines += ["### Ours against the presses at equal KV held", "", *found, ""]
+    lines += ["### Dense parity (no press, transformers versions side by side)", "", *parity_lines(checks), ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_results_section(
+    summaries: Sequence[Mapping], checks: Sequence[Mapping], meta: Mapping, results_md: Path
+) -> list[Path]:
+    """Write (or replace) the ``peers`` section of ``results_md``, other sections kept; plots in ``peers/``."""
+    results_md = Path(results_md)
+    images, written = [], []
+    for family in ("needle", "longbench"):
+        png = plot(summaries, family, results_md.parent / "peers" / f"peers_{family}.png")
+        if png is not None:
+            images.append(f"peers/{png.name}")
+            written.append(png)
+    write_section(results_md, SECTION, section_markdown(summaries, checks, meta, images))
+    return [results_md, *written]
