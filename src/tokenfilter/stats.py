@@ -73,11 +73,12 @@ class LayerCounts:
     """What one layer did, accumulated over calls (real tokens only)."""
 
     tokens: int = 0  # real tokens seen
-    filtered: int = 0  # of those, filtered (attention skipped)
-    pairs: int = 0  # (query, key) pairs actually attended
+    filtered: int = 0  # of those, filtered (skipped their attention, or on the KV side: not kept as keys)
+    pairs: int = 0  # (query, key) pairs actually attended, each once
     pairs_dense: int = 0  # pairs the unmodified model attends
-    kv_dropped: int = 0  # entries not stored in this layer's cache
+    kv_dropped: int = 0  # entries dropped from this layer's cache (when they are dropped: a band delays it)
     mlp_skipped: int = 0  # tokens whose MLP was skipped (skip="block")
+    qo_skipped: int = 0  # tokens whose Q and O projections were skipped (the query side; not skip="none")
 
 
 @dataclass
@@ -99,9 +100,23 @@ class FilterStats:
     def kv_saved_fraction(self) -> float:
         return self.kv_bytes_saved / self.kv_bytes_dense if self.kv_bytes_dense else 0.0
 
+    @property
+    def kv_held_fraction(self) -> float:
+        """KV held as a share of dense, over all layers (unfiltered ones included): the entries still in the
+        caches after the latest call of each sequence (kept, plus filtered ones a band still reads)."""
+        return 1 - self.kv_saved_fraction if self.kv_bytes_dense else 1.0
+
+    @property
+    def pairs_fraction(self) -> float:
+        """Attention pairs computed, as a share of the unmodified model's, over all layers."""
+        dense = sum(c.pairs_dense for c in self.layers)
+        return sum(c.pairs for c in self.layers) / dense if dense else 1.0
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d["kv_saved_fraction"] = self.kv_saved_fraction
+        d["kv_held_fraction"] = self.kv_held_fraction
+        d["pairs_fraction"] = self.pairs_fraction
         return d
 
     @classmethod
@@ -110,7 +125,7 @@ class FilterStats:
         attn_dense = attn_actual = other_dense = other_actual = 0.0
         for c in layers:
             attn_dense += c.tokens * (fm.qo_proj + fm.kv_proj) + c.pairs_dense * fm.per_pair
-            attn_actual += (c.tokens - c.filtered) * fm.qo_proj + c.tokens * fm.kv_proj + c.pairs * fm.per_pair
+            attn_actual += (c.tokens - c.qo_skipped) * fm.qo_proj + c.tokens * fm.kv_proj + c.pairs * fm.per_pair
             other_dense += c.tokens * fm.mlp
             other_actual += (c.tokens - c.mlp_skipped) * fm.mlp
         head = tokens * fm.lm_head

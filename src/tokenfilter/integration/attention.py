@@ -5,15 +5,19 @@ Shapes: B batch, T tokens in this call, D hidden size, H/Hq key-value/query head
 Per call, for one layer:
 1. K and V projections for every token (the decision needs them), the family's k-norm if any.
 2. Scores against the running anchors (pre- or post-RoPE keys), then decisions (True = filtered).
-3. Keys (with RoPE) and values of the stored tokens go into the layer's ``FilteredCacheLayer``.
-4. Fast path: only the kept tokens are gathered and run through the Q projection, attention and the
-   output projection, then scattered back; filtered tokens get a zero output so the residual passes.
-   Reference path: everything is computed and masked instead (same decisions, used to check the fast one).
+3. The layer's ``Visibility`` (who may read whom: ``algorithm/visibility.py``) says which tokens read and which
+   are stored: keys (with RoPE) and values of the stored tokens go into the layer's ``FilteredCacheLayer``; on
+   the KV side its ring slides over the call's real tokens (the recent band's entries).
+4. Fast path: only the reading tokens are gathered and run through the Q projection, attention over the
+   stored entries (plus, where the band has entries no one stored, attention over each query's band merged
+   by log-sum-exp) and the output projection, then scattered back; a token that does not read gets a zero
+   output so the residual passes. Reference path: everything is computed over every column and masked by
+   ``Visibility.allowed`` instead (same decisions, used to check the fast one).
 
 The fast path has two shortcuts that compute the same thing with less work:
-* a prefill into an empty store whose stored tokens are exactly the queries (``kv="drop"``, or nothing
-  filtered) is plain causal attention over the compacted rows: SDPA with ``is_causal=True`` and no mask;
-* a decode step (one token per row, every row real and past warm-up) runs a lean path: no compaction,
+* a prefill into an empty store whose stored tokens are exactly the queries (query side with ``kv="drop"``,
+  or nothing filtered) is plain causal attention over the compacted rows: SDPA with ``is_causal=True``;
+* a query-side decode step (one token per row, every row real and past warm-up) runs a lean path: no compaction,
   gathers or scatters, no mask when every row stores the same number of entries, host syncs only for the
   number of kept rows, and the statistics counted in Python.
 """
@@ -30,6 +34,7 @@ from torch import nn
 from tokenfilter.algorithm.anchors import ema_scan
 from tokenfilter.algorithm.decisions import above, top_ratio
 from tokenfilter.algorithm.scores import fuse_stacked, head_cosine
+from tokenfilter.algorithm.visibility import Visibility
 from tokenfilter.integration.cache_args import cache_argument
 from tokenfilter.integration.cache_layer import FilteredCacheLayer
 from tokenfilter.integration.families import sliding_window
@@ -77,10 +82,10 @@ def attend(
     k_pos: torch.Tensor,
     k_valid: torch.Tensor,
     scale: float,
-    window: int | None,
+    vis: Visibility,
     causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention by original column positions.
+    """Attention over stored entries, causal by original column positions (and the model's own window).
 
     ``q``: ``[B, Hq, Q, d]``; ``q_pos, q_valid``: ``[B, Q]``; ``keys, values``: ``[B, H, K, d]``;
     ``k_pos, k_valid``: ``[B, K]``. Returns ``(out [B, Hq, Q, d], pairs)`` where ``pairs`` counts the
@@ -96,15 +101,90 @@ def attend(
             q, keys, values, is_causal=True, scale=scale, enable_gqa=q.shape[1] != keys.shape[1]
         )
         return out, pairs
-    allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
-    if window is not None:
-        allowed &= k_pos[:, None, :] > q_pos[:, :, None] - window
+    allowed = k_valid[:, None, :] & vis.in_window(q_pos[:, :, None], k_pos[:, None, :])
     pairs = (allowed & q_valid[:, :, None]).sum()
     allowed = allowed | ~allowed.any(-1, keepdim=True)  # rows of padding queries: any finite output
     out = F.scaled_dot_product_attention(
         q, keys, values, attn_mask=allowed[:, None], scale=scale, enable_gqa=q.shape[1] != keys.shape[1]
     )
     return out, pairs
+
+
+def attend_lse(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked attention that also returns each query's log-sum-exp (to merge with another part).
+
+    ``q``: ``[B, Hq, Q, d]``; ``keys, values``: ``[B, H, K, d]`` (query head i reads key head ``i // (Hq/H)``);
+    ``allowed``: ``[B, Q, K]``. Returns ``(out [B, Hq, Q, d] float32, lse [B, Hq, Q] float32)``; a query with no
+    allowed key has output 0 and lse ``-inf``. On CPU it runs the flash kernel that public SDPA runs (which
+    returns the lse); elsewhere the plain formula.
+    """
+    b, hq, n_q, d = q.shape
+    h = keys.shape[1]
+    g = hq // h
+    qg = q.reshape(b, h, g * n_q, d)  # the g query heads of one key head, stacked along the queries
+    mask = allowed[:, None, None].expand(b, 1, g, n_q, allowed.shape[-1]).reshape(b, 1, g * n_q, -1)
+    if q.device.type == "cpu":
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qg, keys, values, attn_mask=bias.expand(b, h, -1, -1), scale=scale
+        )
+        out, lse = out.float(), lse.float()
+    else:
+        s = torch.matmul(qg.float(), keys.float().transpose(-1, -2)) * scale
+        s = s.masked_fill(~mask, float("-inf"))
+        lse = s.logsumexp(-1)
+        p = torch.where(mask, torch.exp(s - lse[..., None]), 0.0)
+        out = torch.matmul(p, values.float())
+    none = ~allowed.any(-1)  # [B, Q]
+    lse = lse.reshape(b, hq, n_q).masked_fill(none[:, None, :], float("-inf"))
+    return out.reshape(b, hq, n_q, d), lse
+
+
+def attend_band(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    q_idx: torch.Tensor,
+    q_valid: torch.Tensor,
+    band: tuple[torch.Tensor, ...],
+    scale: float,
+    vis: Visibility,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention of each query over the non-stored keys of its recent band only (``vis.recent`` keys each).
+
+    ``q``: ``[B, Hq, N, d]``, ``q_pos, q_idx, q_valid``: ``[B, N]``, the call's real tokens left-aligned;
+    ``band``: ``RecentRing.extend``'s sources, ``(keys [B, H, M + N, d], values, cols [B, M + N], idx, live)``
+    with ``M = vis.recent - 1``: query i reads sources ``i .. i + M``. Returns ``(out [B, Hq, N, d] float32,
+    lse [B, Hq, N] float32, pairs)``; only these ``N * recent`` (query, key) products are computed.
+    """
+    keys, values, cols, idx, live = band
+    r = vis.recent
+    b, hq, n, d = q.shape
+    h = keys.shape[1]
+    bk = keys.unfold(2, r, 1)[:, :, :n].float()  # [B, H, N, d, R]
+    bv = values.unfold(2, r, 1)[:, :, :n].float()
+    ok = live.unfold(1, r, 1)[:, :n] & q_valid[:, :, None]  # [B, N, R]
+    ok &= vis.in_window(q_pos[:, :, None], cols.unfold(1, r, 1)[:, :n])
+    ok &= vis.in_band(q_idx[:, :, None], idx.unfold(1, r, 1)[:, :n])
+    qg = q.float().reshape(b, h, hq // h, n, d)
+    s = torch.einsum("bhgnd,bhndr->bhgnr", qg, bk) * scale
+    mask = ok[:, None, None]  # [B, 1, 1, N, R]
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = s.logsumexp(-1)  # [B, H, g, N]
+    p = torch.where(mask, torch.exp(s - lse[..., None]), 0.0)
+    out = torch.einsum("bhgnr,bhndr->bhgnd", p, bv)
+    return out.reshape(b, hq, n, d), lse.reshape(b, hq, n), ok.sum()
+
+
+def merge_lse(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> torch.Tensor:
+    """Softmax attention over the union of two disjoint key sets, from each part's output ``[B, Hq, N, d]``
+    and log-sum-exp ``[B, Hq, N]``. A query with no key in either part gets 0."""
+    m = torch.maximum(lse_a, lse_b).clamp_min(-1e30)[..., None]
+    wa, wb = torch.exp(lse_a[..., None] - m), torch.exp(lse_b[..., None] - m)
+    return (wa * out_a + wb * out_b) / (wa + wb).clamp_min(1e-30)
 
 
 class FilteredAttention:
@@ -115,6 +195,7 @@ class FilteredAttention:
         self.cfg = run.config
         self.target = target  # ratio of this layer (ratio mode) or its threshold (threshold mode)
         self.window = sliding_window(attn)
+        self.vis = Visibility.for_layer(self.cfg, self.window)
         self.fast = self.cfg.path == "fast"
 
     def __call__(
@@ -153,6 +234,7 @@ class FilteredAttention:
         if (
             decoding
             and self.fast
+            and state.ring is None
             and isinstance(state.kv, RaggedKV)
             and call.all_real
             and state.min_real_seen >= self.cfg.warmup
@@ -161,29 +243,75 @@ class FilteredAttention:
             return self._decode_step(hidden_states, k, v, cos, sin, state)
         k_rot = rope(k, cos, sin)
         cols = state.columns + torch.arange(t, device=hidden_states.device)
+        idx = state.real_seen[:, None] + real.long().cumsum(-1) - 1  # [B, T] index among the row's real tokens
         scores, eligible = self._score(k if self.cfg.pre_rope else k_rot, v, real, state)
         filtered = self._decide(scores, eligible, real, state, decoding)
-        keep = real & ~filtered
-        store = keep if self.cfg.kv == "drop" else real
+        vis, keep = self.vis, real & ~filtered
+        readers, stored = vis.readers(real, keep), vis.stored(real, keep)
         fresh = isinstance(state.kv, RaggedKV) and state.kv.total == 0
-        state.kv.append(k_rot.transpose(1, 2), v.transpose(1, 2), cols, store)
+        k_rot, v = k_rot.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
+        state.kv.append(k_rot, v, cols, stored, real=real, idx=idx)
+        held_before = state.ring.held if state.ring is not None else 0
+        band = self._advance_ring(state, k_rot, v, cols, idx, real, stored)
+        held_after = state.ring.held if state.ring is not None else 0
         state.columns += t
 
         q_sel = None
         if self.fast:
-            # stored == queries when the store was empty and every kept token is stored and nothing else is
+            # stored == queries when the store was empty and exactly the reading tokens are stored
             causal = fresh and (self.window is None or t <= self.window)
-            out, pairs, q_sel = self._attend_fast(hidden_states, keep, cols, cos, sin, state, causal)
+            causal = causal and (vis.stored_are_readers or torch.equal(readers, stored))
+            out, pairs, q_sel = self._attend_fast(hidden_states, readers, cols, idx, cos, sin, state, causal, band)
         else:
-            out, pairs = self._attend_reference(hidden_states, keep, real, cols, cos, sin, state)
-        call.keep[self.idx] = (keep, q_sel)
-        self.run.record_layer(self.idx, filtered=filtered, real=real, store=store, pairs=pairs, scores=scores)
+            out, pairs = self._attend_reference(hidden_states, readers, cols, idx, cos, sin, state)
+        call.keep[self.idx] = (readers, q_sel)
+        # an entry not stored for good is dropped when it leaves the ring (at once without a band)
+        dropped = held_before + int((real & ~stored).sum()) - held_after
+        self.run.record_layer(
+            self.idx,
+            filtered=filtered,
+            pairs=pairs,
+            dropped=dropped,
+            qo_skipped=int((real & ~readers).sum()),
+            scores=scores,
+        )
         return out, None
+
+    def _advance_ring(
+        self,
+        state: FilteredCacheLayer,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cols: torch.Tensor,
+        idx: torch.Tensor,
+        real: torch.Tensor,
+        stored: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...] | None:
+        """Slide the layer's ring over this call's real tokens (``k, v``: ``[B, H, T, d]``; the rest ``[B, T]``,
+        ``cols`` ``[T]``); return the band's sources (``RecentRing.extend``), or None without a band."""
+        ring = state.ring
+        if ring is None:
+            return None
+        b, t = real.shape
+        if self.run.call.all_real:
+            order, counts = torch.arange(t, device=real.device).expand(b, t), torch.full((b,), t, device=real.device)
+            valid = None
+        else:
+            order, valid, _ = compact_order(real)
+            counts = valid.sum(-1)
+        live = (real & ~stored).gather(1, order)
+        if valid is not None:
+            live &= valid
+        k_c = v_c = None
+        if ring.with_values:
+            k_c = gather_rows(k.transpose(1, 2), order).transpose(1, 2)
+            v_c = gather_rows(v.transpose(1, 2), order).transpose(1, 2)
+        return ring.extend(k_c, v_c, cols[order], idx.gather(1, order), live, counts)
 
     # -- state -----------------------------------------------------------------------------------
     def _state(self, cache: object | None, b: int, heads: int, d: int, device: torch.device) -> FilteredCacheLayer:
         if cache is None:  # use_cache=False: state for this call only
-            layer = self.run.call.transient.setdefault(self.idx, FilteredCacheLayer(ragged=self.fast))
+            layer = self.run.call.transient.setdefault(self.idx, self._new_layer())
         else:
             layers = cache.layers
             while len(layers) <= self.idx:
@@ -195,10 +323,13 @@ class FilteredAttention:
                         "This cache was filled without Token Filtering; start from an empty cache inside the "
                         "`with TokenFilter(...).apply(model)` block."
                     )
-                layer = FilteredCacheLayer(ragged=self.fast)
+                layer = self._new_layer()
                 layers[self.idx] = layer
         layer.init_state(b, heads, d, device)
         return layer
+
+    def _new_layer(self) -> FilteredCacheLayer:
+        return FilteredCacheLayer(ragged=self.fast, ring=self.vis.ring if self.vis.recent else None)
 
     # -- scores and decisions ----------------------------------------------------------------------
     def _score(
@@ -279,30 +410,40 @@ class FilteredAttention:
     def _attend_fast(
         self,
         h: torch.Tensor,
-        keep: torch.Tensor,
+        readers: torch.Tensor,
         cols: torch.Tensor,
+        idx: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         state: FilteredCacheLayer,
         causal: bool = False,
+        band: tuple[torch.Tensor, ...] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Only the reading tokens are gathered and computed: attention over the stored entries, and where the
+        layer has a band, over the band's other entries too, merged by log-sum-exp (each pair once)."""
         b, t, dim = h.shape
-        sel, q_valid, n = compact_order(keep)
+        sel, q_valid, n = compact_order(readers)
         if n == 0:
             return h.new_zeros(b, t, dim), torch.zeros((), dtype=torch.long), None
-        all_kept = n == t and bool(q_valid.all())
-        if all_kept:  # nothing to gather
-            hs, cs, ss, q_pos = h, cos, sin, cols.expand(b, t)
+        all_read = n == t and bool(q_valid.all())
+        if all_read:  # nothing to gather
+            hs, cs, ss, q_pos, q_idx = h, cos, sin, cols.expand(b, t), idx
         else:
             hs, cs, ss, q_pos = gather_rows(h, sel), gather_rows(cos, sel), gather_rows(sin, sel), cols[sel]
+            q_idx = idx.gather(1, sel)
         q = self._queries(hs, cs, ss)
-        causal = causal and (all_kept or self.cfg.kv == "drop") and state.kv.max_len == n
         keys, values, k_pos, k_valid = state.kv.view()
-        o, pairs = attend(
-            q, q_pos, q_valid, keys, values, k_pos, k_valid, self.attn.scaling, self.window, causal=causal
-        )
+        scale = self.attn.scaling
+        if band is None or not bool(band[4].any()):  # nothing only the band reads: the stored entries are all
+            o, pairs = attend(q, q_pos, q_valid, keys, values, k_pos, k_valid, scale, self.vis, causal=causal)
+        else:  # the readers are the call's real tokens, in the order the band's sources list them
+            allowed = k_valid[:, None, :] & self.vis.in_window(q_pos[:, :, None], k_pos[:, None, :])
+            o_kept, lse_kept = attend_lse(q, keys, values, allowed, scale)
+            o_band, lse_band, band_pairs = attend_band(q, q_pos, q_idx, q_valid, band, scale, self.vis)
+            o = merge_lse(o_kept, lse_kept, o_band, lse_band).to(q.dtype)
+            pairs = (allowed & q_valid[:, :, None]).sum() + band_pairs
         o = self.attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
-        if all_kept:
+        if all_read:
             return o, pairs, None
         o = o * q_valid[..., None].to(o.dtype)
         out = h.new_zeros(b, t, dim)
@@ -371,40 +512,43 @@ class FilteredAttention:
             q_sel = (torch.zeros(b, 1, dtype=torch.long, device=h.device), keep[:, None]) if mixed else None
             self.run.call.keep[self.idx] = (keep[:, None], q_sel)
         if cfg.record_decisions:
-            real = torch.ones(b, 1, dtype=torch.bool, device=h.device)
             self.run.record_layer(
                 self.idx,
                 filtered=filtered[:, None],
-                real=real,
-                store=keep[:, None] if drop else real,
                 pairs=torch.tensor(pairs),
+                dropped=b - n_keep if drop else 0,
+                qo_skipped=b - n_keep,
                 scores=scores[:, None],
             )
         else:
-            self.run.record_counts(self.idx, filtered=b - n_keep, pairs=pairs, dropped=b - n_keep if drop else 0)
+            self.run.record_counts(
+                self.idx, filtered=b - n_keep, pairs=pairs, dropped=b - n_keep if drop else 0, qo_skipped=b - n_keep
+            )
         return out, None
 
     def _attend_reference(
         self,
         h: torch.Tensor,
-        keep: torch.Tensor,
-        real: torch.Tensor,
+        readers: torch.Tensor,
         cols: torch.Tensor,
+        idx: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         state: FilteredCacheLayer,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token computed, over every column, masked by the whole rule (``Visibility.allowed``)."""
         b, t, _ = h.shape
         q = self._queries(h, cos, sin)
-        keys, values, k_pos, k_valid = state.kv.view()
-        o, _ = attend(q, cols.expand(b, t), real, keys, values, k_pos, k_valid, self.attn.scaling, self.window)
-        # count the pairs the kept queries attend, as the fast path does
-        allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= cols[None, :, None])
-        if self.window is not None:
-            allowed &= k_pos[:, None, :] > cols[None, :, None] - self.window
-        pairs = (allowed & keep[:, :, None]).sum()
+        keys, values, k_col, k_stored, k_real, k_idx = state.kv.view_all()
+        allowed = self.vis.allowed(cols.expand(b, t), idx, k_col, k_idx, k_real, k_stored)
+        pairs = (allowed & readers[:, :, None]).sum()
+        allowed = allowed | ~allowed.any(-1, keepdim=True)  # rows of padding queries: any finite output
+        o = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=allowed[:, None], scale=self.attn.scaling,
+            enable_gqa=q.shape[1] != keys.shape[1],
+        )
         o = self.attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
-        return o * keep[..., None].to(o.dtype), pairs
+        return o * readers[..., None].to(o.dtype), pairs
 
 
 class FilteredMLP:

@@ -2,7 +2,8 @@
 
 It sits in ``DynamicCache.layers[l]`` in place of a ``DynamicLayer`` and holds everything the filter
 needs per sequence, so the state lives exactly as long as the cache (one ``generate`` call, or one
-user-managed cache): the stored keys/values (only the kept tokens with ``kv="drop"``), the anchors, the
+user-managed cache): the stored keys/values (only the kept tokens with ``kv="drop"``), on the KV side the
+ring of the latest real tokens the recent band still reads, the anchors, the
 number of real tokens seen (for warm-up) and the history of scores (for the decode-time quantile).
 
 To the rest of transformers it reports the number of *columns* processed, as a ``DynamicLayer`` would,
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from tokenfilter.integration.kv_store import MaskedKV, RaggedKV
+from tokenfilter.integration.kv_store import MaskedKV, RaggedKV, RecentRing
 
 
 class FilteredCacheLayer(CacheLayerMixin):
@@ -24,9 +25,11 @@ class FilteredCacheLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, ragged: bool = True) -> None:
+    def __init__(self, ragged: bool = True, ring: int | None = None) -> None:
         super().__init__()
         self.kv = RaggedKV() if ragged else MaskedKV()
+        # KV side: the last ``ring`` real tokens, for the recent band (with their values on the fast path only)
+        self.ring = None if ring is None else RecentRing(ring, with_values=ragged)
         self.columns = 0  # columns (real or padding) processed so far
         self.anchors: torch.Tensor | None = None  # [B, 2, H_kv, d] float32: the key anchor, then the value one
         self.real_seen: torch.Tensor | None = None  # [B] real tokens seen
@@ -130,13 +133,15 @@ class FilteredCacheLayer(CacheLayerMixin):
         pass
 
     def reset(self) -> None:
-        self.__init__(ragged=isinstance(self.kv, RaggedKV))
+        self.__init__(ragged=isinstance(self.kv, RaggedKV), ring=None if self.ring is None else self.ring.size)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("Cropping a Token Filtering cache (assisted/speculative decoding) is not supported.")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.kv.select_batch(indices)
+        if self.ring is not None:
+            self.ring.select_batch(indices)
         for name in ("anchors", "real_seen", "history", "history_len"):
             t = getattr(self, name)
             if t is not None:
