@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from tokenfilter.algorithm.scores import FUSIONS
+from tokenfilter.algorithm.scores import FUSIONS, SCORES
 
 if TYPE_CHECKING:
     from tokenfilter.integration.run import FilterRun
@@ -45,7 +45,7 @@ class TokenFilter:
     kv: Literal["drop", "keep"] = "drop"
     recent: int | None = None
     pre_rope: bool = True
-    score: Literal["similarity", "random"] = "similarity"
+    score: str = "similarity"  # a name in tokenfilter.algorithm.scores.SCORES
     seed: int = 0
     record_decisions: bool = False
     path: Literal["fast", "reference"] = "fast"
@@ -100,7 +100,7 @@ class TokenFilter:
         for name, allowed in (
             ("skip", ("attention", "block", "none")),
             ("kv", ("drop", "keep")),
-            ("score", ("similarity", "random")),
+            ("score", tuple(SCORES)),
             ("path", ("fast", "reference")),
         ):
             if getattr(self, name) not in allowed:

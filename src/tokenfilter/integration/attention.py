@@ -31,9 +31,8 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-from tokenfilter.algorithm.anchors import ema_scan
 from tokenfilter.algorithm.decisions import above, top_ratio
-from tokenfilter.algorithm.scores import fuse_stacked, head_cosine
+from tokenfilter.algorithm.scores import SCORES, ScoreState
 from tokenfilter.algorithm.visibility import Visibility
 from tokenfilter.integration.cache_args import cache_argument
 from tokenfilter.integration.cache_layer import FilteredCacheLayer
@@ -197,6 +196,7 @@ class FilteredAttention:
         self.window = sliding_window(attn)
         self.vis = Visibility.for_layer(self.cfg, self.window)
         self.fast = self.cfg.path == "fast"
+        self.score = SCORES[self.cfg.score]
 
     def __call__(
         self,
@@ -335,44 +335,25 @@ class FilteredAttention:
     def _score(
         self, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor, state: FilteredCacheLayer
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores ``[B, T]`` (NaN for padding) and eligibility ``[B, T]``; advances anchors and counts."""
+        """Scores ``[B, T]`` (NaN for padding) and eligibility ``[B, T]``; advances the score's state and counts."""
         b, t = real.shape
         if self.run.call.all_real:  # no padding: the tokens are already left-aligned, nothing to gather
             order, valid, n = None, None, t
-            x = torch.stack([k, v], dim=2)  # [B, T, 2, H, d]
         else:
             order, valid, n = compact_order(real)
             if n == 0:
                 nan = torch.full((b, t), float("nan"), device=k.device)
                 return nan, torch.zeros(b, t, dtype=torch.bool, device=k.device)
-            # keys and values of the real tokens, left-aligned and stacked: [B, N, 2, H, d]
-            x = torch.stack([gather_rows(k, order), gather_rows(v, order)], dim=2)
-        heads, d = x.shape[3], x.shape[4]
-        started = (state.real_seen > 0)[:, None, None, None]
-        init = torch.where(started, state.anchors, x[:, 0].float())  # [B, 2, H, d]
-        # the K and V anchors are independent recurrences over features: scan them as 2H heads at once
-        a = ema_scan(x.reshape(b, n, 2 * heads, d), init.reshape(b, 2 * heads, d), self.cfg.gamma)
-        a = a.reshape(b, n, 2, heads, d)
-        prev = torch.cat([init[:, None], a[:, :-1]], dim=1)  # anchor before each token's update
-        if self.cfg.score == "random":
-            s = self.run.random_scores(b, n).to(k.device)
-        else:
-            s = fuse_stacked(head_cosine(x, prev), self.cfg.fusion, self.cfg.lam)
-        s = s.float()
+            k, v = gather_rows(k, order), gather_rows(v, order)  # the real tokens, left-aligned: [B, N, H, d]
         seen = state.real_seen
+        s = self.score(k, v, self._score_state(state, valid))
         index = seen[:, None] + torch.arange(n, device=k.device)[None, :]  # each real token's index in its row
         if order is None:
-            state.anchors = a[:, -1].clone()  # a copy: a view would keep all of `a` alive
             state.real_seen = seen + t
             state.min_real_seen += t  # every row gained t real tokens
             return s, index >= self.cfg.warmup
 
-        counts = valid.sum(-1)
-        last = (counts - 1).clamp(min=0)
-        rows = torch.arange(b, device=k.device)
-        has_new = (counts > 0)[:, None, None, None]
-        state.anchors = torch.where(has_new, a[rows, last], state.anchors)
-        state.real_seen = seen + counts
+        state.real_seen = seen + valid.sum(-1)
         if state.min_real_seen < self.cfg.warmup:  # a lower bound; once past warm-up it needs no more syncs
             state.min_real_seen = int(state.real_seen.min())
         scores = torch.full((b, t), float("nan"), device=k.device)
@@ -380,6 +361,18 @@ class FilteredAttention:
         scores.scatter_(1, order, s.masked_fill(~valid, float("nan")))
         eligible.scatter_(1, order, valid & (index >= self.cfg.warmup))
         return scores, eligible
+
+    def _score_state(self, state: FilteredCacheLayer, valid: torch.Tensor | None) -> ScoreState:
+        cfg = self.cfg
+        return ScoreState(
+            valid=valid,
+            seen=state.real_seen,
+            memory=state.score_memory,
+            gamma=cfg.gamma,
+            fusion=cfg.fusion,
+            lam=cfg.lam,
+            generator=self.run.generator,
+        )
 
     def _decide(
         self,
@@ -463,13 +456,7 @@ class FilteredAttention:
         decisions, cache entries and outputs as the general path, with far fewer operators."""
         cfg, b, dim = self.cfg, h.shape[0], h.shape[2]
         k_rot = None if cfg.pre_rope else rope(k, cos, sin)  # else only if the entry is stored (below)
-        x = torch.cat([k if cfg.pre_rope else k_rot, v], dim=1).float()  # [B, 2, H, d]
-        if cfg.score == "random":
-            scores = self.run.random_scores(b, 1).to(h.device)[:, 0].float()
-        else:
-            scores = fuse_stacked(head_cosine(x, state.anchors), cfg.fusion, cfg.lam).float()
-        g = cfg.gamma  # the anchor update, written as ema_scan writes it for one token
-        state.anchors = g * state.anchors + (1 - g) * x
+        scores = self.score(k if cfg.pre_rope else k_rot, v, self._score_state(state, None))[:, 0]
         state.real_seen = state.real_seen + 1
         state.min_real_seen += 1
         if cfg.mode == "threshold":
@@ -485,7 +472,7 @@ class FilteredAttention:
             n_keep = int(keep.sum())
         if keep is None and (n_keep < b or cfg.record_decisions or cfg.skip == "block"):
             keep = ~filtered
-        drop = cfg.kv == "drop"
+        drop = not self.vis.filtered_stored
         n_store = n_keep if drop else b
         store = keep if drop and n_keep < b else None
         if n_store:

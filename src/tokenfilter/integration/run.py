@@ -199,8 +199,10 @@ class FilterRun:
         if self.config.skip == "block":
             c.mlp_skipped += filtered
 
-    def random_scores(self, b: int, n: int) -> torch.Tensor:
-        return torch.rand(b, n, generator=self._generator)
+    @property
+    def generator(self) -> torch.Generator:
+        """The run's seeded CPU generator (``seed``), for scores that draw."""
+        return self._generator
 
     # -- results -------------------------------------------------------------------------------------------
     def reset_stats(self) -> None:
