@@ -271,3 +271,52 @@ def test_paper_preset_pins_the_query_side_reading():
     pinned = (cfg.skip, cfg.kv, cfg.recent, cfg.schedule, cfg.start_layer)
     assert pinned == ("attention", "drop", None, "tail-linear", None)
     assert TokenFilter(ratio=0.3).skip == "attention" and TokenFilter(ratio=0.3).recent is None
+
+
+# -- the sliding-window preset: StreamingLLM's sinks + window, from the same engine ---------------------------
+def streaming_mask(b: int, t: int, recent: int, sinks: int, window: int | None) -> torch.Tensor:
+    """StreamingLLM's rule with no decisions at all: query t reads key j iff j <= t and (j < sinks or t - j <
+    recent), inside the model's own window. -> ``[B, T, T]``."""
+    q = torch.arange(t)[:, None]
+    j = torch.arange(t)[None, :]
+    mask = (j <= q) & ((j < sinks) | (q - j < recent))
+    if window is not None:
+        mask &= q - j < window
+    return mask.expand(b, t, t)
+
+
+@pytest.mark.parametrize("recent", [1, 6])
+def test_sliding_window_preset_equals_streaming_llm(tiny, recent):
+    b, t, sinks = 2, 30, 3
+    ids = random_ids(b, t, seed=13)
+    cfg = TokenFilter.sliding_window(recent=recent, warmup=sinks)
+    with cfg.apply(tiny) as run, torch.no_grad():
+        out = logits(tiny, ids)
+        prefill = run.stats
+        torch.testing.assert_close(_chunked(tiny, ids, 1), out, atol=1e-5, rtol=1e-5)
+    n_layers = tiny.config.num_hidden_layers
+    expected = forward_with_layer_masks(
+        tiny, ids, {layer: streaming_mask(b, t, recent, sinks, model_window(tiny)) for layer in range(n_layers)}
+    )
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert run.filtered_layers == list(range(n_layers))
+    assert prefill.ratio == pytest.approx((t - sinks) / t)
+    held = sinks + min(recent - 1, t - sinks)  # per layer and sequence, after the prompt
+    assert prefill.kv_held_fraction == pytest.approx(held / t)
+
+
+def test_sliding_window_preset_real_weights(stories):
+    ids = torch.tensor([[1] + list(range(30, 70))])
+    with TokenFilter.sliding_window(recent=8).apply(stories), torch.no_grad():
+        out = logits(stories, ids)
+    masks = {layer: streaming_mask(1, ids.shape[1], 8, 4, None) for layer in range(stories.config.num_hidden_layers)}
+    torch.testing.assert_close(out, forward_with_layer_masks(stories, ids, masks), atol=1e-4, rtol=1e-4)
+
+
+def test_eval_method_names_build_kv_side_filters():
+    from tokenfilter.eval.methods import filter_for
+
+    assert filter_for("kv-side", 0.5).replace(ratio=None, threshold=0.1).skip == "none"
+    window = filter_for("kv-window", 0.5)
+    assert (window.skip, window.recent, window.score) == ("none", 64, "similarity")
+    assert filter_for("kv-window-random", 0.3).score == "random"

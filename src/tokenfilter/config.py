@@ -58,6 +58,23 @@ class TokenFilter:
         pinned = {"schedule": "tail-linear", "start_layer": None, "skip": "attention", "kv": "drop", "recent": None}
         return cls(**{**pinned, **kwargs})
 
+    @classmethod
+    def sliding_window(cls, recent: int, warmup: int = 4, **kwargs: object) -> TokenFilter:
+        """StreamingLLM's rule (``warmup`` attention sinks + the ``recent`` latest tokens), as the limiting case of
+        the same engine: every real token past warm-up is filtered at every layer (no score: ``constant`` under
+        ``threshold=-inf``; the ratio rule caps below 1), on the KV side, so each query reads the sinks and its
+        band only. Prefill and decode read alike, and KV held is ``warmup + recent - 1`` entries per layer."""
+        preset = {
+            "threshold": float("-inf"),
+            "score": "constant",
+            "start_layer": 0,
+            "skip": "none",
+            "kv": "drop",
+            "recent": recent,
+            "warmup": warmup,
+        }
+        return cls(**{**preset, **kwargs})
+
     def __post_init__(self) -> None:
         if self.ratio is not None and self.threshold is not None:
             raise ValueError("Set either ratio or threshold, not both.")

@@ -94,29 +94,21 @@ class FilterStats:
     kv_bytes_dense: int
     flops_dense: float
     flops_actual: float
+    # KV held as a share of dense over all layers (unfiltered ones included): the entries still in the caches
+    # after the latest call of each sequence (kept, plus filtered ones a recent band still reads)
+    kv_held_fraction: float = 1.0
+    # attention (query, key) pairs computed, each once, as a share of the unmodified model's, over all layers:
+    # on the KV side this, not the ratio, is the attention saved (nothing is saved while a prompt fits the band)
+    pairs_fraction: float = 1.0
     layers: list[LayerCounts] = field(repr=False, default_factory=list)
 
     @property
     def kv_saved_fraction(self) -> float:
         return self.kv_bytes_saved / self.kv_bytes_dense if self.kv_bytes_dense else 0.0
 
-    @property
-    def kv_held_fraction(self) -> float:
-        """KV held as a share of dense, over all layers (unfiltered ones included): the entries still in the
-        caches after the latest call of each sequence (kept, plus filtered ones a band still reads)."""
-        return 1 - self.kv_saved_fraction if self.kv_bytes_dense else 1.0
-
-    @property
-    def pairs_fraction(self) -> float:
-        """Attention pairs computed, as a share of the unmodified model's, over all layers."""
-        dense = sum(c.pairs_dense for c in self.layers)
-        return sum(c.pairs for c in self.layers) / dense if dense else 1.0
-
     def as_dict(self) -> dict:
         d = asdict(self)
         d["kv_saved_fraction"] = self.kv_saved_fraction
-        d["kv_held_fraction"] = self.kv_held_fraction
-        d["pairs_fraction"] = self.pairs_fraction
         return d
 
     @classmethod
@@ -133,15 +125,19 @@ class FilterStats:
         actual = attn_actual + other_actual + head
         entry = fm.kv_entry_bytes(kv_elem_bytes)
         total_filtered = sum(c.filtered for c in layers)
+        kv_dense, kv_saved = tokens * len(layers) * entry, sum(c.kv_dropped for c in layers) * entry
+        pairs_dense = sum(c.pairs_dense for c in layers)
         return cls(
             ratio=total_filtered / (tokens * len(layers)) if tokens else 0.0,
             ratio_per_layer=[c.filtered / c.tokens if c.tokens else 0.0 for c in layers],
             tokens=tokens,
             attention_flops_skipped=1 - attn_actual / attn_dense if attn_dense else 0.0,
             total_flops_skipped=1 - actual / dense if dense else 0.0,
-            kv_bytes_saved=sum(c.kv_dropped for c in layers) * entry,
-            kv_bytes_dense=tokens * len(layers) * entry,
+            kv_bytes_saved=kv_saved,
+            kv_bytes_dense=kv_dense,
             flops_dense=dense,
             flops_actual=actual,
+            kv_held_fraction=1 - kv_saved / kv_dense if kv_dense else 1.0,
+            pairs_fraction=sum(c.pairs for c in layers) / pairs_dense if pairs_dense else 1.0,
             layers=[LayerCounts(**asdict(c)) for c in layers],
         )
