@@ -320,3 +320,67 @@ def test_eval_method_names_build_kv_side_filters():
     window = filter_for("kv-window", 0.5)
     assert (window.skip, window.recent, window.score) == ("none", 64, "similarity")
     assert filter_for("kv-window-random", 0.3).score == "random"
+
+
+def test_bf16_fast_equals_reference(tiny):
+    tiny = tiny.to(torch.bfloat16)
+    ids = random_ids(2, 40)
+    outs, decs = [], []
+    for path in ("fast", "reference"):
+        cfg = TokenFilter(ratio=0.5, skip="none", recent=4, path=path, record_decisions=True)
+        with cfg.apply(tiny) as run:
+            outs.append(logits(tiny, ids).float())
+            decs.append(run.decisions)
+    assert all(torch.equal(a, b) for a, b in zip(*decs, strict=True))
+    torch.testing.assert_close(outs[0], outs[1], atol=3e-2, rtol=3e-2)
+
+
+def test_beam_search_reorders_the_ring(tiny):
+    """Beam search reorders the cache every step, the ring of the recent band included."""
+    ids = random_ids(2, 20)
+    kwargs = dict(max_new_tokens=8, num_beams=3, do_sample=False, num_return_sequences=2)
+    outs = []
+    with torch.no_grad():
+        for path in ("fast", "reference"):
+            with TokenFilter(threshold=0.2, warmup=2, skip="none", recent=4, path=path).apply(tiny) as run:
+                outs.append(tiny.generate(ids, **kwargs))
+            assert run.stats.ratio > 0
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_use_cache_false_equals_cached(tiny):
+    ids = random_ids(1, 40)
+    with TokenFilter(ratio=0.5, skip="none", recent=4).apply(tiny), torch.no_grad():
+        torch.testing.assert_close(tiny(ids, use_cache=False).logits, tiny(ids, use_cache=True).logits)
+
+
+@pytest.mark.parametrize("recent", RECENT)
+@pytest.mark.parametrize("mode", [dict(ratio=0.5), dict(threshold=0.3)], ids=["ratio", "threshold"])
+def test_lean_band_decode_is_taken_and_equals_reference(monkeypatch, recent, mode):
+    from tokenfilter.integration import attention as attention_mod
+
+    calls = {"n": 0}
+    original = attention_mod.FilteredAttention._decode_step_band
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(attention_mod.FilteredAttention, "_decode_step_band", counted)
+    model = make_tiny("llama")
+    ids, mask = left_pad([random_ids(1, 30, seed=3)[0], random_ids(1, 24, seed=4)[0]])
+    runs = {}
+    for path in ("fast", "reference"):
+        cfg = TokenFilter(**mode, skip="none", recent=recent, path=path, record_decisions=True)
+        with cfg.apply(model) as run, torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True)
+        runs[path] = (out.sequences, torch.stack(out.scores), run)
+        if path == "fast":
+            assert calls["n"] == 9 * len(run.filtered_layers)  # every decode step took the lean path
+    (f_seq, f_logits, f_run), (r_seq, r_logits, r_run) = runs["fast"], runs["reference"]
+    assert torch.equal(f_seq, r_seq)
+    torch.testing.assert_close(f_logits, r_logits, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(f_run.decisions, r_run.decisions, strict=True))
+    assert f_run.stats.as_dict() == r_run.stats.as_dict()
+    assert f_run.stats.ratio > 0

@@ -141,6 +141,26 @@ def attend_lse(
     return out.reshape(b, hq, n_q, d), lse
 
 
+def attend_lse_staircase(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, scale: float, block: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attend_lse`` for queries and keys both sorted by position, where each query reads a prefix of the keys
+    (a staircase): queries go in blocks of ``block``, each over the key prefix its last query can read, so the
+    keys after a block are never multiplied (about half the products of one rectangle). Same arguments."""
+    n = q.shape[2]
+    if n <= block:
+        return attend_lse(q, keys, values, allowed, scale)
+    outs, lses = [], []
+    for a in range(0, n, block):
+        reach = allowed[:, a : a + block].any(1)  # [B, K]: keys some query of the block reads
+        width = int((reach * torch.arange(1, reach.shape[1] + 1, device=reach.device)).max())
+        o, lse = attend_lse(q[:, :, a : a + block], keys[:, :, :width], values[:, :, :width],
+                            allowed[:, a : a + block, :width], scale)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
 def attend_band(
     q: torch.Tensor,
     q_pos: torch.Tensor,
@@ -150,30 +170,49 @@ def attend_band(
     scale: float,
     vis: Visibility,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention of each query over the non-stored keys of its recent band only (``vis.recent`` keys each).
+    """Attention of each query over the non-stored keys of its recent band only.
 
     ``q``: ``[B, Hq, N, d]``, ``q_pos, q_idx, q_valid``: ``[B, N]``, the call's real tokens left-aligned;
     ``band``: ``RecentRing.extend``'s sources, ``(keys [B, H, M + N, d], values, cols [B, M + N], idx, live)``
     with ``M = vis.recent - 1``: query i reads sources ``i .. i + M``. Returns ``(out [B, Hq, N, d] float32,
-    lse [B, Hq, N] float32, pairs)``; only these ``N * recent`` (query, key) products are computed.
+    lse [B, Hq, N] float32, pairs)``.
+
+    The queries go in blocks of R = ``vis.recent``: block c reads the ``2R - 1`` sources that its queries' bands
+    cover, one batched masked attention for all blocks (about 2R products per query, never N).
     """
     keys, values, cols, idx, live = band
     r = vis.recent
     b, hq, n, d = q.shape
     h = keys.shape[1]
-    bk = keys.unfold(2, r, 1)[:, :, :n].float()  # [B, H, N, d, R]
-    bv = values.unfold(2, r, 1)[:, :, :n].float()
-    ok = live.unfold(1, r, 1)[:, :n] & q_valid[:, :, None]  # [B, N, R]
-    ok &= vis.in_window(q_pos[:, :, None], cols.unfold(1, r, 1)[:, :n])
-    ok &= vis.in_band(q_idx[:, :, None], idx.unfold(1, r, 1)[:, :n])
-    qg = q.float().reshape(b, h, hq // h, n, d)
-    s = torch.einsum("bhgnd,bhndr->bhgnr", qg, bk) * scale
-    mask = ok[:, None, None]  # [B, 1, 1, N, R]
-    s = s.masked_fill(~mask, float("-inf"))
-    lse = s.logsumexp(-1)  # [B, H, g, N]
-    p = torch.where(mask, torch.exp(s - lse[..., None]), 0.0)
-    out = torch.einsum("bhgnr,bhndr->bhgnd", p, bv)
-    return out.reshape(b, hq, n, d), lse.reshape(b, hq, n), ok.sum()
+    if r == 1:  # each query reads its own key only (if it is not stored): no softmax to speak of
+        ok = live[:, :n] & q_valid & vis.in_window(q_pos, cols[:, :n])
+        g = hq // h
+        own_k, own_v = keys[:, :, :n].repeat_interleave(g, 1), values[:, :, :n].repeat_interleave(g, 1)
+        lse = (q.float() * own_k.float()).sum(-1) * scale  # [B, Hq, N]
+        lse = lse.masked_fill(~ok[:, None], float("-inf"))
+        return own_v.float() * ok[:, None, :, None], lse, ok.sum()
+    blocks, win = -(-n // r), 2 * r - 1
+    extra = blocks * r + r - 1 - keys.shape[2]  # pad the sources so that the last block has its window
+    pad = (0, extra)
+    keys, values = F.pad(keys, (0, 0, *pad)), F.pad(values, (0, 0, *pad))
+    cols, idx, live = F.pad(cols, pad), F.pad(idx, pad), F.pad(live, pad)
+    qp = blocks * r - n
+    q = F.pad(q, (0, 0, 0, qp))
+    q_pos, q_idx, q_valid = F.pad(q_pos, (0, qp)), F.pad(q_idx, (0, qp)), F.pad(q_valid, (0, qp))
+
+    def windows(x: torch.Tensor, dim: int) -> torch.Tensor:  # [.., S, ..] -> [.., blocks, .., win] (a view)
+        return x.unfold(dim, win, r)
+
+    kb = windows(keys, 2).permute(0, 2, 1, 4, 3).reshape(b * blocks, h, win, d)
+    vb = windows(values, 2).permute(0, 2, 1, 4, 3).reshape(b * blocks, h, win, d)
+    qb = q.reshape(b, hq, blocks, r, d).transpose(1, 2).reshape(b * blocks, hq, r, d)
+    ok = windows(live, 1)[:, :, None, :] & q_valid.view(b, blocks, r, 1)  # [B, blocks, R, win]
+    ok &= vis.in_window(q_pos.view(b, blocks, r, 1), windows(cols, 1)[:, :, None, :])
+    ok &= vis.in_band(q_idx.view(b, blocks, r, 1), windows(idx, 1)[:, :, None, :])
+    out, lse = attend_lse(qb, kb, vb, ok.reshape(b * blocks, r, win), scale)
+    out = out.view(b, blocks, hq, r, d).transpose(1, 2).reshape(b, hq, blocks * r, d)[:, :, :n]
+    lse = lse.view(b, blocks, hq, r).transpose(1, 2).reshape(b, hq, blocks * r)[:, :, :n]
+    return out, lse, ok.sum()
 
 
 def merge_lse(
@@ -234,13 +273,13 @@ class FilteredAttention:
         if (
             decoding
             and self.fast
-            and state.ring is None
             and isinstance(state.kv, RaggedKV)
             and call.all_real
             and state.min_real_seen >= self.cfg.warmup
             and (self.window is None or state.columns < self.window)
         ):
-            return self._decode_step(hidden_states, k, v, cos, sin, state)
+            lean = self._decode_step if state.ring is None else self._decode_step_band
+            return lean(hidden_states, k, v, cos, sin, state)
         k_rot = rope(k, cos, sin)
         cols = state.columns + torch.arange(t, device=hidden_states.device)
         idx = state.real_seen[:, None] + real.long().cumsum(-1) - 1  # [B, T] index among the row's real tokens
@@ -294,8 +333,7 @@ class FilteredAttention:
             return None
         b, t = real.shape
         if self.run.call.all_real:
-            order, counts = torch.arange(t, device=real.device).expand(b, t), torch.full((b,), t, device=real.device)
-            valid = None
+            order, counts, valid = torch.arange(t, device=real.device).expand(b, t), None, None
         else:
             order, valid, _ = compact_order(real)
             counts = valid.sum(-1)
@@ -431,7 +469,7 @@ class FilteredAttention:
             o, pairs = attend(q, q_pos, q_valid, keys, values, k_pos, k_valid, scale, self.vis, causal=causal)
         else:  # the readers are the call's real tokens, in the order the band's sources list them
             allowed = k_valid[:, None, :] & self.vis.in_window(q_pos[:, :, None], k_pos[:, None, :])
-            o_kept, lse_kept = attend_lse(q, keys, values, allowed, scale)
+            o_kept, lse_kept = attend_lse_staircase(q, keys, values, allowed, scale)
             o_band, lse_band, band_pairs = attend_band(q, q_pos, q_idx, q_valid, band, scale, self.vis)
             o = merge_lse(o_kept, lse_kept, o_band, lse_band).to(q.dtype)
             pairs = (allowed & q_valid[:, :, None]).sum() + band_pairs
@@ -442,6 +480,62 @@ class FilteredAttention:
         out = h.new_zeros(b, t, dim)
         out.scatter_(1, sel[..., None].expand(-1, -1, dim), o)
         return out, pairs, (sel, q_valid)
+
+    def _decode_step_band(
+        self,
+        h: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        state: FilteredCacheLayer,
+    ) -> tuple[torch.Tensor, None]:
+        """``_decode_step`` for a layer with a recent band (KV side), under the same conditions: every row's token
+        reads the stored entries and the ring's live ones plus its own if it is filtered, every entry being in the
+        past and in the model's window. Two attentions merged by log-sum-exp, no compaction or mask building."""
+        cfg, b = self.cfg, h.shape[0]
+        k_rot = rope(k, cos, sin)  # [B, 1, H, d]
+        index = state.real_seen  # this token's index among its row's real tokens
+        scores = self.score(k if cfg.pre_rope else k_rot, v, self._score_state(state, None))[:, 0]
+        state.real_seen = index + 1
+        state.min_real_seen += 1
+        if cfg.mode == "threshold":
+            filtered = scores > self.target
+        else:
+            filtered = scores > state.score_quantile(1 - self.target)[:, 0]
+            state.add_history_one(scores)
+        n_keep = b - int(filtered.sum())
+        if n_keep:
+            state.kv.append_one(k_rot[:, 0], v[:, 0], state.columns, None if n_keep == b else ~filtered, n_keep)
+        ring, held_before = state.ring, state.ring.held
+        col = torch.full((b, 1), state.columns, dtype=torch.long, device=h.device)
+        band = ring.extend(k_rot.transpose(1, 2), v.transpose(1, 2), col, index[:, None], filtered[:, None], None)
+        state.columns += 1
+
+        q = self._queries(h, cos, sin)  # [B, Hq, 1, d]
+        keys, values, mask = state.kv.lean_view()
+        scale = self.attn.scaling
+        band_keys, band_values, _, _, live = band
+        n_live = int(live.sum())
+        if n_live == 0:
+            o = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != keys.shape[1]
+            )
+        else:
+            stored = torch.ones(b, 1, keys.shape[2], dtype=torch.bool, device=h.device) if mask is None else mask[:, 0]
+            o_kept, lse_kept = attend_lse(q, keys, values, stored, scale)
+            o_band, lse_band = attend_lse(q, band_keys, band_values, live[:, None, :], scale)
+            o = merge_lse(o_kept, lse_kept, o_band, lse_band).to(q.dtype)
+        out = self.attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
+        pairs = state.kv.total + n_live  # every row reads all its stored entries and its band's live ones
+        dropped = held_before + (b - n_keep) - ring.held
+        if cfg.record_decisions:
+            self.run.record_layer(
+                self.idx, filtered=filtered[:, None], pairs=pairs, dropped=dropped, qo_skipped=0, scores=scores[:, None]
+            )
+        else:
+            self.run.record_counts(self.idx, filtered=b - n_keep, pairs=pairs, dropped=dropped, qo_skipped=0)
+        return out, None
 
     def _decode_step(
         self,

@@ -231,12 +231,13 @@ class RecentRing:
         cols: torch.Tensor,
         idx: torch.Tensor,
         live: torch.Tensor,
-        counts: torch.Tensor,
+        counts: torch.Tensor | None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Add a call's real tokens and slide the ring past them.
 
         ``k, v``: ``[B, H, N, d]`` (or None without values), ``cols, idx, live``: ``[B, N]``, left-aligned: row b's
-        first ``counts[b]`` entries are its real tokens in order, the rest padding (``live`` False there).
+        first ``counts[b]`` entries are its real tokens in order, the rest padding (``live`` False there); ``counts``
+        None: every entry of every row is real.
         Returns the band's sources, the ring before the call followed by the call's tokens: ``(keys [B, H,
         size + N, d], values, cols [B, size + N], idx, live)``; the real token at compacted position i of the call
         reads positions ``i .. i + size`` of them (itself last).
@@ -249,7 +250,14 @@ class RecentRing:
         src_k = src_v = None
         if self.with_values:
             src_k, src_v = torch.cat([self.keys, k], dim=2), torch.cat([self.values, v], dim=2)
-        if self.size:
+        if self.size and counts is None:  # the newest entries are the last ``size`` of every row: a slice
+            self.cols, self.idx, self.live = src_cols[:, n:], src_idx[:, n:], src_live[:, n:]
+            if self.with_values:  # a copy after a long call, so that the view does not keep all of it alive
+                self.keys, self.values = src_k[:, :, n:], src_v[:, :, n:]
+                if n > self.size:
+                    self.keys, self.values = self.keys.clone(), self.values.clone()
+            self.held = int(self.live.sum())
+        elif self.size:
             at = counts[:, None] + torch.arange(self.size, device=live.device)[None, :]  # [B, size]: the newest
             self.cols, self.idx, self.live = src_cols.gather(1, at), src_idx.gather(1, at), src_live.gather(1, at)
             if self.with_values:
