@@ -332,19 +332,15 @@ class FilteredAttention:
         if ring is None:
             return None
         b, t = real.shape
-        if self.run.call.all_real:
-            order, counts, valid = torch.arange(t, device=real.device).expand(b, t), None, None
-        else:
-            order, valid, _ = compact_order(real)
-            counts = valid.sum(-1)
-        live = (real & ~stored).gather(1, order)
-        if valid is not None:
-            live &= valid
+        if self.run.call.all_real:  # already left-aligned: nothing to gather
+            return ring.extend(k, v, cols.expand(b, t), idx, ~stored, None)
+        order, valid, _ = compact_order(real)
+        live = (real & ~stored).gather(1, order) & valid
         k_c = v_c = None
         if ring.with_values:
             k_c = gather_rows(k.transpose(1, 2), order).transpose(1, 2)
             v_c = gather_rows(v.transpose(1, 2), order).transpose(1, 2)
-        return ring.extend(k_c, v_c, cols[order], idx.gather(1, order), live, counts)
+        return ring.extend(k_c, v_c, cols[order], idx.gather(1, order), live, valid.sum(-1))
 
     # -- state -----------------------------------------------------------------------------------
     def _state(self, cache: object | None, b: int, heads: int, d: int, device: torch.device) -> FilteredCacheLayer:
