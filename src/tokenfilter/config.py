@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from tokenfilter.algorithm.scores import FUSIONS
+from tokenfilter.algorithm.scores import FUSIONS, SCORES
 
 if TYPE_CHECKING:
     from tokenfilter.integration.run import FilterRun
@@ -25,6 +25,11 @@ class TokenFilter:
     The schedule defaults (``uniform`` from layer 2) come from the quality study (``tokenfilter study``,
     docs/study.md): on held-out data they lose far less than the SPEC's ``tail-linear`` ramp from ``L // 2``,
     which ``TokenFilter.paper(...)`` (or ``schedule="tail-linear", start_layer=None``) still gives.
+
+    ``skip`` says what a filtered token skips at a layer: ``"attention"`` (default, the paper's query-side reading:
+    its Q projection, attention and O projection), ``"block"`` (the MLP too), or ``"none"`` (KV-side filtering:
+    it still attends, but its key and value are not kept for later tokens). ``recent=R`` (KV side only) keeps
+    the R most recent real tokens readable whatever their decision (SPEC, "Recent window").
     """
 
     ratio: float | None = None
@@ -36,10 +41,11 @@ class TokenFilter:
     schedule: str | Sequence[float] = "uniform"
     start_layer: int | None = 2  # None: the SPEC's L // 2
     max_layer_ratio: float = 0.95
-    skip: Literal["attention", "block"] = "attention"
+    skip: Literal["attention", "block", "none"] = "attention"
     kv: Literal["drop", "keep"] = "drop"
+    recent: int | None = None
     pre_rope: bool = True
-    score: Literal["similarity", "random"] = "similarity"
+    score: str = "similarity"  # a name in tokenfilter.algorithm.scores.SCORES
     seed: int = 0
     record_decisions: bool = False
     path: Literal["fast", "reference"] = "fast"
@@ -47,8 +53,27 @@ class TokenFilter:
 
     @classmethod
     def paper(cls, **kwargs: object) -> TokenFilter:
-        """The SPEC's (paper's) own choices: the ``tail-linear`` schedule from layer ``L // 2``."""
-        return cls(**{"schedule": "tail-linear", "start_layer": None, **kwargs})
+        """The SPEC's (paper's) own reading, pinned so that a new default never changes it: the ``tail-linear``
+        schedule from layer ``L // 2``, the query-side skip, filtered entries dropped, no recent window."""
+        pinned = {"schedule": "tail-linear", "start_layer": None, "skip": "attention", "kv": "drop", "recent": None}
+        return cls(**{**pinned, **kwargs})
+
+    @classmethod
+    def sliding_window(cls, recent: int, warmup: int = 4, **kwargs: object) -> TokenFilter:
+        """StreamingLLM's rule (``warmup`` attention sinks + the ``recent`` latest tokens), as the limiting case of
+        the same engine: every real token past warm-up is filtered at every layer (no score: ``constant`` under
+        ``threshold=-inf``; the ratio rule caps below 1), on the KV side, so each query reads the sinks and its
+        band only. Prefill and decode read alike, and KV held is ``warmup + recent - 1`` entries per layer."""
+        preset = {
+            "threshold": float("-inf"),
+            "score": "constant",
+            "start_layer": 0,
+            "skip": "none",
+            "kv": "drop",
+            "recent": recent,
+            "warmup": warmup,
+        }
+        return cls(**{**preset, **kwargs})
 
     def __post_init__(self) -> None:
         if self.ratio is not None and self.threshold is not None:
@@ -90,13 +115,23 @@ class TokenFilter:
                 f"ratio={self.ratio} is above max_layer_ratio={self.max_layer_ratio}; lower the ratio or raise the cap."
             )
         for name, allowed in (
-            ("skip", ("attention", "block")),
+            ("skip", ("attention", "block", "none")),
             ("kv", ("drop", "keep")),
-            ("score", ("similarity", "random")),
+            ("score", tuple(SCORES)),
             ("path", ("fast", "reference")),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}.")
+
+        if self.skip == "none" and self.kv == "keep":
+            raise ValueError('skip="none" filters on the KV side only, so kv="keep" would change nothing: use "drop".')
+        if self.recent is not None:
+            if isinstance(self.recent, bool) or not isinstance(self.recent, int) or self.recent < 1:
+                raise ValueError(f"recent must be an integer >= 1 (or None), got {self.recent!r}.")
+            if self.skip != "none":
+                raise ValueError(
+                    f'recent (a window of recent keys) needs skip="none" (KV-side filtering), got skip={self.skip!r}.'
+                )
 
     @property
     def mode(self) -> Literal["ratio", "threshold"]:

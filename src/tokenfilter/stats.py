@@ -73,11 +73,12 @@ class LayerCounts:
     """What one layer did, accumulated over calls (real tokens only)."""
 
     tokens: int = 0  # real tokens seen
-    filtered: int = 0  # of those, filtered (attention skipped)
-    pairs: int = 0  # (query, key) pairs actually attended
+    filtered: int = 0  # of those, filtered (skipped their attention, or on the KV side: not kept as keys)
+    pairs: int = 0  # (query, key) pairs actually attended, each once
     pairs_dense: int = 0  # pairs the unmodified model attends
-    kv_dropped: int = 0  # entries not stored in this layer's cache
+    kv_dropped: int = 0  # entries dropped from this layer's cache (when they are dropped: a band delays it)
     mlp_skipped: int = 0  # tokens whose MLP was skipped (skip="block")
+    qo_skipped: int = 0  # tokens whose Q and O projections were skipped (the query side; not skip="none")
 
 
 @dataclass
@@ -93,6 +94,12 @@ class FilterStats:
     kv_bytes_dense: int
     flops_dense: float
     flops_actual: float
+    # KV held as a share of dense over all layers (unfiltered ones included): the entries still in the caches
+    # after the latest call of each sequence (kept, plus filtered ones a recent band still reads)
+    kv_held_fraction: float = 1.0
+    # attention (query, key) pairs computed, each once, as a share of the unmodified model's, over all layers:
+    # on the KV side this, not the ratio, is the attention saved (nothing is saved while a prompt fits the band)
+    pairs_fraction: float = 1.0
     layers: list[LayerCounts] = field(repr=False, default_factory=list)
 
     @property
@@ -110,7 +117,7 @@ class FilterStats:
         attn_dense = attn_actual = other_dense = other_actual = 0.0
         for c in layers:
             attn_dense += c.tokens * (fm.qo_proj + fm.kv_proj) + c.pairs_dense * fm.per_pair
-            attn_actual += (c.tokens - c.filtered) * fm.qo_proj + c.tokens * fm.kv_proj + c.pairs * fm.per_pair
+            attn_actual += (c.tokens - c.qo_skipped) * fm.qo_proj + c.tokens * fm.kv_proj + c.pairs * fm.per_pair
             other_dense += c.tokens * fm.mlp
             other_actual += (c.tokens - c.mlp_skipped) * fm.mlp
         head = tokens * fm.lm_head
@@ -118,15 +125,19 @@ class FilterStats:
         actual = attn_actual + other_actual + head
         entry = fm.kv_entry_bytes(kv_elem_bytes)
         total_filtered = sum(c.filtered for c in layers)
+        kv_dense, kv_saved = tokens * len(layers) * entry, sum(c.kv_dropped for c in layers) * entry
+        pairs_dense = sum(c.pairs_dense for c in layers)
         return cls(
             ratio=total_filtered / (tokens * len(layers)) if tokens else 0.0,
             ratio_per_layer=[c.filtered / c.tokens if c.tokens else 0.0 for c in layers],
             tokens=tokens,
             attention_flops_skipped=1 - attn_actual / attn_dense if attn_dense else 0.0,
             total_flops_skipped=1 - actual / dense if dense else 0.0,
-            kv_bytes_saved=sum(c.kv_dropped for c in layers) * entry,
-            kv_bytes_dense=tokens * len(layers) * entry,
+            kv_bytes_saved=kv_saved,
+            kv_bytes_dense=kv_dense,
             flops_dense=dense,
             flops_actual=actual,
+            kv_held_fraction=1 - kv_saved / kv_dense if kv_dense else 1.0,
+            pairs_fraction=sum(c.pairs for c in layers) / pairs_dense if pairs_dense else 1.0,
             layers=[LayerCounts(**asdict(c)) for c in layers],
         )

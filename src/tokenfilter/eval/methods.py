@@ -1,7 +1,8 @@
 """The methods the evaluation compares, by name. Token Filtering variants are ``TokenFilter`` changes
 from the library default (uniform schedule from layer 2, chosen by ``tokenfilter study``); ``paper`` is the
-SPEC's tail-linear schedule from ``L // 2``; ``shortgpt*`` are layer-removal baselines matched to Token
-Filtering's FLOPs."""
+SPEC's tail-linear schedule from ``L // 2``; ``kv-*`` filter on the KV side (``skip="none"``), with the recent
+window of 64 for ``kv-window*``; ``shortgpt*`` are layer-removal baselines matched to Token Filtering's FLOPs.
+(The sliding-window preset, ``TokenFilter.sliding_window``, has no ratio, so it is no variant of this table.)"""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ FILTER_VARIANTS: dict[str, dict] = {
     "paper": {"schedule": "tail-linear", "start_layer": None},
     "post-rope": {"pre_rope": False},
     "random": {"score": "random"},
+    "kv-side": {"skip": "none"},
+    "kv-window": {"skip": "none", "recent": 64},
+    "kv-window-random": {"skip": "none", "recent": 64, "score": "random"},
 }
 LAYER_REMOVAL = ("shortgpt", "shortgpt-calib2")
 ALL_METHODS = ("dense", *FILTER_VARIANTS, *LAYER_REMOVAL)

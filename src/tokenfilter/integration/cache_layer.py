@@ -2,7 +2,8 @@
 
 It sits in ``DynamicCache.layers[l]`` in place of a ``DynamicLayer`` and holds everything the filter
 needs per sequence, so the state lives exactly as long as the cache (one ``generate`` call, or one
-user-managed cache): the stored keys/values (only the kept tokens with ``kv="drop"``), the anchors, the
+user-managed cache): the stored keys/values (only the kept tokens with ``kv="drop"``), on the KV side the
+ring of the latest real tokens the recent band still reads, the anchors, the
 number of real tokens seen (for warm-up) and the history of scores (for the decode-time quantile).
 
 To the rest of transformers it reports the number of *columns* processed, as a ``DynamicLayer`` would,
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from tokenfilter.integration.kv_store import MaskedKV, RaggedKV
+from tokenfilter.integration.kv_store import MaskedKV, RaggedKV, RecentRing
 
 
 class FilteredCacheLayer(CacheLayerMixin):
@@ -24,11 +25,13 @@ class FilteredCacheLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, ragged: bool = True) -> None:
+    def __init__(self, ragged: bool = True, ring: int | None = None) -> None:
         super().__init__()
         self.kv = RaggedKV() if ragged else MaskedKV()
+        # KV side: the last ``ring`` real tokens, for the recent band (with their values on the fast path only)
+        self.ring = None if ring is None else RecentRing(ring, with_values=ragged)
         self.columns = 0  # columns (real or padding) processed so far
-        self.anchors: torch.Tensor | None = None  # [B, 2, H_kv, d] float32: the key anchor, then the value one
+        self.score_memory: dict[str, torch.Tensor] = {}  # the score's running tensors, [B, ...] each
         self.real_seen: torch.Tensor | None = None  # [B] real tokens seen
         self.history: torch.Tensor | None = None  # [B, N] each row's eligible scores so far, sorted, +inf-padded
         self.history_len: torch.Tensor | None = None  # [B]
@@ -36,6 +39,11 @@ class FilteredCacheLayer(CacheLayerMixin):
         self.history_max = 0  # Python upper bound of history_len.max()
         self.history_min = 0  # Python lower bound of history_len.min() (equal bounds: every row has as many)
         self.is_initialized = True
+
+    @property
+    def anchors(self) -> torch.Tensor | None:
+        """``[B, 2, H_kv, d]`` float32: the similarity score's key anchor, then its value one (None before)."""
+        return self.score_memory.get("anchors")
 
     @property
     def anchor_k(self) -> torch.Tensor | None:
@@ -48,7 +56,6 @@ class FilteredCacheLayer(CacheLayerMixin):
     # -- state used by the filter -------------------------------------------------------------
     def init_state(self, batch: int, heads: int, head_dim: int, device: torch.device) -> None:
         if self.real_seen is None:
-            self.anchors = torch.zeros(batch, 2, heads, head_dim, device=device)
             self.real_seen = torch.zeros(batch, dtype=torch.long, device=device)
             self.history = torch.empty(batch, 0, device=device)
             self.history_len = torch.zeros(batch, dtype=torch.long, device=device)
@@ -130,17 +137,20 @@ class FilteredCacheLayer(CacheLayerMixin):
         pass
 
     def reset(self) -> None:
-        self.__init__(ragged=isinstance(self.kv, RaggedKV))
+        self.__init__(ragged=isinstance(self.kv, RaggedKV), ring=None if self.ring is None else self.ring.size)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("Cropping a Token Filtering cache (assisted/speculative decoding) is not supported.")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.kv.select_batch(indices)
-        for name in ("anchors", "real_seen", "history", "history_len"):
+        if self.ring is not None:
+            self.ring.select_batch(indices)
+        for name in ("real_seen", "history", "history_len"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t[indices.to(t.device)])
+        self.score_memory = {k: t[indices.to(t.device)] for k, t in self.score_memory.items()}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)

@@ -7,7 +7,11 @@ Two layouts, same interface, so the attention code does not care which one it re
   Appends write in place; the buffer grows by a quarter (at least 16 entries) when full, so decoding does not
   reallocate every step and the slack stays bounded. Python mirrors of the longest/shortest row and the
   total (``max_len``, ``min_len``, ``total``) let the decode step avoid host syncs and masks.
-* ``MaskedKV`` (reference path): every column is stored, plus a ``[B, S]`` validity mask.
+* ``MaskedKV`` (reference path): every column is stored, plus a ``[B, S]`` validity mask, which tokens are
+  real and their index among the real tokens (what the recent band counts).
+
+``RecentRing`` (KV side) holds what only the recent band may still read: the entries of the last R - 1 real
+tokens of each sequence, flagged ``live`` where the token is not stored for good (filtered).
 """
 
 from __future__ import annotations
@@ -49,8 +53,17 @@ class RaggedKV:
         else:
             self.max_len = self.min_len = self.total = 0
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor, store: torch.Tensor) -> None:
-        """``k, v``: ``[B, H, T, d]``; ``cols``: ``[T]``; ``store``: ``[B, T]`` bool (entries to keep)."""
+    def append(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cols: torch.Tensor,
+        store: torch.Tensor,
+        real: torch.Tensor | None = None,
+        idx: torch.Tensor | None = None,
+    ) -> None:
+        """``k, v``: ``[B, H, T, d]``; ``cols``: ``[T]``; ``store``: ``[B, T]`` bool (entries to keep).
+        ``real, idx`` are what the masked layout records; this one keeps only the stored entries."""
         b, h, t, d = k.shape
         self._init(b, h, d, k, v)
         start, aligned, before, old_lengths = self.max_len, self.max_len == self.min_len, self.total, self.lengths
@@ -133,19 +146,39 @@ class MaskedKV:
         self.keys: torch.Tensor | None = None  # [B, H, S, d]
         self.values: torch.Tensor | None = None
         self.cols: torch.Tensor | None = None  # [S]
-        self.valid: torch.Tensor | None = None  # [B, S]
+        self.valid: torch.Tensor | None = None  # [B, S] stored for good
+        self.real: torch.Tensor | None = None  # [B, S] a real token (not padding)
+        self.idx: torch.Tensor | None = None  # [B, S] index among the sequence's real tokens
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor, store: torch.Tensor) -> None:
+    def append(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cols: torch.Tensor,
+        store: torch.Tensor,
+        real: torch.Tensor | None = None,
+        idx: torch.Tensor | None = None,
+    ) -> None:
+        """``k, v``: ``[B, H, T, d]``; ``cols``: ``[T]``; ``store, real, idx``: ``[B, T]`` (every column is kept;
+        ``real`` defaults to ``store`` and ``idx`` to the column)."""
+        real = store if real is None else real
+        idx = cols[None, :].expand_as(store) if idx is None else idx
         if self.keys is None:
-            self.keys, self.values, self.cols, self.valid = k, v, cols, store
+            self.keys, self.values, self.cols, self.valid, self.real, self.idx = k, v, cols, store, real, idx
             return
         self.keys = torch.cat([self.keys, k], dim=2)
         self.values = torch.cat([self.values, v], dim=2)
         self.cols = torch.cat([self.cols, cols])
         self.valid = torch.cat([self.valid, store], dim=1)
+        self.real = torch.cat([self.real, real], dim=1)
+        self.idx = torch.cat([self.idx, idx], dim=1)
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.keys, self.values, self.cols[None, :].expand_as(self.valid), self.valid
+
+    def view_all(self) -> tuple[torch.Tensor, ...]:
+        """``(keys [B,H,S,d], values, cols [B,S], stored [B,S], real [B,S], idx [B,S])``: every column."""
+        return self.keys, self.values, self.cols[None, :].expand_as(self.valid), self.valid, self.real, self.idx
 
     def stored_entries(self) -> int:
         return int(self.valid.sum()) if self.valid is not None else 0
@@ -158,3 +191,85 @@ class MaskedKV:
     def select_batch(self, index: torch.Tensor) -> None:
         if self.keys is not None:
             self.keys, self.values, self.valid = self.keys[index], self.values[index], self.valid[index]
+            self.real, self.idx = self.real[index], self.idx[index]
+
+
+class RecentRing:
+    """The last ``size`` real tokens of each sequence, oldest first, for the recent band (KV side).
+
+    ``keys, values``: ``[B, H, size, d]`` (only with ``with_values``: the reference path reads its keys from
+    ``MaskedKV`` and needs only the flags, for the counts); ``cols, idx``: ``[B, size]`` column and real-token
+    index; ``live``: ``[B, size]`` True where the slot holds a token that is *not* stored for good (filtered), so
+    that only the band reads it. A slot that leaves the ring is dropped; ``held`` counts the live slots (KV held).
+    Slots of kept tokens hold a copy the band never reads (``live`` False): the ring is a fixed ``size`` buffer.
+    """
+
+    def __init__(self, size: int, with_values: bool = True) -> None:
+        self.size, self.with_values = size, with_values
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.cols: torch.Tensor | None = None
+        self.idx: torch.Tensor | None = None
+        self.live: torch.Tensor | None = None
+        self.held = 0  # Python mirror of live.sum()
+
+    def _init(self, b: int, k: torch.Tensor | None, v: torch.Tensor | None, device: torch.device) -> None:
+        if self.live is not None:
+            return
+        m = self.size
+        self.cols = torch.full((b, m), -(2**40), dtype=torch.long, device=device)  # before everything
+        self.idx = self.cols.clone()
+        self.live = torch.zeros(b, m, dtype=torch.bool, device=device)
+        if self.with_values:
+            self.keys = k.new_zeros(b, k.shape[1], m, k.shape[3])
+            self.values = v.new_zeros(b, v.shape[1], m, v.shape[3])
+
+    def extend(
+        self,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
+        cols: torch.Tensor,
+        idx: torch.Tensor,
+        live: torch.Tensor,
+        counts: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Add a call's real tokens and slide the ring past them.
+
+        ``k, v``: ``[B, H, N, d]`` (or None without values), ``cols, idx, live``: ``[B, N]``, left-aligned: row b's
+        first ``counts[b]`` entries are its real tokens in order, the rest padding (``live`` False there); ``counts``
+        None: every entry of every row is real.
+        Returns the band's sources, the ring before the call followed by the call's tokens: ``(keys [B, H,
+        size + N, d], values, cols [B, size + N], idx, live)``; the real token at compacted position i of the call
+        reads positions ``i .. i + size`` of them (itself last).
+        """
+        b, n = live.shape
+        self._init(b, k, v, live.device)
+        src_cols = torch.cat([self.cols, cols], dim=1)
+        src_idx = torch.cat([self.idx, idx], dim=1)
+        src_live = torch.cat([self.live, live], dim=1)
+        src_k = src_v = None
+        if self.with_values:
+            src_k, src_v = torch.cat([self.keys, k], dim=2), torch.cat([self.values, v], dim=2)
+        if self.size and counts is None:  # the newest entries are the last ``size`` of every row: a slice
+            self.cols, self.idx, self.live = src_cols[:, n:], src_idx[:, n:], src_live[:, n:]
+            if self.with_values:  # a copy after a long call, so that the view does not keep all of it alive
+                self.keys, self.values = src_k[:, :, n:], src_v[:, :, n:]
+                if n > self.size:
+                    self.keys, self.values = self.keys.clone(), self.values.clone()
+            self.held = int(self.live.sum())
+        elif self.size:
+            at = counts[:, None] + torch.arange(self.size, device=live.device)[None, :]  # [B, size]: the newest
+            self.cols, self.idx, self.live = src_cols.gather(1, at), src_idx.gather(1, at), src_live.gather(1, at)
+            if self.with_values:
+                g = at[:, None, :, None].expand(-1, src_k.shape[1], -1, src_k.shape[3])
+                self.keys, self.values = src_k.gather(2, g), src_v.gather(2, g)
+            self.held = int(self.live.sum())
+        return src_k, src_v, src_cols, src_idx, src_live
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        if self.live is not None:
+            for name in ("keys", "values", "cols", "idx", "live"):
+                t = getattr(self, name)
+                if t is not None:
+                    setattr(self, name, t[index])
+            self.held = int(self.live.sum())

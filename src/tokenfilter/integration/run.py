@@ -176,33 +176,33 @@ class FilterRun:
         self,
         idx: int,
         filtered: torch.Tensor,
-        real: torch.Tensor,
-        store: torch.Tensor,
-        pairs: torch.Tensor,
+        pairs: torch.Tensor | int,
+        dropped: int,
+        qo_skipped: int,
         scores: torch.Tensor,
     ) -> None:
-        c = self._counts[idx]
+        """One layer's call: decisions ``filtered`` and ``scores`` ``[B, T]``, the pairs attended, the entries
+        dropped from the layer's cache in this call, the tokens that skipped their Q/O projections."""
         n_filtered = int(filtered.sum())
-        c.filtered += n_filtered
-        c.pairs += int(pairs)
-        c.kv_dropped += int((real & ~store).sum())
-        if self.config.skip == "block":
-            c.mlp_skipped += n_filtered
+        self.record_counts(idx, filtered=n_filtered, pairs=int(pairs), dropped=dropped, qo_skipped=qo_skipped)
         if self.config.record_decisions:
             self._call_decisions[idx] = filtered.detach().clone()
             self._call_scores[idx] = scores.detach().clone()
 
-    def record_counts(self, idx: int, filtered: int, pairs: int, dropped: int) -> None:
+    def record_counts(self, idx: int, filtered: int, pairs: int, dropped: int, qo_skipped: int) -> None:
         """``record_layer`` for callers that already know the counts as Python ints (the decode fast path)."""
         c = self._counts[idx]
         c.filtered += filtered
         c.pairs += pairs
         c.kv_dropped += dropped
+        c.qo_skipped += qo_skipped
         if self.config.skip == "block":
             c.mlp_skipped += filtered
 
-    def random_scores(self, b: int, n: int) -> torch.Tensor:
-        return torch.rand(b, n, generator=self._generator)
+    @property
+    def generator(self) -> torch.Generator:
+        """The run's seeded CPU generator (``seed``), for scores that draw."""
+        return self._generator
 
     # -- results -------------------------------------------------------------------------------------------
     def reset_stats(self) -> None:

@@ -1,0 +1,101 @@
+"""Redundancy score of a token: cosine similarity of its key and value to running anchors, fused over heads.
+
+* ``similarity`` (the paper's, the default): anchors are the EMA ``A_t = gamma A_{t-1} + (1 - gamma) x_t``;
+* ``cumulative-mean``: anchors are the mean of every earlier real token, a horizon that never forgets (a token
+  unlike the whole past is kept, not only one unlike the last ~1/(1-gamma) tokens).
+
+``head_cosine`` and ``fuse_stacked`` run once per filtered layer and call, on tensors that are tiny in decode,
+so they are written in as few operators as the maths allows: the fixed cost per operator, not the arithmetic,
+is what the filter adds to a decode step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenfilter.algorithm.anchors import ema_scan
+from tokenfilter.algorithm.scores.state import ScoreState
+
+FUSIONS = ("variance", "mean", "key", "value")
+_FEW = 1024  # up to this many similarities, fewer operators beat faster ones
+
+
+def head_cosine(x: torch.Tensor, anchor: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per-head cosine similarity. ``x, anchor``: ``[..., H, d]`` -> ``[..., H]`` (float32).
+
+    ``x . a / max(|x| |a|, eps)``, as ``torch.nn.functional.cosine_similarity`` defines it.
+    """
+    x, anchor = x.float(), anchor.float()
+    dot = (x * anchor).sum(-1)
+    norms2 = (x * x).sum(-1) * (anchor * anchor).sum(-1)
+    return dot * norms2.clamp_min(eps * eps).rsqrt()
+
+
+def fuse(s_k: torch.Tensor, s_v: torch.Tensor, fusion: str, lam: float, eps: float = 1e-6) -> torch.Tensor:
+    """Fuse per-head key and value similarities ``[..., H]`` into one score ``[...]``.
+
+    ``variance`` (default): each of K and V contributes ``mu - lam * sigma`` (population std over heads),
+    weighted by its inverse variance, so the more consistent signal counts more and disagreement between
+    heads lowers the score (the token is more likely kept).
+    """
+    return fuse_stacked(torch.stack([s_k, s_v], dim=-2), fusion, lam, eps)
+
+
+def fuse_stacked(s: torch.Tensor, fusion: str, lam: float, eps: float = 1e-6) -> torch.Tensor:
+    """``fuse`` on key and value similarities stacked as ``[..., 2, H]`` (keys first).
+
+    ``sum_i w_i (mu_i - lam sigma_i)`` with ``w_i = (1/v_i) / (1/v_k + 1/v_v)``, ``v_i = sigma_i^2 + eps``;
+    with two terms the weights are ``w_k = v_v / (v_k + v_v)`` and ``w_v = v_k / (v_k + v_v)``, which is
+    how it is computed (no reciprocals).
+    """
+    if fusion == "key":
+        return s[..., 0, :].mean(-1)
+    if fusion == "value":
+        return s[..., 1, :].mean(-1)
+    if fusion == "mean":
+        return s.mean((-2, -1))
+    if fusion != "variance":
+        raise ValueError(f"Unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}.")
+    if s.numel() <= _FEW:  # decode: one operator for both statistics
+        sd, mu = torch.std_mean(s, -1, correction=0)  # [..., 2]
+        var = torch.addcmul(torch.full_like(sd, eps), sd, sd)
+    else:  # prefill: std_mean's reduction over a handful of heads is several times slower than this on CPU
+        mu = s.mean(-1)
+        var = (s - mu[..., None]).square().mean(-1)
+        sd = var.sqrt()
+        var = var + eps
+    return (var.flip(-1) * torch.add(mu, sd, alpha=-lam)).sum(-1) / var.sum(-1)
+
+
+def similarity(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> torch.Tensor:
+    """The SPEC's score: fused cosine of ``k_t, v_t`` ``[B, N, H, d]`` to the EMA anchors before their update
+    -> ``[B, N]``. Keeps the anchors ``[B, 2, H, d]`` (key, then value) in ``state.memory["anchors"]``."""
+    x = torch.stack([keys, values], dim=2)  # [B, N, 2, H, d]
+    b, n, _, heads, d = x.shape
+    before = state.memory.get("anchors")
+    if before is None:
+        before = torch.zeros(b, 2, heads, d, device=x.device)
+    init = torch.where((state.seen > 0)[:, None, None, None], before, x[:, 0].float())  # A_{-1}; A_0 = x_0
+    # the K and V anchors are independent recurrences over features: scan them as 2H heads at once
+    a = ema_scan(x.reshape(b, n, 2 * heads, d), init.reshape(b, 2 * heads, d), state.gamma)
+    a = a.reshape(b, n, 2, heads, d)
+    prev = torch.cat([init[:, None], a[:, :-1]], dim=1)  # the anchor before each token's update
+    state.memory["anchors"] = state.last(a, before)
+    return fuse_stacked(head_cosine(x, prev), state.fusion, state.lam).float()
+
+
+def cumulative_mean(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> torch.Tensor:
+    """Fused cosine to the mean of every earlier real token (the first token: to itself) -> ``[B, N]``.
+    Keeps the running sums ``[B, 2, H, d]`` in ``state.memory["sum"]``."""
+    x = torch.stack([keys, values], dim=2).float()  # [B, N, 2, H, d]
+    b, n, _, heads, d = x.shape
+    if state.valid is not None:
+        x = x * state.valid[:, :, None, None, None]  # padding entries (after the real ones) add nothing
+    before = state.memory.get("sum")
+    if before is None:
+        before = torch.zeros(b, 2, heads, d, device=x.device)
+    after = before[:, None] + x.cumsum(1)  # the sum after each token
+    count = (state.seen[:, None] + torch.arange(n, device=x.device))[:, :, None, None, None]  # tokens before
+    prev = torch.where(count > 0, (after - x) / count.clamp(min=1), x)
+    state.memory["sum"] = state.last(after, before)
+    return fuse_stacked(head_cosine(x, prev), state.fusion, state.lam).float()

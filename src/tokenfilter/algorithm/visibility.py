@@ -1,0 +1,106 @@
+"""Who may read whom at one filtered layer (SPEC: "What a filtered token skips", "KV-side filtering",
+"Recent window"), as one small frozen object that the attention executes without knowing option names.
+
+Two position systems: ``col`` is the column of the call sequence (padding included; the model's own sliding
+window counts columns, as the unmodified model does), ``idx`` is the index among the sequence's real tokens
+(what warm-up and the recent band count: padding never counts).
+
+The rule, for the query of real token t and the key of real token j at one layer:
+    readable(t, j) = in_window(t, j) and (stored(j) or t - j < recent or j < sinks)
+where ``in_window`` is causality plus the model's own window, ``stored(j)`` says j's entry is kept in the
+layer's cache (kept, or any real token with ``kv="keep"``), and only *readers* compute attention at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from tokenfilter.config import TokenFilter
+
+
+@dataclass(frozen=True)
+class Visibility:
+    """The read rule of one layer.
+
+    Attributes:
+        filtered_reads: a filtered token still computes its attention (KV side, ``skip="none"``); False: the
+            paper's query-side reading, where it skips its Q projection, attention and O projection.
+        filtered_stored: a filtered token's key and value stay readable by later tokens (``kv="keep"``).
+        recent: the band: key j is readable by query t when ``0 <= t - j < recent`` (real tokens), whatever
+            j's decision; 0 = no band. KV side without a window is ``recent=1`` (a token reads its own key).
+        sinks: the first ``sinks`` real tokens (the warm-up) are readable by every later query. They are never
+            filtered, so they are always stored too; the term states the rule rather than relying on it.
+        window: the model's own sliding window in columns (None: full attention); it applies on top of all
+            the rest, so a band wider than it acts as it.
+    """
+
+    filtered_reads: bool
+    filtered_stored: bool
+    recent: int
+    sinks: int
+    window: int | None
+
+    @classmethod
+    def for_layer(cls, cfg: TokenFilter, window: int | None) -> Visibility:
+        kv_side = cfg.skip == "none"
+        return cls(
+            filtered_reads=kv_side,
+            filtered_stored=cfg.kv == "keep",
+            recent=(cfg.recent or 1) if kv_side else 0,
+            sinks=cfg.warmup,
+            window=window,
+        )
+
+    @property
+    def ring(self) -> int:
+        """How many of the latest real tokens a layer must hold beyond its stored entries, after a call: a
+        later query t reads non-stored keys j with ``t - j < recent``, i.e. the last ``recent - 1`` before it."""
+        return max(self.recent - 1, 0)
+
+    @property
+    def stored_are_readers(self) -> bool:
+        """True when the stored entries are exactly the tokens that read, whatever the decisions."""
+        return not self.filtered_reads and not self.filtered_stored
+
+    # -- per token ---------------------------------------------------------------------------------------
+    def readers(self, real: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` bool: the tokens that compute Q, attention and the O projection."""
+        return real if self.filtered_reads else keep
+
+    def stored(self, real: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` bool: the tokens whose entry is kept in the layer's cache for good."""
+        return real if self.filtered_stored else keep
+
+    # -- per (query, key) pair ---------------------------------------------------------------------------
+    def in_window(self, q_col: torch.Tensor, k_col: torch.Tensor) -> torch.Tensor:
+        """Causality and the model's own window. ``q_col``: ``[B, Q, 1]``; ``k_col``: ``[B, 1, K]`` (or any
+        broadcastable shapes) -> ``[B, Q, K]`` bool."""
+        ok = k_col <= q_col
+        if self.window is not None:
+            ok = ok & (k_col > q_col - self.window)
+        return ok
+
+    def in_band(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
+        """The recent band by real-token index (same broadcasting as ``in_window``)."""
+        gap = q_idx - k_idx
+        return (gap >= 0) & (gap < self.recent)
+
+    def allowed(
+        self,
+        q_col: torch.Tensor,
+        q_idx: torch.Tensor,
+        k_col: torch.Tensor,
+        k_idx: torch.Tensor,
+        k_real: torch.Tensor,
+        k_stored: torch.Tensor,
+    ) -> torch.Tensor:
+        """The whole rule over every column (the reference path). Queries ``[B, Q]``, keys ``[B, K]`` ->
+        ``[B, Q, K]`` bool; whether the query reads at all is ``readers``, applied by the caller."""
+        q_col, q_idx = q_col[:, :, None], q_idx[:, :, None]
+        k_col, k_idx = k_col[:, None, :], k_idx[:, None, :]
+        extra = self.in_band(q_idx, k_idx) | (k_idx < self.sinks)
+        return self.in_window(q_col, k_col) & k_real[:, None, :] & (k_stored[:, None, :] | extra)

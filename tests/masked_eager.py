@@ -1,0 +1,57 @@
+"""An independent re-derivation of filtered attention: plain eager softmax attention under a given mask.
+
+Given, per layer, a ``[B, T, T]`` bool mask of which query may read which key (the test builds it from the
+rule and the recorded decisions, in plain Python), ``forward_with_layer_masks`` runs the model with those
+layers' attention replaced by ``softmax(q k^T * scale + mask) v`` over every column. Nothing of the package
+is used: no store, no band, no log-sum-exp merge.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+
+def _eager(attn: torch.nn.Module, mask: torch.Tensor, reads: torch.Tensor):
+    def forward(hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        b, t, _ = hidden_states.shape
+        d = attn.head_dim
+        q = attn.q_proj(hidden_states).view(b, t, -1, d)
+        k = attn.k_proj(hidden_states).view(b, t, -1, d)
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        v = attn.v_proj(hidden_states).view(b, t, -1, d).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        s = (q.double() @ k.double().transpose(-1, -2)) * attn.scaling
+        s = s.masked_fill(~mask[:, None], float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        o = (p @ v.double()).to(q.dtype).transpose(1, 2).reshape(b, t, -1)
+        return attn.o_proj(o) * reads[..., None].to(o.dtype), None
+
+    return forward
+
+
+def forward_with_layer_masks(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    masks: dict[int, torch.Tensor],
+    reads: dict[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Logits ``[B, T, V]`` of ``model`` on ``ids`` (no padding) with layer l's attention replaced by eager attention
+    under ``masks[l]`` ``[B, T, T]``; ``reads[l]`` ``[B, T]`` zeroes the output of tokens that do not attend."""
+    layers = model.get_decoder().layers
+    patched = []
+    try:
+        for idx, mask in masks.items():
+            attn = layers[idx].self_attn
+            r = reads[idx] if reads is not None else torch.ones(mask.shape[:2], dtype=torch.bool)
+            attn.forward = _eager(attn, mask, r)
+            patched.append(attn)
+        with torch.no_grad():
+            return model(ids, use_cache=False).logits
+    finally:
+        for attn in patched:
+            attn.__dict__.pop("forward", None)

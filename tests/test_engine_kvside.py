@@ -1,0 +1,386 @@
+"""KV-side filtering (``skip="none"``) with and without a recent window (``recent=R``): SPEC guarantees 1-6,
+the read rule against an independent eager re-derivation, and statistics against brute-force counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from masked_eager import forward_with_layer_masks
+from test_engine_equivalence import logits, thresholds_that_filter
+from tokenfilter import TokenFilter
+
+from conftest import left_pad, make_tiny, random_ids
+
+RECENT = [None, 4, 8]
+
+
+def model_window(model) -> int | None:
+    return getattr(model.config, "sliding_window", None) if model.config.model_type == "mistral" else None
+
+
+def rule_mask(filtered: torch.Tensor, recent: int | None, warmup: int, window: int | None) -> torch.Tensor:
+    """SPEC "Recent window", written out for unpadded rows: query t reads key j iff j <= t, j is in the model's
+    window, and (j kept, or t - j < R, or j < W). ``filtered``: ``[B, T]`` -> ``[B, T, T]``."""
+    r = recent or 1
+    b, t = filtered.shape
+    mask = torch.zeros(b, t, t, dtype=torch.bool)
+    for row in range(b):
+        for q in range(t):
+            for j in range(q + 1):
+                if window is not None and q - j >= window:
+                    continue
+                mask[row, q, j] = (not filtered[row, j]) or q - j < r or j < warmup
+    return mask
+
+
+def held_after(filtered: torch.Tensor, recent: int | None) -> int:
+    """Filtered entries a later token can still read after the last one (the last R - 1 real tokens)."""
+    r = recent or 1
+    return int(filtered[:, filtered.shape[1] - (r - 1) :].sum()) if r > 1 else 0
+
+
+# -- 1. nothing filtered: the unmodified model, bit for bit --------------------------------------------------
+@pytest.mark.parametrize("recent", [None, 4])
+def test_nothing_filtered_is_bit_identical(tiny, recent):
+    ids = random_ids(2, 36)
+    dense = logits(tiny, ids)
+    with torch.no_grad():
+        dense_gen = tiny.generate(ids[:, :12], max_new_tokens=8, do_sample=False)
+    for cfg in (TokenFilter(ratio=0.0, skip="none", recent=recent),
+                TokenFilter(threshold=float("inf"), skip="none", recent=recent)):
+        with cfg.apply(tiny) as run:
+            out = logits(tiny, ids)
+            with torch.no_grad():
+                gen = tiny.generate(ids[:, :12], max_new_tokens=8, do_sample=False)
+        assert torch.equal(dense, out)
+        assert torch.equal(dense_gen, gen)
+        assert run.stats.ratio == 0.0 and run.stats.kv_held_fraction == 1.0
+
+
+def test_nothing_filtered_real_weights(stories):
+    ids = torch.tensor([[1] + list(range(20, 90))])
+    dense = logits(stories, ids)
+    with TokenFilter(threshold=float("inf"), skip="none", recent=8).apply(stories):
+        assert torch.equal(dense, logits(stories, ids))
+
+
+# -- 2. threshold mode: one prefill == token by token == chunks of 7 -----------------------------------------
+def _chunked(model, ids, size):
+    cache, steps = None, []
+    for s in range(0, ids.shape[1], size):
+        out = model(ids[:, s : s + size], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        steps.append(out.logits)
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("recent", RECENT)
+def test_threshold_prefill_equals_decode_and_chunks(tiny, recent):
+    ids = random_ids(1, 36)
+    taus = thresholds_that_filter(tiny, ids)
+    cfg = TokenFilter(threshold=taus, skip="none", recent=recent, record_decisions=True)
+    with cfg.apply(tiny) as run, torch.no_grad():
+        prefill = tiny(ids).logits
+        decisions = run.decisions
+        for size in (1, 7):
+            torch.testing.assert_close(_chunked(tiny, ids, size), prefill, atol=1e-5, rtol=1e-5)
+            assert all(torch.equal(a, b) for a, b in zip(decisions, run.decisions, strict=True))
+    assert sum(int(d.sum()) for d in decisions) > 0, "the thresholds should filter some tokens"
+
+
+def test_threshold_prefill_equals_decode_real_weights(stories):
+    ids = torch.tensor([[1] + list(range(40, 80))])
+    taus = thresholds_that_filter(stories, ids)
+    with TokenFilter(threshold=taus, skip="none", recent=4).apply(stories) as run, torch.no_grad():
+        prefill = stories(ids).logits
+        torch.testing.assert_close(_chunked(stories, ids, 1), prefill, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_chunked(stories, ids, 7), prefill, atol=1e-5, rtol=1e-5)
+    assert run.stats.ratio > 0
+
+
+# -- 3. fast == reference; the rule == an independent eager computation ---------------------------------------
+@pytest.mark.parametrize("recent", RECENT)
+@pytest.mark.parametrize("mode", ["ratio", "threshold"])
+def test_fast_equals_reference(tiny, recent, mode):
+    ids, mask = left_pad([random_ids(1, 40, seed=2)[0], random_ids(1, 29, seed=3)[0]])
+    extra = dict(ratio=0.5) if mode == "ratio" else dict(threshold=thresholds_that_filter(tiny, ids))
+    results = {}
+    for path in ("fast", "reference"):
+        cfg = TokenFilter(**extra, skip="none", recent=recent, path=path, record_decisions=True)
+        with cfg.apply(tiny) as run:
+            out = logits(tiny, ids, mask)
+            with torch.no_grad():
+                gen = tiny.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+            results[path] = (out, run.decisions, gen, run.stats)
+    (f_out, f_dec, f_gen, f_stats), (r_out, r_dec, r_gen, r_stats) = results["fast"], results["reference"]
+    real = mask.bool()
+    torch.testing.assert_close(f_out[real], r_out[real], atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(f_dec, r_dec, strict=True))
+    assert torch.equal(f_gen, r_gen)
+    assert f_stats.ratio > 0
+    assert f_stats.as_dict() == r_stats.as_dict()
+
+
+@pytest.mark.parametrize("recent", RECENT)
+def test_rule_equals_independent_eager_attention(tiny, recent):
+    ids = random_ids(2, 32, seed=7)
+    cfg = TokenFilter(ratio=0.5, skip="none", recent=recent, record_decisions=True)
+    with cfg.apply(tiny) as run:
+        out = logits(tiny, ids)
+    masks = {layer: rule_mask(run.decisions[layer], recent, cfg.warmup, model_window(tiny))
+             for layer in run.filtered_layers}
+    expected = forward_with_layer_masks(tiny, ids, masks)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert run.stats.ratio > 0.2
+
+
+# -- 4. left padding: each sequence as if alone --------------------------------------------------------------
+@pytest.mark.parametrize("recent", [None, 4])
+@pytest.mark.parametrize("path", ["fast", "reference"])
+def test_left_padded_batch_equals_alone(tiny, recent, path):
+    seqs = [random_ids(1, n, seed=s)[0] for n, s in ((30, 4), (22, 5), (37, 6))]
+    ids, mask = left_pad(seqs)
+    cfg = TokenFilter(ratio=0.5, skip="none", recent=recent, path=path, record_decisions=True)
+    with cfg.apply(tiny) as run:
+        batch = logits(tiny, ids, mask)
+        batch_dec = run.decisions
+        with torch.no_grad():
+            batch_gen = tiny.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        for i, s in enumerate(seqs):
+            n = len(s)
+            torch.testing.assert_close(batch[i, -n:], logits(tiny, s[None])[0], atol=1e-5, rtol=1e-5)
+            for layer_dec, alone_dec in zip(batch_dec, run.decisions, strict=True):
+                assert torch.equal(layer_dec[i, -n:], alone_dec[0])
+                assert not layer_dec[i, :-n].any()
+            with torch.no_grad():
+                gen = tiny.generate(s[None], max_new_tokens=6, do_sample=False)
+            assert torch.equal(batch_gen[i, -6:], gen[0, -6:])
+
+
+# -- 5, 6. realized ratio, recorded decisions ----------------------------------------------------------------
+@pytest.mark.parametrize("recent", [None, 8])
+def test_realized_ratio_and_decisions(tiny, recent):
+    ids, mask = left_pad([random_ids(1, n, seed=n)[0] for n in (64, 90, 71)])
+    cfg = TokenFilter(ratio=0.5, skip="none", recent=recent, record_decisions=True)
+    with cfg.apply(tiny) as run, torch.no_grad():
+        tiny(ids, attention_mask=mask)
+    assert abs(run.stats.ratio - 0.5) <= 0.02
+    assert len(run.decisions) == tiny.config.num_hidden_layers
+    for layer, dec in enumerate(run.decisions):
+        assert dec.shape == ids.shape and dec.dtype == torch.bool
+        assert not (dec & ~mask.bool()).any()
+        assert dec.any() == (layer in run.filtered_layers)
+
+
+# -- statistics: pairs, KV held, bytes saved and FLOPs against brute force ------------------------------------
+@pytest.mark.parametrize("recent", RECENT)
+@pytest.mark.parametrize("path", ["fast", "reference"])
+def test_stats_equal_brute_force(tiny, recent, path):
+    prompt, new = 30, 5
+    ids = random_ids(2, prompt, seed=9)
+    cfg = TokenFilter(ratio=0.5, skip="none", recent=recent, path=path, record_decisions=True)
+    window = model_window(tiny)
+    with cfg.apply(tiny) as run, torch.no_grad():
+        out = tiny(ids, use_cache=True)
+        prefill = run.stats
+        cache = out.past_key_values
+        seq = ids
+        for _ in range(new):  # decode steps by hand, so that the cache stays inspectable
+            nxt = out.logits[:, -1:].argmax(-1)
+            seq = torch.cat([seq, nxt], dim=1)
+            out = tiny(nxt, past_key_values=cache, use_cache=True)
+    fm, s = run.flops, run.stats
+    entry = fm.kv_entry_bytes(4)
+    for stats, n in ((prefill, prompt), (s, prompt + new)):
+        dropped = held = pairs_total = 0
+        expected_flops = n * 2 * fm.lm_head
+        for layer in range(tiny.config.num_hidden_layers):
+            dec = run.decisions[layer][:, :n]
+            dense_mask = rule_mask(torch.zeros_like(dec), None, cfg.warmup, window)
+            if layer in run.filtered_layers:
+                pairs = int(rule_mask(dec, recent, cfg.warmup, window).sum())
+                dropped += int(dec.sum()) - held_after(dec, recent)
+                held += held_after(dec, recent)
+            else:
+                pairs = int(dense_mask.sum())
+            assert stats.layers[layer].pairs == pairs
+            assert stats.layers[layer].pairs_dense == int(dense_mask.sum())
+            pairs_total += pairs
+            # KV side: every token still computes Q, attention, O projection and MLP
+            expected_flops += 2 * n * (fm.qo_proj + fm.kv_proj + fm.mlp) + pairs * fm.per_pair
+        assert stats.kv_bytes_saved == dropped * entry
+        assert stats.kv_held_fraction == pytest.approx(1 - dropped / (2 * n * fm.layers))
+        assert stats.flops_actual == pytest.approx(expected_flops)
+        assert stats.pairs_fraction == pytest.approx(pairs_total / sum(c.pairs_dense for c in stats.layers))
+    # what the caches really hold at the end: kept entries, plus the band's live ones
+    if path == "fast":
+        for layer in run.filtered_layers:
+            dec = run.decisions[layer]
+            entry_layer = cache.layers[layer]
+            assert entry_layer.kv.stored_entries() == int((~dec).sum())
+            assert entry_layer.ring.held == held_after(dec, recent)
+
+
+def test_flop_model_keeps_qo_projections_on_the_kv_side(tiny):
+    ids = random_ids(1, 64)
+    stats = {}
+    for skip in ("attention", "none"):
+        with TokenFilter(ratio=0.5, skip=skip).apply(tiny) as run, torch.no_grad():
+            tiny(ids)
+        stats[skip] = run.stats
+        assert all(c.mlp_skipped == 0 for c in run.stats.layers)
+    assert all(c.qo_skipped == 0 for c in stats["none"].layers)
+    assert sum(c.qo_skipped for c in stats["attention"].layers) == sum(c.filtered for c in stats["attention"].layers)
+    assert stats["none"].attention_flops_skipped < stats["attention"].attention_flops_skipped
+
+
+def test_window_wider_than_the_models_acts_as_the_models():
+    """Mistral's own window (24): with R >= 24 every key inside the window is readable, so the logits are the
+    dense model's although half the tokens are filtered; R = 24 and R = 100 are the same computation."""
+    model = make_tiny("mistral")
+    ids = random_ids(1, 40)
+    dense = logits(model, ids)
+    outs = []
+    for recent in (24, 100):
+        with TokenFilter(ratio=0.5, skip="none", recent=recent).apply(model) as run:
+            outs.append(logits(model, ids))
+        assert run.stats.ratio > 0.3
+        assert all(c.pairs == c.pairs_dense for c in run.stats.layers)
+    torch.testing.assert_close(outs[0], dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(skip="none", kv="keep"), 'skip="none" filters on the KV side only'),
+        (dict(recent=8), 'needs skip="none"'),
+        (dict(recent=8, skip="block"), 'needs skip="none"'),
+        (dict(recent=0, skip="none"), "recent must be an integer >= 1"),
+        (dict(recent=2.5, skip="none"), "recent must be an integer >= 1"),
+    ],
+)
+def test_bad_kv_side_config_is_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TokenFilter(ratio=0.5, **kwargs)
+
+
+def test_paper_preset_pins_the_query_side_reading():
+    cfg = TokenFilter.paper(ratio=0.3)
+    pinned = (cfg.skip, cfg.kv, cfg.recent, cfg.schedule, cfg.start_layer)
+    assert pinned == ("attention", "drop", None, "tail-linear", None)
+    assert TokenFilter(ratio=0.3).skip == "attention" and TokenFilter(ratio=0.3).recent is None
+
+
+# -- the sliding-window preset: StreamingLLM's sinks + window, from the same engine ---------------------------
+def streaming_mask(b: int, t: int, recent: int, sinks: int, window: int | None) -> torch.Tensor:
+    """StreamingLLM's rule with no decisions at all: query t reads key j iff j <= t and (j < sinks or t - j <
+    recent), inside the model's own window. -> ``[B, T, T]``."""
+    q = torch.arange(t)[:, None]
+    j = torch.arange(t)[None, :]
+    mask = (j <= q) & ((j < sinks) | (q - j < recent))
+    if window is not None:
+        mask &= q - j < window
+    return mask.expand(b, t, t)
+
+
+@pytest.mark.parametrize("recent", [1, 6])
+def test_sliding_window_preset_equals_streaming_llm(tiny, recent):
+    b, t, sinks = 2, 30, 3
+    ids = random_ids(b, t, seed=13)
+    cfg = TokenFilter.sliding_window(recent=recent, warmup=sinks)
+    with cfg.apply(tiny) as run, torch.no_grad():
+        out = logits(tiny, ids)
+        prefill = run.stats
+        torch.testing.assert_close(_chunked(tiny, ids, 1), out, atol=1e-5, rtol=1e-5)
+    n_layers = tiny.config.num_hidden_layers
+    expected = forward_with_layer_masks(
+        tiny, ids, {layer: streaming_mask(b, t, recent, sinks, model_window(tiny)) for layer in range(n_layers)}
+    )
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert run.filtered_layers == list(range(n_layers))
+    assert prefill.ratio == pytest.approx((t - sinks) / t)
+    held = sinks + min(recent - 1, t - sinks)  # per layer and sequence, after the prompt
+    assert prefill.kv_held_fraction == pytest.approx(held / t)
+
+
+def test_sliding_window_preset_real_weights(stories):
+    ids = torch.tensor([[1] + list(range(30, 70))])
+    with TokenFilter.sliding_window(recent=8).apply(stories), torch.no_grad():
+        out = logits(stories, ids)
+    masks = {layer: streaming_mask(1, ids.shape[1], 8, 4, None) for layer in range(stories.config.num_hidden_layers)}
+    torch.testing.assert_close(out, forward_with_layer_masks(stories, ids, masks), atol=1e-4, rtol=1e-4)
+
+
+def test_eval_method_names_build_kv_side_filters():
+    from tokenfilter.eval.methods import filter_for
+
+    assert filter_for("kv-side", 0.5).replace(ratio=None, threshold=0.1).skip == "none"
+    window = filter_for("kv-window", 0.5)
+    assert (window.skip, window.recent, window.score) == ("none", 64, "similarity")
+    assert filter_for("kv-window-random", 0.3).score == "random"
+
+
+def test_bf16_fast_equals_reference(tiny):
+    tiny = tiny.to(torch.bfloat16)
+    ids = random_ids(2, 40)
+    outs, decs = [], []
+    for path in ("fast", "reference"):
+        cfg = TokenFilter(ratio=0.5, skip="none", recent=4, path=path, record_decisions=True)
+        with cfg.apply(tiny) as run:
+            outs.append(logits(tiny, ids).float())
+            decs.append(run.decisions)
+    assert all(torch.equal(a, b) for a, b in zip(*decs, strict=True))
+    torch.testing.assert_close(outs[0], outs[1], atol=3e-2, rtol=3e-2)
+
+
+def test_beam_search_reorders_the_ring(tiny):
+    """Beam search reorders the cache every step, the ring of the recent band included."""
+    ids = random_ids(2, 20)
+    kwargs = dict(max_new_tokens=8, num_beams=3, do_sample=False, num_return_sequences=2)
+    outs = []
+    with torch.no_grad():
+        for path in ("fast", "reference"):
+            with TokenFilter(threshold=0.2, warmup=2, skip="none", recent=4, path=path).apply(tiny) as run:
+                outs.append(tiny.generate(ids, **kwargs))
+            assert run.stats.ratio > 0
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_use_cache_false_equals_cached(tiny):
+    ids = random_ids(1, 40)
+    with TokenFilter(ratio=0.5, skip="none", recent=4).apply(tiny), torch.no_grad():
+        torch.testing.assert_close(tiny(ids, use_cache=False).logits, tiny(ids, use_cache=True).logits)
+
+
+@pytest.mark.parametrize("recent", RECENT)
+@pytest.mark.parametrize("mode", [dict(ratio=0.5), dict(threshold=0.3)], ids=["ratio", "threshold"])
+def test_lean_band_decode_is_taken_and_equals_reference(monkeypatch, recent, mode):
+    from tokenfilter.integration import attention as attention_mod
+
+    calls = {"n": 0}
+    original = attention_mod.FilteredAttention._decode_step_band
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(attention_mod.FilteredAttention, "_decode_step_band", counted)
+    model = make_tiny("llama")
+    ids, mask = left_pad([random_ids(1, 30, seed=3)[0], random_ids(1, 24, seed=4)[0]])
+    runs = {}
+    for path in ("fast", "reference"):
+        cfg = TokenFilter(**mode, skip="none", recent=recent, path=path, record_decisions=True)
+        with cfg.apply(model) as run, torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True)
+        runs[path] = (out.sequences, torch.stack(out.scores), run)
+        if path == "fast":
+            assert calls["n"] == 9 * len(run.filtered_layers)  # every decode step took the lean path
+    (f_seq, f_logits, f_run), (r_seq, r_logits, r_run) = runs["fast"], runs["reference"]
+    assert torch.equal(f_seq, r_seq)
+    torch.testing.assert_close(f_logits, r_logits, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(f_run.decisions, r_run.decisions, strict=True))
+    assert f_run.stats.as_dict() == r_run.stats.as_dict()
+    assert f_run.stats.ratio > 0

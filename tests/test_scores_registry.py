@@ -1,0 +1,94 @@
+"""Every registered score through the same invariants (kvpress's test-matrix style): the function alone, then
+the engine with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_engine_equivalence import logits
+from tokenfilter import TokenFilter
+from tokenfilter.algorithm.scores import SCORES, ScoreState
+
+from conftest import left_pad, make_tiny, random_ids
+
+NAMES = sorted(SCORES)
+DRAWS = {"random"}  # scores whose values depend on how the calls split the tokens (the order of the draws)
+
+
+def _state(valid, seed=0, seen=None, b=2):
+    return ScoreState(
+        valid=valid,
+        seen=torch.zeros(b, dtype=torch.long) if seen is None else seen,
+        memory={},
+        gamma=0.9,
+        fusion="variance",
+        lam=1.0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def _kv(b=2, n=11, h=2, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, n, h, d, generator=g), torch.randn(b, n, h, d, generator=g)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_score_function_shape_and_determinism(name):
+    keys, values = _kv()
+    valid = torch.ones(2, 11, dtype=torch.bool)
+    valid[1, 6:] = False  # row 1 has 6 real tokens, then padding (left-aligned, as the engine passes them)
+    a = SCORES[name](keys, values, _state(valid))
+    b = SCORES[name](keys, values, _state(valid))
+    assert a.shape == (2, 11) and a.dtype == torch.float32
+    assert torch.isfinite(a[valid]).all()
+    assert torch.equal(a, b), "same inputs and seed, same scores"
+    # padding entries never change the real ones
+    noisy = keys.clone()
+    noisy[1, 6:] = 1e3
+    c = SCORES[name](noisy, values, _state(valid))
+    assert torch.equal(c[valid], a[valid])
+
+
+@pytest.mark.parametrize("name", sorted(set(NAMES) - DRAWS))
+def test_score_state_carries_across_calls(name):
+    """Scoring a sequence in two calls (the state kept in ``memory``) gives one call's scores."""
+    keys, values = _kv(n=12)
+    whole = SCORES[name](keys, values, _state(None))
+    state = _state(None)
+    first = SCORES[name](keys[:, :5], values[:, :5], state)
+    state.seen = torch.full((2,), 5)
+    second = SCORES[name](keys[:, 5:], values[:, 5:], state)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_score_through_the_engine(name):
+    # not qwen3: its tiny random k-norm (weight 1) gives every key the same norm, so key-norm would rank ties
+    model = make_tiny("llama")
+    ids, mask = left_pad([random_ids(1, 70, seed=2)[0], random_ids(1, 64, seed=3)[0]])
+    # guarantee 1 for scores not bounded by 1: threshold inf filters nothing, bit for bit
+    dense = logits(model, ids)
+    with TokenFilter(threshold=float("inf"), score=name).apply(model):
+        assert torch.equal(logits(model, ids), dense)
+    results = {}
+    for path in ("fast", "reference"):
+        cfg = TokenFilter(ratio=0.5, score=name, skip="none", recent=4, path=path, record_decisions=True)
+        with cfg.apply(model) as run:
+            out = logits(model, ids, mask)
+            with torch.no_grad():
+                model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        results[path] = (out, run.decisions, run.scores, run.stats)
+        assert abs(run.stats.ratio - 0.5) <= 0.02 + 4 * 0.5 / 134  # the 4 decoded steps use the running quantile
+        for layer in run.filtered_layers:
+            s = run.scores[layer][:, : ids.shape[1]]
+            assert s[~mask.bool()].isnan().all(), "padding has no score"
+            assert torch.isfinite(s[mask.bool()]).all()
+    real = mask.bool()
+    torch.testing.assert_close(results["fast"][0][real], results["reference"][0][real], atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(results["fast"][1], results["reference"][1], strict=True))
+
+
+def test_unknown_score_names_the_registry():
+    with pytest.raises(ValueError, match="score must be one of .*similarity"):
+        TokenFilter(ratio=0.5, score="attention-received")
