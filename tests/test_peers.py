@@ -390,7 +390,10 @@ def test_cli_arguments() -> None:
     assert cli._longbench_tasks(["needle"]) is None
     with pytest.raises(ValueError, match="Unknown task"):
         cli._longbench_tasks(["nope"])
-    assert list(cli.our_methods([0.5])) == ["dense", "token-filter-0.5"]
+    methods = cli.our_methods([0.5])
+    assert list(methods) == ["dense", "token-filter-0.5", "kv-window-0.5", "kv-window-random-0.5"]
+    assert methods["kv-window-0.5"].skip == "none" and methods["kv-window-0.5"].recent == 64
+    assert methods["kv-window-random-0.5"].score == "random"
 
 
 def test_findings_say_who_wins_and_by_how_much() -> None:

@@ -100,12 +100,15 @@ def run_peer_script(peer: env.PeerEnv, in_json: Path, out_json: Path) -> dict:
 
 
 def our_methods(ratios: list[float]) -> dict[str, object | None]:
-    """Our rows: dense, then Token Filtering at each ratio (the sliding-window preset and the KV-side default join
-    here once they are merged)."""
+    """Our rows: dense, then at each ratio the library default, KV-side filtering with a 64-token recent window
+    (the Quality II candidate) and its random twin."""
     from tokenfilter.config import TokenFilter
 
     methods: dict[str, object | None] = {"dense": None}
-    methods.update({f"token-filter-{r:g}": TokenFilter(ratio=r) for r in ratios})
+    for r in ratios:
+        methods[f"token-filter-{r:g}"] = TokenFilter(ratio=r)
+        methods[f"kv-window-{r:g}"] = TokenFilter(ratio=r, skip="none", recent=64)
+        methods[f"kv-window-random-{r:g}"] = TokenFilter(ratio=r, skip="none", recent=64, score="random")
     return methods
 
 

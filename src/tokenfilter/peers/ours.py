@@ -2,8 +2,7 @@
 
 Per prompt it records the answer, its score, the wall time, and (for a filter) the statistics at the end of the
 prompt (a snapshot taken after the prefill) and at the end of the answer. Our KV held after the prompt comes from
-:func:`kv_held_share`, which reads the engine's statistics; the lead replaces it by the KV-held statistic of the
-KV-side mode (SPEC "Recent window") once that is merged.
+:func:`kv_held_share`, which reads the engine's KV-held statistic (SPEC "Recent window").
 """
 
 from __future__ import annotations
@@ -60,16 +59,11 @@ def generate(
 
 
 def kv_held_share(stats: Mapping | None) -> float:
-    """Our KV held at the end of the prompt as a share of dense over all layers (SPEC "KV held").
-
-    Reads ``kv_held_share`` when the engine reports it; else, for today's engine (no window), dense minus the
-    entries not stored (``kv_bytes_saved / kv_bytes_dense``)."""
+    """Our KV held at the end of the prompt as a share of dense over all layers (SPEC "KV held": kept entries plus
+    filtered ones still inside the recent window), as the engine reports it (``kv_held_fraction``)."""
     if not stats:
         return 1.0
-    if stats.get("kv_held_share") is not None:
-        return float(stats["kv_held_share"])
-    dense = stats.get("kv_bytes_dense") or 0
-    return 1.0 - (stats.get("kv_bytes_saved", 0) / dense if dense else 0.0)
+    return float(stats["kv_held_fraction"])
 
 
 def _pairs(stats: Mapping | None) -> int | None:
