@@ -8,33 +8,18 @@ import shlex
 import sys
 from pathlib import Path
 
-
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    for v in values:
-        if not 0 <= v < 1:
-            raise argparse.ArgumentTypeError(f"every ratio must be in [0, 1), got {v}")
-    return values
-
-
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+from tokenfilter.cli_args import STAGES, names, positive_ints, ratios
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    from tokenfilter.bench.cli import positive_ints
-
     p = sub.add_parser("eval", help="score dense vs Token Filtering vs baselines (lm-eval tasks + perplexity)")
     p.add_argument("--model", default=None, help="local folder, .gguf file or hub id (default: SmolLM2-135M)")
-    p.add_argument("--ratios", type=_floats, default=[0.3, 0.5], help="comma-separated, default 0.3,0.5")
-    p.add_argument("--tasks", type=_names, default=["zeroshot", "mmlu"],
+    p.add_argument("--ratios", type=ratios, default=[0.3, 0.5], help="comma-separated, default 0.3,0.5")
+    p.add_argument("--tasks", type=names, default=["zeroshot", "mmlu"],
                    help="boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,mmlu | zeroshot | all; "
                    "or longctx (needle in a haystack + MiniLongBench, on its own)")
     p.add_argument("--limit", type=int, default=40, help="examples per task (default 40; 0 = all)")
-    p.add_argument("--methods", type=_names, default=["dense", "token-filter"],
+    p.add_argument("--methods", type=names, default=["dense", "token-filter"],
                    help="dense,token-filter,fusion-mean,fusion-key,fusion-value,kv-keep,paper,post-rope,random,"
                    "shortgpt,shortgpt-calib2 | all")
     p.add_argument("--batch-size", type=int, default=8,
@@ -117,17 +102,15 @@ def _run_longctx(args: argparse.Namespace) -> int:
 
 
 def _add_study(sub: argparse._SubParsersAction) -> None:
-    from tokenfilter.study.runner import STAGES
-
     p = sub.add_parser("study", help="which configuration holds quality: choose on one half, report on the other")
     p.add_argument("--model", default=None, help="local folder, .gguf file or hub id (default: SmolLM2-135M)")
-    p.add_argument("--ratios", type=_floats, default=[0.1, 0.2, 0.3, 0.5], help="default 0.1,0.2,0.3,0.5")
-    p.add_argument("--candidates", type=_names, default=None, help="candidate names (default: all; see --list)")
-    p.add_argument("--stages", type=_names, default=list(STAGES), help=f"any of {','.join(STAGES)} (default all)")
+    p.add_argument("--ratios", type=ratios, default=[0.1, 0.2, 0.3, 0.5], help="default 0.1,0.2,0.3,0.5")
+    p.add_argument("--candidates", type=names, default=None, help="candidate names (default: all; see --list)")
+    p.add_argument("--stages", type=names, default=list(STAGES), help=f"any of {','.join(STAGES)} (default all)")
     p.add_argument("--ppl-windows", type=int, default=12, help="WikiText-2 windows, split even/odd (default 12)")
     p.add_argument("--ppl-window", type=int, default=1024)
     p.add_argument("--lambada-windows", type=int, default=4, help="held-out LAMBADA windows (0 = none)")
-    p.add_argument("--tasks", type=_names, default=None, help="accuracy tasks (default: the zero-shot suite + mmlu)")
+    p.add_argument("--tasks", type=names, default=None, help="accuracy tasks (default: the zero-shot suite + mmlu)")
     p.add_argument("--acc-docs", type=int, default=30, help="held-out documents per task (default 30)")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the random floor (default 3)")
     p.add_argument("--no-second", action="store_true", help="skip the second real model (stories260K)")
@@ -178,32 +161,42 @@ def _run_study(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _command_of(argv: list[str]) -> str | None:
+    """The sub-command named in ``argv`` (the first word that is not an option), before parsing."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``tokenfilter`` parser. Only ``bench``'s own options import its package (and torch), so they are
+    added only when ``command`` is ``bench``."""
     parser = argparse.ArgumentParser(prog="tokenfilter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_eval(sub)
     _add_study(sub)
     bench = sub.add_parser("bench", help="latency, throughput and KV memory vs dense")
-    try:
+    if command == "bench":
         from tokenfilter.bench import cli as bench_cli
-    except ImportError:
-        bench_cli = None
-    else:
+
         bench_cli.add_arguments(bench)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command_of(argv)).parse_args(argv)
     try:
         if args.command == "eval":
             return _run_eval(args)
         if args.command == "study":
             return _run_study(args)
-        if bench_cli is None:
-            print("tokenfilter bench is not available in this version.", file=sys.stderr)
-            return 2
+        from tokenfilter.bench import cli as bench_cli
+
         return bench_cli.run(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"tokenfilter: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("tokenfilter: interrupted.", file=sys.stderr)
         return 130
 
 
