@@ -41,6 +41,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from tokenfilter.loading import model_source
+
+    model_source(args.model)  # a missing path or an unreachable hub id fails here, before the heavy imports
     from tokenfilter.eval.report import PLOT_NAME, print_table, write_markdown, write_outputs
     from tokenfilter.eval.suite import EvalConfig, run_eval
 
