@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from tokenfilter.cli_args import STAGES, names, positive_ints, ratios
+from tokenfilter.cli_args import STAGES, names, positive_int, positive_ints, ratios, usable_cores
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -33,31 +33,60 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ppl-window", type=int, default=1024, help="window length in tokens (default 1024)")
     p.add_argument("--no-lambada", action="store_true", help="skip LAMBADA perplexity")
     p.add_argument("--calib-file", default=None, help="calibration text for the layer-removal baseline")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; 1 is often faster on a CPU shared with other jobs)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default: the cores this process may use; 1 is often faster on a CPU "
+                   "shared with other jobs)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run in OUTPUT: reuse its finished (method, ratio, task) results")
+    again.add_argument("--force", action="store_true", help="overwrite the results already in OUTPUT")
     p.add_argument("--needle-lengths", type=positive_ints, default=None,
                    help="longctx: needle context lengths (default 1024,2048,4096,8192)")
     p.add_argument("--max-length", type=int, default=None, help="longctx: MiniLongBench truncation (default 2048)")
+
+
+def _start_line(args: argparse.Namespace, threads: int, tasks: list[str], methods: list[str]) -> str:
+    model = args.model or "the default model (SmolLM2-135M)"
+    ratios_text = ", ".join(f"{r:g}" for r in args.ratios)
+    return (f"tokenfilter eval: model {model}; methods {', '.join(methods)}; ratios {ratios_text}; "
+            f"tasks {', '.join(tasks)}; {threads} threads; output {args.output}")
+
+
+def _set_threads(args: argparse.Namespace) -> int:
+    import torch
+
+    threads = args.threads or usable_cores()
+    torch.set_num_threads(threads)
+    return threads
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     from tokenfilter.loading import model_source
 
     model_source(args.model)  # a missing path or an unreachable hub id fails here, before the heavy imports
+    if "longctx" in args.tasks:
+        threads = _set_threads(args)
+        print(_start_line(args, threads, args.tasks, args.methods), flush=True)
+        return _run_longctx(args)
+    from tokenfilter.eval.harness_tasks import resolve_tasks
+    from tokenfilter.eval.methods import resolve_methods
     from tokenfilter.eval.report import PLOT_NAME, print_table, write_markdown, write_outputs
+    from tokenfilter.eval.resume import ROWS_DIR
     from tokenfilter.eval.suite import EvalConfig, run_eval
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if "longctx" in args.tasks:
-        return _run_longctx(args)
     cfg = EvalConfig(model=args.model, methods=args.methods, ratios=args.ratios, tasks=args.tasks,
                      limit=args.limit or None, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
                      ppl_file=args.ppl_file, ppl_window=args.ppl_window, ppl_windows=args.ppl_windows,
                      lambada=not args.no_lambada, calib_file=args.calib_file)
-    result = run_eval(cfg)
+    threads = _set_threads(args)
+    print(_start_line(args, threads, resolve_tasks(cfg.tasks), resolve_methods(cfg.methods)), flush=True)
+    existing = "resume" if args.resume else "force" if args.force else "refuse"
+    try:
+        result = run_eval(cfg, output=args.output, existing=existing)
+    except KeyboardInterrupt:
+        print(f"\ntokenfilter: interrupted; the finished results so far are kept in {args.output / ROWS_DIR}: "
+              "rerun the same command with --resume to continue from them.", file=sys.stderr)
+        return 130
     command = "tokenfilter " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result["command"] = command
     print_table(result)
