@@ -49,7 +49,7 @@ def _start_line(args: argparse.Namespace, threads: int, tasks: list[str], method
     model = args.model or "the default model (SmolLM2-135M)"
     ratios_text = ", ".join(f"{r:g}" for r in args.ratios)
     return (f"tokenfilter eval: model {model}; methods {', '.join(methods)}; ratios {ratios_text}; "
-            f"tasks {', '.join(tasks)}; {threads} threads; output {args.output}")
+            f"tasks {', '.join(tasks)}; threads {threads}; output {args.output}")
 
 
 def _set_threads(args: argparse.Namespace) -> int:
