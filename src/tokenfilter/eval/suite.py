@@ -107,6 +107,7 @@ class _Run:
     bar: Any
     flops_saved_by_ratio: dict[float, float] = field(default_factory=dict)
     influence: dict[str, list[float]] = field(default_factory=dict)
+    kept_seconds: float = 0.0  # what the reused parts took in earlier runs
 
 
 def plan_of(cfg: EvalConfig) -> list[tuple[str, float]]:
@@ -153,7 +154,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, output: Path | None = None,
         "config": asdict(cfg),
         "tasks": task_names,
         "rows": rows,
-        "seconds": time.time() - t0,
+        "seconds": time.time() - t0 + run.kept_seconds,  # a resumed run counts its reused parts' time too
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
@@ -178,6 +179,7 @@ def _store(cfg: EvalConfig, task_names: list[str], output: Path | None, existing
 
 def _row(run: _Run, method: str, ratio: float) -> dict:
     record = run.store.load(method, ratio)
+    run.kept_seconds += record.get("seconds", 0.0)
     if record.get("row"):  # finished in an earlier run
         run.bar.update(len(run.task_names) + 1)
         if method == "token-filter":
@@ -200,10 +202,12 @@ def _tasks(run: _Run, method: str, ratio: float, record: dict, counting: bool) -
             run.bar.set_postfix_str(f"{method} {ratio:g}: {task}", refresh=True)
             torch.manual_seed(run.cfg.seed)
             run.lm.reset_filter_stats()
+            t0 = time.time()
             results = run.lm_eval.simple_evaluate(model=run.lm, tasks=[task_cfg], limit=run.cfg.limit,
                                                   task_manager=run.task_manager, log_samples=False)
             counts = [asdict(c) for c in run.lm._counts] if counting else None
             record["tasks"][task] = {"metrics": _metrics(results)[task], "counts": counts}
+            record["seconds"] = record.get("seconds", 0.0) + time.time() - t0
             run.store.save(method, ratio, record)
         run.bar.update(1)
     return {task: record["tasks"][task]["metrics"] for task in run.task_names}
@@ -212,13 +216,14 @@ def _tasks(run: _Run, method: str, ratio: float, record: dict, counting: bool) -
 def _perplexities(run: _Run, method: str, ratio: float, record: dict, tf: TokenFilter | None) -> dict[str, float]:
     if record.get("perplexity") is None:
         run.bar.set_postfix_str(f"{method} {ratio:g}: perplexity", refresh=True)
-        ppl = {}
+        ppl, t0 = {}, time.time()
         for name, ids in run.ppl_sets.items():
             torch.manual_seed(run.cfg.seed)
             ppl[name], stats = perplexity(run.model, ids, tf, False, name)
             if name == "wikitext2":
                 record["ppl_flops_skipped"] = stats.total_flops_skipped
         record["perplexity"] = ppl
+        record["seconds"] = record.get("seconds", 0.0) + time.time() - t0
         run.store.save(method, ratio, record)
     run.bar.update(1)
     return record["perplexity"]
@@ -264,7 +269,8 @@ def _removal_row(run: _Run, method: str, ratio: float, record: dict) -> dict:
     n_remove = max(1, round(run.flops_saved_by_ratio[ratio] / per_layer))
     remove = layers_to_remove(run.influence[method], n_remove)
     if record.get("removed_layers", remove) != remove:  # kept parts scored another model: redo them
-        record = {"tasks": {}}
+        record.clear()
+        record["tasks"] = {}
     record["removed_layers"] = remove
     row: dict = {"method": method, "target_ratio": ratio}
     run.lm.token_filter = None
