@@ -15,15 +15,21 @@ from collections.abc import Iterator
 from tqdm import tqdm
 
 LOGGERS = ("lm_eval", "lm-eval", "transformers", "datasets", "huggingface_hub", "accelerate", "evaluate")
-# lm-eval modules that draw progress bars (task building, tokenizing, loglikelihood requests)
-_LM_EVAL_BAR_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface", "lm_eval.evaluator")
+# modules that draw progress bars of their own: lm-eval's task building, tokenizing and loglikelihood requests,
+# transformers' GGUF de-quantization (which ignores its progress-bar switch)
+_BAR_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface", "lm_eval.evaluator",
+                "transformers.modeling_gguf_pytorch_utils")
 _NOISY = r"(lm_eval|transformers|datasets|huggingface_hub|accelerate|evaluate)(\..*)?$"
 
 
-def silent_tqdm(*args: object, **kwargs: object) -> tqdm:
-    """A tqdm that iterates as usual and draws nothing."""
-    kwargs["disable"] = True
-    return tqdm(*args, **kwargs)
+def _silent(bar_class: type) -> object:
+    """A stand-in for ``bar_class`` (a tqdm class) that iterates as usual and draws nothing."""
+
+    def silent_tqdm(*args: object, **kwargs: object) -> tqdm:
+        kwargs["disable"] = True
+        return bar_class(*args, **kwargs)
+
+    return silent_tqdm
 
 
 @contextlib.contextmanager
@@ -39,21 +45,22 @@ def _loggers_at_error() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _no_lm_eval_bars() -> Iterator[None]:
+def _no_library_bars() -> Iterator[None]:
     patched = []
-    for name in _LM_EVAL_BAR_MODULES:
+    for name in _BAR_MODULES:
         try:
             module = importlib.import_module(name)
         except ImportError:
             continue
-        if getattr(module, "tqdm", None) is tqdm:
-            patched.append(module)
-            module.tqdm = silent_tqdm
+        bar_class = getattr(module, "tqdm", None)
+        if isinstance(bar_class, type) and issubclass(bar_class, tqdm):
+            patched.append((module, bar_class))
+            module.tqdm = _silent(bar_class)
     try:
         yield
     finally:
-        for module in patched:
-            module.tqdm = tqdm
+        for module, bar_class in patched:
+            module.tqdm = bar_class
 
 
 def _library_verbosity_error() -> None:
@@ -74,6 +81,6 @@ def _library_verbosity_error() -> None:
 def quiet_libraries() -> Iterator[None]:
     """Silence lm-eval's, transformers' and datasets' log warnings, Python warnings and progress bars."""
     _library_verbosity_error()
-    with warnings.catch_warnings(), _loggers_at_error(), _no_lm_eval_bars():
+    with warnings.catch_warnings(), _loggers_at_error(), _no_library_bars():
         warnings.filterwarnings("ignore", module=_NOISY)
         yield

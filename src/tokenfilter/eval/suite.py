@@ -138,17 +138,18 @@ def run_eval(cfg: EvalConfig, progress: bool = True, output: Path | None = None,
     store = _store(cfg, task_names, output, existing)
     store.check(plan)
     t0 = time.time()
-    with quiet_libraries():
+    steps = len(plan) * (len(task_names) + 1)
+    with quiet_libraries(), tqdm(total=steps, desc="eval", unit="step", disable=not progress, leave=True,
+                                 dynamic_ncols=True) as bar:
+        bar.set_postfix_str("loading the model", refresh=True)
         model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
         lm = TokenFilterLM(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size, device=cfg.device)
         ppl_sets = {"wikitext2": windows(tok, ppl_text, cfg.ppl_window, cfg.ppl_windows)}
         if cfg.lambada:
             ppl_sets["lambada"] = windows(tok, lambada_text(), cfg.ppl_window, cfg.ppl_windows)
-        steps = len(plan) * (len(task_names) + 1)
-        with tqdm(total=steps, desc="eval", unit="step", disable=not progress, leave=True, dynamic_ncols=True) as bar:
-            run = _Run(cfg, lm_eval, model, tok, lm, task_names, task_configs, task_manager_for_our_tasks(),
-                       ppl_sets, store, bar)
-            rows = [_row(run, method, ratio) for method, ratio in plan]
+        run = _Run(cfg, lm_eval, model, tok, lm, task_names, task_configs, task_manager_for_our_tasks(),
+                   ppl_sets, store, bar)
+        rows = [_row(run, method, ratio) for method, ratio in plan]
     return {
         "model": cfg.model or DEFAULT_NAME,
         "config": asdict(cfg),
