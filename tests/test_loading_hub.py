@@ -29,7 +29,8 @@ def offline_env(monkeypatch):
 
 @pytest.fixture
 def no_env(monkeypatch):
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT"):
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY",
+                "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -89,3 +90,12 @@ def test_probe_answers_for_a_listening_and_a_closed_loopback_port(no_env, monkey
         port = closed.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     assert not loading.hub_reachable(timeout=1.5)
+
+
+def test_probe_goes_through_the_proxy_when_one_is_set(no_env, monkeypatch):
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        assert loading._probe_address() == ("127.0.0.1", proxy.getsockname()[1])
+        assert loading.hub_reachable(timeout=1.5)

@@ -26,7 +26,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="requests scored together (default 8; padding is masked, so scores equal batch 1's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--output", type=Path, default=Path("results/eval"), help="folder for JSON, Markdown and PNG")
+    p.add_argument("--output", type=Path, default=Path("results/eval"),
+                   help="folder for JSON, Markdown and PNG, and rows/ (the finished parts that --resume reuses)")
     p.add_argument("--results-md", type=Path, default=None, help="also write the Markdown report here")
     p.add_argument("--ppl-file", default=None, help="perplexity text (default ../shared/data/wikitext-2 test)")
     p.add_argument("--ppl-windows", type=int, default=4, help="number of perplexity windows (default 4)")

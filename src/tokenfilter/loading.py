@@ -53,12 +53,21 @@ HUB_PROBE_TIMEOUT = 1.5  # seconds: how long the connectivity probe waits for th
 _TRUE = {"1", "true", "yes", "on"}
 
 
+def _probe_address() -> tuple[str, int]:
+    """Where the hub is reached: the proxy for its scheme when one is set, else the hub (``HF_ENDPOINT``)."""
+    hub = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    names = ("HTTPS_PROXY", "https_proxy") if hub.scheme == "https" else ("HTTP_PROXY", "http_proxy")
+    proxy = next((os.environ[n] for n in (*names, "ALL_PROXY", "all_proxy") if os.environ.get(n)), None)
+    url = hub if not proxy else urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
 def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
-    """Whether a TCP connection to the Hugging Face hub (``HF_ENDPOINT``) opens within ``timeout`` seconds.
+    """Whether a TCP connection to the Hugging Face hub (``HF_ENDPOINT``, or the proxy in front of it) opens
+    within ``timeout`` seconds.
 
     Runs in a daemon thread so that a slow name look-up cannot hold the caller past ``timeout``."""
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    host, port = _probe_address()
     done, opened = threading.Event(), []
 
     def probe() -> None:
