@@ -148,3 +148,11 @@ def test_threads_default_to_usable_cores_and_start_line_and_quiet_console(argv, 
     for row in result["rows"]:
         assert row["avg_accuracy_stderr"] > 0
         assert all("acc_stderr" in m for m in row["accuracy"].values())
+
+
+def test_interrupt_before_anything_finished_says_nothing_was_kept(argv, monkeypatch, capsys):
+    Calls(monkeypatch, stop_at=(0.0, "boolq"))
+    with one_thread():
+        assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "nothing was kept" in err and "Traceback" not in err

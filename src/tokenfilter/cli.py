@@ -72,7 +72,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from tokenfilter.eval.harness_tasks import resolve_tasks
     from tokenfilter.eval.methods import resolve_methods
     from tokenfilter.eval.report import PLOT_NAME, print_table, write_markdown, write_outputs
-    from tokenfilter.eval.resume import ROWS_DIR
+    from tokenfilter.eval.resume import ROWS_DIR, kept_rows
     from tokenfilter.eval.suite import EvalConfig, run_eval
 
     cfg = EvalConfig(model=args.model, methods=args.methods, ratios=args.ratios, tasks=args.tasks,
@@ -85,8 +85,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     try:
         result = run_eval(cfg, output=args.output, existing=existing)
     except KeyboardInterrupt:
-        print(f"\ntokenfilter: interrupted; the finished results so far are kept in {args.output / ROWS_DIR}: "
-              "rerun the same command with --resume to continue from them.", file=sys.stderr)
+        if kept_rows(args.output):
+            print(f"\ntokenfilter: interrupted; the finished results so far are kept in {args.output / ROWS_DIR}: "
+                  "rerun the same command with --resume to continue from them.", file=sys.stderr)
+        else:
+            print("\ntokenfilter: interrupted before any result was finished; nothing was kept.", file=sys.stderr)
         return 130
     command = "tokenfilter " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result["command"] = command

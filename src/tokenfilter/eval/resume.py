@@ -37,8 +37,15 @@ def has_results(folder: Path) -> bool:
 
 
 def clear(folder: Path) -> None:
-    """Forget the kept parts of an earlier run (``--force``); the final files are overwritten at the end."""
+    """Forget an earlier run (``--force``): its kept parts and its results.json (the report and plot are
+    overwritten at the end)."""
     shutil.rmtree(folder / ROWS_DIR, ignore_errors=True)
+    (folder / "results.json").unlink(missing_ok=True)
+
+
+def kept_rows(folder: Path) -> int:
+    """How many rows have kept parts in ``folder``."""
+    return len(list((folder / ROWS_DIR).glob("*.json")))
 
 
 def _describe(key: str, value: object) -> str:
@@ -92,6 +99,3 @@ class RowStore:
         if self.folder is not None:
             kept = {**record, "method": method, "target_ratio": ratio, "fingerprint": self.fingerprint_of(method)}
             write_json_atomic(self.path(method, ratio), kept)
-
-    def count(self) -> int:
-        return 0 if self.folder is None else len(list(self.folder.glob("*.json")))
