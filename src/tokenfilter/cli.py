@@ -8,68 +8,89 @@ import shlex
 import sys
 from pathlib import Path
 
-
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    for v in values:
-        if not 0 <= v < 1:
-            raise argparse.ArgumentTypeError(f"every ratio must be in [0, 1), got {v}")
-    return values
-
-
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+from tokenfilter.cli_args import STAGES, names, positive_int, positive_ints, ratios, usable_cores
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    from tokenfilter.bench.cli import positive_ints
-
     p = sub.add_parser("eval", help="score dense vs Token Filtering vs baselines (lm-eval tasks + perplexity)")
     p.add_argument("--model", default=None, help="local folder, .gguf file or hub id (default: SmolLM2-135M)")
-    p.add_argument("--ratios", type=_floats, default=[0.3, 0.5], help="comma-separated, default 0.3,0.5")
-    p.add_argument("--tasks", type=_names, default=["zeroshot", "mmlu"],
+    p.add_argument("--ratios", type=ratios, default=[0.3, 0.5], help="comma-separated, default 0.3,0.5")
+    p.add_argument("--tasks", type=names, default=["zeroshot", "mmlu"],
                    help="boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,mmlu | zeroshot | all; "
                    "or longctx (needle in a haystack + MiniLongBench, on its own)")
     p.add_argument("--limit", type=int, default=40, help="examples per task (default 40; 0 = all)")
-    p.add_argument("--methods", type=_names, default=["dense", "token-filter"],
+    p.add_argument("--methods", type=names, default=["dense", "token-filter"],
                    help="dense,token-filter,fusion-mean,fusion-key,fusion-value,kv-keep,paper,post-rope,random,"
                    "shortgpt,shortgpt-calib2 | all")
     p.add_argument("--batch-size", type=int, default=8,
                    help="requests scored together (default 8; padding is masked, so scores equal batch 1's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--output", type=Path, default=Path("results/eval"), help="folder for JSON, Markdown and PNG")
+    p.add_argument("--output", type=Path, default=Path("results/eval"),
+                   help="folder for JSON, Markdown and PNG, and rows/ (the finished parts that --resume reuses)")
     p.add_argument("--results-md", type=Path, default=None, help="also write the Markdown report here")
     p.add_argument("--ppl-file", default=None, help="perplexity text (default ../shared/data/wikitext-2 test)")
     p.add_argument("--ppl-windows", type=int, default=4, help="number of perplexity windows (default 4)")
     p.add_argument("--ppl-window", type=int, default=1024, help="window length in tokens (default 1024)")
     p.add_argument("--no-lambada", action="store_true", help="skip LAMBADA perplexity")
     p.add_argument("--calib-file", default=None, help="calibration text for the layer-removal baseline")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; 1 is often faster on a CPU shared with other jobs)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default: the cores this process may use; 1 is often faster on a CPU "
+                   "shared with other jobs)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run in OUTPUT: reuse its finished (method, ratio, task) results")
+    again.add_argument("--force", action="store_true", help="overwrite the results already in OUTPUT")
     p.add_argument("--needle-lengths", type=positive_ints, default=None,
                    help="longctx: needle context lengths (default 1024,2048,4096,8192)")
     p.add_argument("--max-length", type=int, default=None, help="longctx: MiniLongBench truncation (default 2048)")
 
 
+def _start_line(args: argparse.Namespace, threads: int, tasks: list[str], methods: list[str]) -> str:
+    model = args.model or "the default model (SmolLM2-135M)"
+    ratios_text = ", ".join(f"{r:g}" for r in args.ratios)
+    return (f"tokenfilter eval: model {model}; methods {', '.join(methods)}; ratios {ratios_text}; "
+            f"tasks {', '.join(tasks)}; threads {threads}; output {args.output}")
+
+
+def _set_threads(args: argparse.Namespace) -> int:
+    import torch
+
+    threads = args.threads or usable_cores()
+    torch.set_num_threads(threads)
+    return threads
+
+
 def _run_eval(args: argparse.Namespace) -> int:
+    from tokenfilter.loading import model_source
+
+    model_source(args.model)  # a missing path or an unreachable hub id fails here, before the heavy imports
+    if "longctx" in args.tasks:
+        threads = _set_threads(args)
+        print(_start_line(args, threads, args.tasks, args.methods), flush=True)
+        return _run_longctx(args)
+    from tokenfilter.eval.harness_tasks import resolve_tasks
+    from tokenfilter.eval.methods import resolve_methods
     from tokenfilter.eval.report import PLOT_NAME, print_table, write_markdown, write_outputs
+    from tokenfilter.eval.resume import ROWS_DIR, kept_rows
     from tokenfilter.eval.suite import EvalConfig, run_eval
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if "longctx" in args.tasks:
-        return _run_longctx(args)
     cfg = EvalConfig(model=args.model, methods=args.methods, ratios=args.ratios, tasks=args.tasks,
                      limit=args.limit or None, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
                      ppl_file=args.ppl_file, ppl_window=args.ppl_window, ppl_windows=args.ppl_windows,
                      lambada=not args.no_lambada, calib_file=args.calib_file)
-    result = run_eval(cfg)
+    threads = _set_threads(args)
+    print(_start_line(args, threads, resolve_tasks(cfg.tasks), resolve_methods(cfg.methods)), flush=True)
+    existing = "resume" if args.resume else "force" if args.force else "refuse"
+    try:
+        result = run_eval(cfg, output=args.output, existing=existing)
+    except KeyboardInterrupt:
+        if kept_rows(args.output):
+            print(f"\ntokenfilter: interrupted; the finished results so far are kept in {args.output / ROWS_DIR}: "
+                  "rerun the same command with --resume to continue from them.", file=sys.stderr)
+        else:
+            print("\ntokenfilter: interrupted before any result was finished; nothing was kept.", file=sys.stderr)
+        return 130
     command = "tokenfilter " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result["command"] = command
     print_table(result)
@@ -117,17 +138,15 @@ def _run_longctx(args: argparse.Namespace) -> int:
 
 
 def _add_study(sub: argparse._SubParsersAction) -> None:
-    from tokenfilter.study.runner import STAGES
-
     p = sub.add_parser("study", help="which configuration holds quality: choose on one half, report on the other")
     p.add_argument("--model", default=None, help="local folder, .gguf file or hub id (default: SmolLM2-135M)")
-    p.add_argument("--ratios", type=_floats, default=[0.1, 0.2, 0.3, 0.5], help="default 0.1,0.2,0.3,0.5")
-    p.add_argument("--candidates", type=_names, default=None, help="candidate names (default: all; see --list)")
-    p.add_argument("--stages", type=_names, default=list(STAGES), help=f"any of {','.join(STAGES)} (default all)")
+    p.add_argument("--ratios", type=ratios, default=[0.1, 0.2, 0.3, 0.5], help="default 0.1,0.2,0.3,0.5")
+    p.add_argument("--candidates", type=names, default=None, help="candidate names (default: all; see --list)")
+    p.add_argument("--stages", type=names, default=list(STAGES), help=f"any of {','.join(STAGES)} (default all)")
     p.add_argument("--ppl-windows", type=int, default=12, help="WikiText-2 windows, split even/odd (default 12)")
     p.add_argument("--ppl-window", type=int, default=1024)
     p.add_argument("--lambada-windows", type=int, default=4, help="held-out LAMBADA windows (0 = none)")
-    p.add_argument("--tasks", type=_names, default=None, help="accuracy tasks (default: the zero-shot suite + mmlu)")
+    p.add_argument("--tasks", type=names, default=None, help="accuracy tasks (default: the zero-shot suite + mmlu)")
     p.add_argument("--acc-docs", type=int, default=30, help="held-out documents per task (default 30)")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the random floor (default 3)")
     p.add_argument("--no-second", action="store_true", help="skip the second real model (stories260K)")
@@ -178,32 +197,42 @@ def _run_study(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _command_of(argv: list[str]) -> str | None:
+    """The sub-command named in ``argv`` (the first word that is not an option), before parsing."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``tokenfilter`` parser. Only ``bench``'s own options import its package (and torch), so they are
+    added only when ``command`` is ``bench``."""
     parser = argparse.ArgumentParser(prog="tokenfilter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_eval(sub)
     _add_study(sub)
     bench = sub.add_parser("bench", help="latency, throughput and KV memory vs dense")
-    try:
+    if command == "bench":
         from tokenfilter.bench import cli as bench_cli
-    except ImportError:
-        bench_cli = None
-    else:
+
         bench_cli.add_arguments(bench)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command_of(argv)).parse_args(argv)
     try:
         if args.command == "eval":
             return _run_eval(args)
         if args.command == "study":
             return _run_study(args)
-        if bench_cli is None:
-            print("tokenfilter bench is not available in this version.", file=sys.stderr)
-            return 2
+        from tokenfilter.bench import cli as bench_cli
+
         return bench_cli.run(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"tokenfilter: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("tokenfilter: interrupted.", file=sys.stderr)
         return 130
 
 

