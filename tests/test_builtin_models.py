@@ -57,3 +57,15 @@ def test_builtin_names():
     qwen = BUILTIN["qwen2.5-coder-1.5b"]
     assert qwen.parts == 22 and qwen.size == 1_117_320_768
     assert builtin_models.resolve("no-such-model") is None
+
+
+def test_short_names_load_through_model_source(fake_parts, monkeypatch):
+    from tokenfilter import loading
+
+    model, data, _ = fake_parts
+    monkeypatch.setitem(BUILTIN, "fake-model", model)
+    folder, kwargs = loading.model_source("Fake-Model")
+    assert kwargs == {"gguf_file": "fake.gguf"} and (builtin_models.cache_dir() / "fake.gguf").read_bytes() == data
+    assert folder == str(builtin_models.cache_dir())
+    assert loading.display_name("fake-model") == "fake" and loading.display_name("some/hub-id") == "some/hub-id"
+    assert loading.display_name(None) == BUILTIN[builtin_models.DEFAULT].name

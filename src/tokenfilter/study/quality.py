@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from tokenfilter.config import TokenFilter
 from tokenfilter.eval.ppl import wikitext_text, windows
-from tokenfilter.loading import load_model
+from tokenfilter.loading import display_name, load_model
 
 KV_SIDE = {"skip": "none", "kv": "drop"}
 # name -> TokenFilter fields (without ratio); every candidate fits the budget at ratio 0.5 (window <= 64)
@@ -188,7 +188,7 @@ def run_quality(cfg: QualityConfig, progress: bool = True, previous: dict | None
     model, tok = load_model(cfg.model)
     ids = windows(tok, wikitext_text(), cfg.ppl_window, cfg.ppl_windows)
     result["config"] = asdict(cfg)
-    result["model"] = cfg.model or "smollm2-135m"
+    result["model"] = display_name(cfg.model)
     if "select" in cfg.stages:
         def save_select(part: dict) -> None:
             result["select"] = part

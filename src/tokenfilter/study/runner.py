@@ -29,7 +29,7 @@ from tokenfilter.config import TokenFilter
 from tokenfilter.eval.harness_tasks import ALL_TASKS, task_config
 from tokenfilter.eval.ppl import lambada_text, perplexity, wikitext_text, windows
 from tokenfilter.eval.shortgpt import block_influence, layers_to_remove, removed_layers
-from tokenfilter.loading import DEFAULT_NAME, load_model
+from tokenfilter.loading import display_name, load_model
 from tokenfilter.stats import layer_flop_fraction
 from tokenfilter.study import variants
 from tokenfilter.study.bootstrap import paired_interval
@@ -277,7 +277,7 @@ def run_study(cfg: StudyConfig, progress: bool = True, previous: dict | None = N
     if cfg.lambada_windows:
         held_sets["lambada"] = windows(tok, lambada_text(), cfg.ppl_window, cfg.lambada_windows)
     result["config"] = asdict(cfg)
-    result["model"] = cfg.model or DEFAULT_NAME
+    result["model"] = display_name(cfg.model)
     if "layers" in cfg.stages:
         result["layers"] = _layer_probe(model, select_ids[: cfg.probe_windows], cfg, progress)
     if "select" in cfg.stages:

@@ -1,0 +1,69 @@
+"""The KV-side study end to end on a tiny model: the choice rule, the held-out comparison and its report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tiny_lm import save_tiny_lm
+from tokenfilter.study import quality
+from tokenfilter.study.quality_report import render
+
+
+def _run(d: float, found: float) -> dict:
+    return {"ppl": d, "kv_held": 0.5, "pairs": 0.6, "realized_ratio": 0.5, "needle": {"found": found}}
+
+
+def test_choice_is_most_needle_hits_within_the_perplexity_target():
+    sel = {"dense": {"ppl": 10.0}, "runs": {"a": _run(10.5, 0.4), "b": _run(10.7, 0.6), "c": _run(12.0, 0.9),
+                                            "d": _run(10.2, 0.6)}}
+    choice = quality.choose(sel, 0.5)
+    assert choice["within_target"] == ["a", "b", "d"]  # c is above 1.08x dense
+    assert choice["chosen"] == "d"  # b and d tie on the needle: the lower perplexity wins
+
+
+def test_sliding_window_for_holds_the_asked_share():
+    tf = quality.sliding_window_for(0.5, 1024, warmup=4)
+    assert tf.warmup + tf.recent - 1 == 512
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    folder = save_tiny_lm(tmp_path_factory.mktemp("tiny"))
+    cfg = quality.QualityConfig(model=str(folder), candidates=["kv-w64", "kv-w32"], ratios=[0.5], ppl_window=160,
+                                ppl_windows=4, needle_lengths=[200], select_depths=[50.0], heldout_depths=[50.0],
+                                seeds=2)
+    saved = []
+    result = quality.run_quality(cfg, progress=False, save=lambda r: saved.append(json.dumps(r, default=str)))
+    return result, saved
+
+
+def test_tiny_study_runs_both_halves_and_saves_as_it_goes(tiny_study):
+    result, saved = tiny_study
+    assert result["select"]["choice"]["chosen"] in ("kv-w64", "kv-w32")
+    runs = result["heldout"]["runs"]["0.5"]
+    assert len(runs["random"]) == 2 and all("needle" in r for r in runs["random"])
+    for name in ("chosen", "sliding_window"):
+        assert 0 < runs[name]["kv_held"] < 1 and runs[name]["needle"]["cells"] == 3  # one depth x three facts
+    # the sliding window holds what the chosen configuration holds, up to one entry per layer
+    assert abs(runs["sliding_window"]["kv_held"] - runs["chosen"]["kv_held"]) < 2 / 160
+    assert len(saved) >= 6 and json.loads(saved[-1])["heldout"]["runs"]["0.5"]["random"][1]["needle"]
+
+
+def test_report_renders_the_tables_and_verdicts(tiny_study):
+    result, _ = tiny_study
+    text = render({"models": {"tiny": result}, "commands": ["tokenfilter study --kv-side"], "seconds": 1})
+    assert "### Selection half" in text and "### Held-out half: tiny" in text
+    assert "sliding window" in text and "Targets (issue 15), computed:" in text
+    assert "needle" in text and ("met" in text or "MISSED" in text)
+
+
+def test_cli_lists_the_candidates_and_refuses_an_unknown_one(capsys):
+    from tokenfilter.cli import main
+
+    assert main(["study", "--kv-side", "--list"]) == 0
+    assert "kv-w64" in capsys.readouterr().out
+    assert main(["study", "--kv-side", "--candidates", "nope", "--output", "unused"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tokenfilter: Unknown KV-side candidate 'nope'") and "\n" not in err
