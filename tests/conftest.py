@@ -83,3 +83,24 @@ def left_pad(seqs: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, t
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+# -- the command-line tests' tiny model folder and text file ----------------------------------------------
+CLI_TEXT = "\n\n".join(
+    " ".join(f"Paragraph {p} sentence {i}: the answer is {(p * i) % 11}, said the question." for i in range(30))
+    for p in range(60)
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tiny_lm import save_tiny_lm
+
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(CLI_TEXT, encoding="utf-8")
+    return path

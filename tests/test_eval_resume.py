@@ -10,27 +10,10 @@ import lm_eval
 import pytest
 import torch
 
-from tiny_lm import olmo_eval_or_skip, one_thread, save_tiny_lm
+from tiny_lm import olmo_eval_or_skip, one_thread
 from tokenfilter import cli
 from tokenfilter.cli import main
 from tokenfilter.eval.resume import ROWS_DIR
-
-TEXT = "\n\n".join(
-    " ".join(f"Paragraph {p} sentence {i}: the answer is {(p * i) % 11}, said the question." for i in range(30))
-    for p in range(60)
-)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_lm(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text(TEXT, encoding="utf-8")
-    return path
 
 
 @pytest.fixture

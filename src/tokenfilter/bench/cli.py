@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from tokenfilter.cli_args import positive_ints  # noqa: F401 (also imported from here)
+from tokenfilter.cli_args import positive_int, positive_ints  # noqa: F401 (positive_ints: also imported from here)
 
 DEFAULTS = dict(lengths=[512, 1024, 2048], ratios=[0.3, 0.5, 0.7], batch_sizes=[1], new_tokens=32, repeats=3, warmup=1)
 QUICK = dict(lengths=[128, 256], ratios=[0.5], batch_sizes=[1], new_tokens=8, repeats=2, warmup=1)
@@ -32,16 +32,6 @@ def _ratios(text: str) -> list[float]:
     return values
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return v
-
-
 def _non_negative(text: str) -> int:
     try:
         v = int(text)
@@ -53,7 +43,7 @@ def _non_negative(text: str) -> int:
 
 
 def _threads(text: str) -> str | int:
-    return "auto" if text == "auto" else _positive(text)
+    return "auto" if text == "auto" else positive_int(text)
 
 
 def choose_threads(setting: str | int | None) -> tuple[int, str]:
@@ -91,11 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-sizes", type=positive_ints, default=None, help="batch sizes (default 1; full: 1,4)")
     g.add_argument("--new-tokens", type=_non_negative, default=None,
                    help="decode steps per trial (default 32; full: 128)")
-    g.add_argument("--repeats", type=_positive, default=None, help="timed rounds per cell (default 3)")
+    g.add_argument("--repeats", type=positive_int, default=None, help="timed rounds per cell (default 3)")
     g.add_argument("--warmup", type=_non_negative, default=None,
                    help="untimed rounds of every method before the timed ones, on the shortest context of each "
                    "batch size (default 1)")
-    g.add_argument("--max-batch-tokens", type=_positive, default=None, metavar="N",
+    g.add_argument("--max-batch-tokens", type=positive_int, default=None, metavar="N",
                    help="skip the cells whose batch size x context length exceeds N (e.g. --full --max-batch-tokens "
                    "8192: batch 1 up to 8192 tokens, batch 4 up to 2048); skipped cells are listed in the report")
     g.add_argument("--full", action="store_true", help="the full grid: lengths up to 8192, batch 1,4, 128 new tokens")

@@ -36,6 +36,16 @@ CANDIDATES: dict[str, dict] = {
     "kv-w64-from0": {**KV_SIDE, "recent": 64, "start_layer": 0},
 }
 PPL_TARGET = {0.3: 1.03, 0.5: 1.08, 0.7: 1.20}  # x dense, SmolLM2-135M (issue 15)
+PPL_TARGET_BY_MODEL = {"qwen2.5-coder-1.5b": {0.5: 1.03}}  # other models' targets (issue 15)
+
+
+def ppl_target(model: str, ratio: float) -> float | None:
+    """The perplexity target (x dense) for ``model`` (a short name or a display name) at ``ratio``, if any."""
+    name = model.lower()
+    for key, table in PPL_TARGET_BY_MODEL.items():
+        if key in name:
+            return table.get(ratio)
+    return PPL_TARGET.get(ratio)
 
 
 def random_twin(kwargs: dict, seed: int) -> dict:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tokenfilter.study.quality import PPL_TARGET
+from tokenfilter.study.quality import ppl_target
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -54,27 +54,30 @@ def heldout_section(held: dict, model: str) -> list[str]:
             per = [f"{nd['by_length'][n]['found']:.2f} (KV {nd['by_length'][n]['kv_held']:.2f})" for n in lengths]
             return [f"{nd['found']:.2f}", f"{nd['found'] / base:.2f}" if base else "–", *per]
 
+        def row(ratio: str, name: str, run: dict) -> list[str]:
+            if "needle" not in run:  # a run stopped before this measurement
+                return [ratio, name, "not measured", "–", *("–" for _ in lengths)]
+            return [ratio, name, *cells(run["needle"])]
+
         rows = [["–", "dense", *cells(held["dense"]["needle"])]]
         for ratio, runs in needle:
-            rows.append([ratio, "chosen", *cells(runs["chosen"]["needle"])])
-            for s, r in enumerate(runs["random"]):
-                if "needle" in r:
-                    rows.append([ratio, f"random seed {s}", *cells(r["needle"])])
-            rows.append([ratio, "sliding window", *cells(runs["sliding_window"]["needle"])])
+            rows.append(row(ratio, "chosen", runs["chosen"]))
+            rows.append(row(ratio, "sliding window", runs["sliding_window"]))
+            rows += [row(ratio, f"random seed {s}", r) for s, r in enumerate(runs["random"])]
         cells_n = held["dense"]["needle"]["cells"]
         out += ["", f"Needle in a haystack, held-out facts ({cells_n} prompts per method; one prompt = "
                 f"{1 / cells_n:.3f}):", "", *_table(head, rows)]
-    out += verdicts(held)
+    out += verdicts(held, model)
     return [*out, ""]
 
 
-def verdicts(held: dict) -> list[str]:
+def verdicts(held: dict, model: str) -> list[str]:
     """The issue's targets, each checked on the numbers above."""
     dense = held["dense"]["ppl"]
     out = ["Targets (issue 15), computed:", ""]
     for ratio, runs in held["runs"].items():
         x = runs["chosen"]["ppl"] / dense
-        target = PPL_TARGET.get(float(ratio))
+        target = ppl_target(model, float(ratio))
         if target:
             verdict = "met" if x <= target else "MISSED"
             out.append(f"- ratio {ratio}: PPL x{x:.3f} dense, target <= x{target}: {verdict}.")
@@ -90,14 +93,19 @@ def verdicts(held: dict) -> list[str]:
 
 def _needle_verdicts(ratio: str, runs: dict, base: float) -> list[str]:
     found = runs["chosen"]["needle"]["found"]
-    sw = runs["sliding_window"]["needle"]["found"]
     rnd = [r["needle"]["found"] for r in runs["random"] if "needle" in r]
     share = found / base if base else float("nan")
     out = [f"- ratio {ratio}: needle {found:.2f} = {share:.2f} of dense ({base:.2f}), target >= 0.80: "
-           f"{'met' if share >= 0.8 else 'MISSED'}.",
-           f"- ratio {ratio}: needle against the sliding window at equal KV ({sw:.2f}): "
-           f"{'more' if found > sw else 'NOT more'}."]
-    if rnd:
+           f"{'met' if share >= 0.8 else 'MISSED'}."]
+    if "needle" in runs["sliding_window"]:
+        sw = runs["sliding_window"]["needle"]["found"]
+        out.append(f"- ratio {ratio}: needle against the sliding window at equal KV ({sw:.2f}): "
+                   f"{'more' if found > sw else 'NOT more'}.")
+    else:
+        out.append(f"- ratio {ratio}: needle against the sliding window at equal KV: not measured.")
+    if len(rnd) < 2:
+        out.append(f"- ratio {ratio}: needle against its random twin: not measured over seeds.")
+    else:
         spread = max(rnd) - min(rnd)
         out.append(f"- ratio {ratio}: needle against its random twin ({', '.join(f'{v:.2f}' for v in rnd)}; range "
                    f"{spread:.2f}): {'beaten by more than the range' if found - max(rnd) > spread else 'MISSED'}.")
@@ -115,3 +123,23 @@ def render(result: dict) -> str:
         if "heldout" in res:
             parts += heldout_section(res["heldout"], model)
     return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-render the section from its JSON: ``python -m tokenfilter.study.quality_report JSON MARKDOWN``."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from tokenfilter.eval.sections import write_section
+
+    parser = argparse.ArgumentParser(prog="python -m tokenfilter.study.quality_report")
+    parser.add_argument("json", type=Path)
+    parser.add_argument("markdown", type=Path)
+    args = parser.parse_args(argv)
+    write_section(args.markdown, "kv-study", render(json.loads(args.json.read_text(encoding="utf-8"))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

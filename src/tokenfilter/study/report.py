@@ -245,7 +245,7 @@ def write_all(result: dict, out_dir: Path, docs_md: Path | None, results_md: Pat
     import os
     import shutil
 
-    from tokenfilter.eval.sections import write_section
+    from tokenfilter.eval.sections import write_keeping_sections, write_section
 
     command = " && ".join(result.get("commands", []))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +255,7 @@ def write_all(result: dict, out_dir: Path, docs_md: Path | None, results_md: Pat
     written = [out_dir / "study.png", out_dir / "study.md"]
     if docs_md:
         docs_md.parent.mkdir(parents=True, exist_ok=True)
-        docs_md.write_text(text, encoding="utf-8")
+        write_keeping_sections(docs_md, text)  # the KV-side study's section (study --kv-side) stays
         shutil.copyfile(out_dir / "study.png", docs_md.parent / "study.png")
         written += [docs_md, docs_md.parent / "study.png"]
     if results_md:
