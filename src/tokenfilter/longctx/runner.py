@@ -51,17 +51,21 @@ def _eos_ids(model: object, tokenizer: object) -> list[int]:
     return ids
 
 
-def greedy(
-    model: object, tokenizer: object, input_ids: Sequence[int], max_new_tokens: int, first_line: bool = False
-) -> str:
-    """Greedy continuation of one prompt (no padding), decoded without special tokens."""
+def greedy_ids(
+    model: object,
+    tokenizer: object,
+    input_ids: Sequence[int],
+    max_new_tokens: int,
+    first_line: bool = False,
+    criteria: Sequence[object] = (),
+) -> torch.Tensor:
+    """The new token ids ``[N]`` of a greedy continuation of one prompt (no padding); ``criteria``: more stopping
+    criteria (besides the model's end-of-sequence tokens and, with ``first_line``, the end of the first line)."""
     from transformers import StoppingCriteriaList
 
     device = next(model.parameters()).device
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
-    kwargs: dict = {}
-    if first_line:
-        kwargs["stopping_criteria"] = StoppingCriteriaList([FirstLineStop(tokenizer, ids.shape[1])])
+    stops = list(criteria) + ([FirstLineStop(tokenizer, ids.shape[1])] if first_line else [])
     eos = _eos_ids(model, tokenizer)
     pad = getattr(tokenizer, "pad_token_id", None)
     with torch.inference_mode():
@@ -73,9 +77,17 @@ def greedy(
             num_beams=1,
             eos_token_id=eos or None,
             pad_token_id=pad if pad is not None else (eos[0] if eos else None),
-            **kwargs,
+            **({"stopping_criteria": StoppingCriteriaList(stops)} if stops else {}),
         )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    return out[0, ids.shape[1] :]
+
+
+def greedy(
+    model: object, tokenizer: object, input_ids: Sequence[int], max_new_tokens: int, first_line: bool = False
+) -> str:
+    """Greedy continuation of one prompt (no padding), decoded without special tokens."""
+    new = greedy_ids(model, tokenizer, input_ids, max_new_tokens, first_line)
+    return tokenizer.decode(new, skip_special_tokens=True)
 
 
 def max_positions(model: object) -> int | None:

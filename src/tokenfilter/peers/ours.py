@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from tokenfilter.longctx.longbench import ENGLISH_TASKS
-from tokenfilter.longctx.runner import FirstLineStop, _eos_ids
+from tokenfilter.longctx.runner import greedy_ids
 from tokenfilter.peers import inputs
 from tokenfilter.peers.inputs import SplitPrompt
 
@@ -33,28 +33,10 @@ class _AfterPrefill:
 def generate(
     model: object, tokenizer: object, ids: Sequence[int], max_new_tokens: int, first_line: bool, run: object | None
 ) -> tuple[str, int, dict | None]:
-    """Greedy continuation as ``runner.greedy`` does (same eos, pad and first-line stop), plus the stats after the
-    prefill. Returns (answer, new tokens, stats snapshot or None)."""
-    from transformers import StoppingCriteriaList
-
-    device = next(model.parameters()).device
-    x = torch.tensor([list(ids)], dtype=torch.long, device=device)  # [1, T]
+    """Greedy continuation through ``runner.greedy_ids`` (same eos, pad and first-line stop), plus the stats after
+    the prefill. Returns (answer, new tokens, stats snapshot or None)."""
     probe = _AfterPrefill(run)
-    criteria = [probe] + ([FirstLineStop(tokenizer, x.shape[1])] if first_line else [])
-    eos = _eos_ids(model, tokenizer)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    with torch.inference_mode():
-        out = model.generate(
-            x,
-            attention_mask=torch.ones_like(x),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=eos or None,
-            pad_token_id=pad if pad is not None else (eos[0] if eos else None),
-            stopping_criteria=StoppingCriteriaList(criteria),
-        )
-    new = out[0, x.shape[1] :]
+    new = greedy_ids(model, tokenizer, ids, max_new_tokens, first_line, criteria=[probe])
     return tokenizer.decode(new, skip_special_tokens=True), int(new.shape[0]), probe.snapshot
 
 
