@@ -36,7 +36,7 @@ class TokenFilter:
     threshold: float | Sequence[float | None] | None = None
     gamma: float = 0.9
     warmup: int = 4
-    fusion: Literal["variance", "mean", "key", "value"] = "variance"
+    fusion: Literal["variance", "mean", "key", "value", "min"] = "variance"
     lam: float = 1.0
     schedule: str | Sequence[float] = "uniform"
     start_layer: int | None = 2  # None: the SPEC's L // 2

@@ -18,12 +18,14 @@ from tokenfilter.algorithm.scores.similarity import (
     fuse_stacked,
     head_cosine,
     similarity,
+    two_horizon,
 )
 from tokenfilter.algorithm.scores.state import ScoreFn, ScoreState
 
 SCORES: dict[str, ScoreFn] = {
     "similarity": similarity,
     "cumulative-mean": cumulative_mean,
+    "two-horizon": two_horizon,
     "key-norm": key_norm,
     "value-norm": value_norm,
     "random": random,

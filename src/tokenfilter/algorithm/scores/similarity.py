@@ -2,7 +2,10 @@
 
 * ``similarity`` (the paper's, the default): anchors are the EMA ``A_t = gamma A_{t-1} + (1 - gamma) x_t``;
 * ``cumulative-mean``: anchors are the mean of every earlier real token, a horizon that never forgets (a token
-  unlike the whole past is kept, not only one unlike the last ~1/(1-gamma) tokens).
+  unlike the whole past is kept, not only one unlike the last ~1/(1-gamma) tokens);
+* ``two-horizon``: the lower of the two, so a token is filtered only when it is redundant with both its recent
+  context and the whole past. A rare fact is novel against the long horizon even after its first tokens have
+  pulled the short anchor towards it (the EMA alone calls the later digits of a number redundant).
 
 ``head_cosine`` and ``fuse_stacked`` run once per filtered layer and call, on tensors that are tiny in decode,
 so they are written in as few operators as the maths allows: the fixed cost per operator, not the arithmetic,
@@ -16,7 +19,7 @@ import torch
 from tokenfilter.algorithm.anchors import ema_scan
 from tokenfilter.algorithm.scores.state import ScoreState
 
-FUSIONS = ("variance", "mean", "key", "value")
+FUSIONS = ("variance", "mean", "key", "value", "min")
 _FEW = 1024  # up to this many similarities, fewer operators beat faster ones
 
 
@@ -54,6 +57,8 @@ def fuse_stacked(s: torch.Tensor, fusion: str, lam: float, eps: float = 1e-6) ->
         return s[..., 1, :].mean(-1)
     if fusion == "mean":
         return s.mean((-2, -1))
+    if fusion == "min":  # the most novel head decides: a token one head needs is kept
+        return s.amin(-1).mean(-1)
     if fusion != "variance":
         raise ValueError(f"Unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}.")
     if s.numel() <= _FEW:  # decode: one operator for both statistics
@@ -99,3 +104,8 @@ def cumulative_mean(keys: torch.Tensor, values: torch.Tensor, state: ScoreState)
     prev = torch.where(count > 0, (after - x) / count.clamp(min=1), x)
     state.memory["sum"] = state.last(after, before)
     return fuse_stacked(head_cosine(x, prev), state.fusion, state.lam).float()
+
+
+def two_horizon(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> torch.Tensor:
+    """``min(similarity, cumulative_mean)`` -> ``[B, N]``; keeps both scores' memories (``anchors`` and ``sum``)."""
+    return torch.minimum(similarity(keys, values, state), cumulative_mean(keys, values, state))
