@@ -175,3 +175,26 @@ def test_gathered_stats_sum_every_process_counts():
     assert both.tokens == 2 * one.tokens and both.flops_dense == 2 * one.flops_dense
     assert both.ratio == one.ratio and both.total_flops_skipped == pytest.approx(one.total_flops_skipped)
     assert lm.stats_line(both).startswith(f"tokenfilter: realized ratio {one.ratio:.4f} over {2 * one.tokens} tokens")
+
+
+def test_sliding_window_method_is_sized_to_each_input():
+    """``eval``'s sliding-window method holds ``1 - ratio`` of every input's KV, whatever its length."""
+    from tokenfilter.config import SlidingWindowShare, for_input
+    from tokenfilter.eval.harness_model import TokenFilterLM
+    from tokenfilter.eval.methods import filter_for, resolve_methods
+
+    assert "sliding-window" in resolve_methods(["all"])
+    share = filter_for("sliding-window", 0.5)
+    assert share == SlidingWindowShare(held=0.5)
+    model, tok = tiny_lm()
+    for n in (40, 120):
+        tf = for_input(share, n)
+        assert tf.warmup + tf.recent - 1 == n // 2
+        with tf.apply(model) as run, torch.no_grad():
+            model(torch.randint(3, 100, (1, n)))
+        assert run.stats.kv_held_fraction == pytest.approx(0.5, abs=1.0 / n)
+    lm = TokenFilterLM(pretrained=model, tokenizer=tok, batch_size=1, token_filter=share)
+    assert all(torch.isfinite(torch.tensor(_loglikelihoods(lm))))
+    assert 0 < lm.filter_stats.kv_saved_fraction < 1
+    with pytest.raises(ValueError, match="held"):
+        SlidingWindowShare(held=0.0)

@@ -92,3 +92,29 @@ def test_every_score_through_the_engine(name):
 def test_unknown_score_names_the_registry():
     with pytest.raises(ValueError, match="score must be one of .*similarity"):
         TokenFilter(ratio=0.5, score="attention-received")
+
+
+def test_min_fusion_lets_the_most_novel_head_decide():
+    from tokenfilter.algorithm.scores import fuse
+
+    g = torch.Generator().manual_seed(3)
+    s_k, s_v = torch.rand(5, 4, generator=g), torch.rand(5, 4, generator=g)
+    fused = fuse(s_k, s_v, "min", 1.0)
+    assert torch.allclose(fused, (s_k.amin(-1) + s_v.amin(-1)) / 2)
+    assert (fused <= fuse(s_k, s_v, "mean", 1.0) + 1e-7).all()  # never more redundant than the mean head
+    s_k[2, 1] = -1.0  # one head finds token 2 wholly novel
+    assert fuse(s_k, s_v, "min", 1.0).argmin() == 2
+
+
+def test_two_horizon_is_redundant_only_on_both_horizons():
+    keys, values = _kv(n=12)
+    both = SCORES["two-horizon"](keys, values, _state(None))
+    short = SCORES["similarity"](keys, values, _state(None))
+    long = SCORES["cumulative-mean"](keys, values, _state(None))
+    assert torch.equal(both, torch.minimum(short, long))
+    # a rare token said three times after a long past: the EMA has moved to it, the mean of the whole past has not
+    keys, values = _kv(n=40, seed=1)
+    keys[:, 31:33], values[:, 31:33] = keys[:, 30:31], values[:, 30:31]
+    ema, mean = SCORES["similarity"](keys, values, _state(None)), SCORES["cumulative-mean"](keys, values, _state(None))
+    assert (ema[:, 32] > mean[:, 32]).all()
+    assert torch.equal(SCORES["two-horizon"](keys, values, _state(None))[:, 32], mean[:, 32])

@@ -75,6 +75,13 @@ class TokenFilter:
         }
         return cls(**{**preset, **kwargs})
 
+    @classmethod
+    def sliding_window_holding(cls, held: float, length: int, warmup: int = 4, **kwargs: object) -> TokenFilter:
+        """The sliding window (``warmup`` sinks + recent tokens) that holds a share ``held`` of the KV of a
+        ``length``-token input: the engine holds ``warmup + recent - 1`` entries per layer."""
+        recent = max(1, round(held * length) - warmup + 1)
+        return cls.sliding_window(recent=recent, warmup=warmup, **kwargs)
+
     def __post_init__(self) -> None:
         if self.ratio is not None and self.threshold is not None:
             raise ValueError("Set either ratio or threshold, not both.")
@@ -150,3 +157,26 @@ class TokenFilter:
         from tokenfilter.integration.run import FilterRun
 
         return FilterRun(self, model)
+
+
+@dataclass(frozen=True)
+class SlidingWindowShare:
+    """A sliding window sized per input: ``for_length(n)`` holds a share ``held`` of an ``n``-token input's KV.
+
+    A fixed window holds a different share of every prompt; this keeps the share (the budget) equal instead, so
+    it can stand beside a ratio on inputs of any length (``eval``'s ``sliding-window`` method)."""
+
+    held: float
+    warmup: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0 < self.held <= 1:
+            raise ValueError(f"held must be in (0, 1], got {self.held}.")
+
+    def for_length(self, length: int) -> TokenFilter:
+        return TokenFilter.sliding_window_holding(self.held, length, self.warmup)
+
+
+def for_input(token_filter: TokenFilter | SlidingWindowShare, length: int) -> TokenFilter:
+    """The ``TokenFilter`` to apply to an input of ``length`` tokens (a ``SlidingWindowShare`` is sized to it)."""
+    return token_filter.for_length(length) if isinstance(token_filter, SlidingWindowShare) else token_filter

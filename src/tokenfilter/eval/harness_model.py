@@ -30,7 +30,7 @@ from accelerate import Accelerator, InitProcessGroupKwargs
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from tokenfilter.config import TokenFilter
+from tokenfilter.config import SlidingWindowShare, TokenFilter, for_input
 from tokenfilter.loading import load_model
 from tokenfilter.stats import FilterStats, FlopModel, LayerCounts
 
@@ -90,7 +90,7 @@ class TokenFilterLM(HFLM):
         self,
         pretrained: str | torch.nn.Module | None = None,
         tokenizer: object | None = None,
-        token_filter: TokenFilter | None = None,
+        token_filter: TokenFilter | SlidingWindowShare | None = None,
         dtype: str = "float32",
         device: str = "cpu",
         batch_size: int | str = 1,
@@ -157,7 +157,7 @@ class TokenFilterLM(HFLM):
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         if self.token_filter is None:  # counting off (e.g. a model with layers removed)
             return super()._model_call(inps, attn_mask, labels)
-        with self.token_filter.apply(self.model) as run:
+        with for_input(self.token_filter, inps.shape[1]).apply(self.model) as run:
             if inps.shape[0] > 1 and attn_mask is None:
                 with torch.no_grad():
                     out = self.model(inps, attention_mask=right_padding_mask(inps)).logits

@@ -2,11 +2,13 @@
 from the library default (uniform schedule from layer 2, chosen by ``tokenfilter study``); ``paper`` is the
 SPEC's tail-linear schedule from ``L // 2``; ``kv-*`` filter on the KV side (``skip="none"``), with the recent
 window of 64 for ``kv-window*``; ``shortgpt*`` are layer-removal baselines matched to Token Filtering's FLOPs.
-(The sliding-window preset, ``TokenFilter.sliding_window``, has no ratio, so it is no variant of this table.)"""
+``sliding-window`` is StreamingLLM's rule (``TokenFilter.sliding_window``: 4 sinks and a recent band, no score)
+sized on every input to hold ``1 - ratio`` of its KV, so it stands at the ratio's nominal budget on prompts of
+any length."""
 
 from __future__ import annotations
 
-from tokenfilter.config import TokenFilter
+from tokenfilter.config import SlidingWindowShare, TokenFilter
 
 FILTER_VARIANTS: dict[str, dict] = {
     "token-filter": {},
@@ -21,12 +23,15 @@ FILTER_VARIANTS: dict[str, dict] = {
     "kv-window": {"skip": "none", "recent": 64},
     "kv-window-random": {"skip": "none", "recent": 64, "score": "random"},
 }
+SIZED_PER_INPUT = ("sliding-window",)
 LAYER_REMOVAL = ("shortgpt", "shortgpt-calib2")
-ALL_METHODS = ("dense", *FILTER_VARIANTS, *LAYER_REMOVAL)
+ALL_METHODS = ("dense", *FILTER_VARIANTS, *SIZED_PER_INPUT, *LAYER_REMOVAL)
 DEFAULT_METHODS = ("dense", "token-filter")
 
 
-def filter_for(method: str, ratio: float) -> TokenFilter:
+def filter_for(method: str, ratio: float) -> TokenFilter | SlidingWindowShare:
+    if method == "sliding-window":
+        return SlidingWindowShare(held=1.0 - ratio)
     return TokenFilter(ratio=ratio, **FILTER_VARIANTS[method])
 
 

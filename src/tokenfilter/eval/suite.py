@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tokenfilter.config import TokenFilter
+from tokenfilter.config import SlidingWindowShare, TokenFilter, for_input
 from tokenfilter.eval.console import quiet_libraries
 from tokenfilter.eval.harness_tasks import resolve_tasks, task_config
 from tokenfilter.eval.harness_tasks import task_manager as task_manager_for_our_tasks
-from tokenfilter.eval.methods import FILTER_VARIANTS, LAYER_REMOVAL, filter_for, resolve_methods
+from tokenfilter.eval.methods import FILTER_VARIANTS, LAYER_REMOVAL, SIZED_PER_INPUT, filter_for, resolve_methods
 from tokenfilter.eval.ppl import lambada_text, perplexity, wikitext_text, windows
 from tokenfilter.eval.resume import FINGERPRINT_FIELDS, RowStore, clear, has_results
 from tokenfilter.eval.shortgpt import block_influence, layers_to_remove, removed_layers
@@ -114,7 +114,7 @@ def plan_of(cfg: EvalConfig) -> list[tuple[str, float]]:
     """The (method, ratio) rows in the order they run (layer removal last: it matches Token Filtering's FLOPs)."""
     methods = resolve_methods(cfg.methods)
     plan = [(m, 0.0) for m in methods if m == "dense"]
-    plan += [(m, r) for m in methods if m in FILTER_VARIANTS for r in cfg.ratios]
+    plan += [(m, r) for m in methods if m in FILTER_VARIANTS or m in SIZED_PER_INPUT for r in cfg.ratios]
     plan += [(m, r) for m in methods if m in LAYER_REMOVAL for r in cfg.ratios]
     return plan
 
@@ -214,13 +214,14 @@ def _tasks(run: _Run, method: str, ratio: float, record: dict, counting: bool) -
     return {task: record["tasks"][task]["metrics"] for task in run.task_names}
 
 
-def _perplexities(run: _Run, method: str, ratio: float, record: dict, tf: TokenFilter | None) -> dict[str, float]:
+def _perplexities(run: _Run, method: str, ratio: float, record: dict,
+                  tf: TokenFilter | SlidingWindowShare | None) -> dict[str, float]:
     if record.get("perplexity") is None:
         run.bar.set_postfix_str(f"{method} {ratio:g}: perplexity", refresh=True)
         ppl, t0 = {}, time.time()
         for name, ids in run.ppl_sets.items():
             torch.manual_seed(run.cfg.seed)
-            ppl[name], stats = perplexity(run.model, ids, tf, False, name)
+            ppl[name], stats = perplexity(run.model, ids, tf and for_input(tf, ids.shape[1]), False, name)
             if name == "wikitext2":
                 record["ppl_flops_skipped"] = stats.total_flops_skipped
         record["perplexity"] = ppl

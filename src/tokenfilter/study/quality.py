@@ -146,8 +146,7 @@ def choose(sel: dict, ratio: float) -> dict:
 
 def sliding_window_for(held: float, length: int, warmup: int = 4, **fields: object) -> TokenFilter:
     """The sliding window (sinks + recent) that holds ``held`` of the KV of a ``length``-token input."""
-    recent = max(1, round(held * length) - warmup + 1)  # the engine holds warmup + recent - 1 entries per layer
-    return TokenFilter.sliding_window(recent=recent, warmup=warmup, **fields)
+    return TokenFilter.sliding_window_holding(held, length, warmup, **fields)
 
 
 def heldout(model, tok, ids: torch.Tensor, chosen: str, cfg: QualityConfig, progress: bool,
