@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from tiny_lm import save_tiny_lm
+from tiny_lm import save_tiny_lm, tiny_lm
 from tokenfilter.study import quality
 from tokenfilter.study.quality_report import render
 
@@ -32,7 +33,8 @@ def test_sliding_window_for_holds_the_asked_share():
 def tiny_study(tmp_path_factory):
     folder = save_tiny_lm(tmp_path_factory.mktemp("tiny"))
     cfg = quality.QualityConfig(model=str(folder), candidates=["kv-w64", "kv-w32"], ratios=[0.5], ppl_window=160,
-                                ppl_windows=4, needle_lengths=[200], select_depths=[50.0], heldout_depths=[50.0],
+                                ppl_windows=4, needle_lengths=[200], select_lengths=[200], select_depths=[50.0],
+                                heldout_depths=[50.0],
                                 seeds=2)
     saved = []
     result = quality.run_quality(cfg, progress=False, save=lambda r: saved.append(json.dumps(r, default=str)))
@@ -67,3 +69,43 @@ def test_cli_lists_the_candidates_and_refuses_an_unknown_one(capsys):
     assert main(["study", "--kv-side", "--candidates", "nope", "--output", "unused"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tokenfilter: Unknown KV-side candidate 'nope'") and "\n" not in err
+
+
+def test_selection_scores_the_needle_teacher_forced(tiny_study):
+    result, _ = tiny_study
+    sel = result["select"]
+    for row in (sel["dense"], *sel["runs"].values()):
+        nd = row["needle"]
+        assert nd["scoring"] == "teacher-forced" and len(nd["cells"]) == 3  # one length x one depth x three facts
+        assert all(c["logp"] <= 0 for c in nd["cells"]) and 0 <= nd["needle_kept"] <= 1
+    assert sel["dense"]["needle"]["needle_kept"] == 1.0  # dense keeps everything
+    assert sel["settings"]["lengths"] == [200] and sel["settings"]["windows"] == 2
+
+
+def test_forced_hit_is_what_greedy_decoding_writes():
+    """A teacher-forced hit (every answer token the argmax) means greedy decoding writes the answer."""
+    from tokenfilter.longctx.needle import NEEDLES, NeedleBuilder
+
+    model, tok = tiny_lm()
+    fact = NEEDLES["select"][0]
+    forced = quality.needle_forced(model, tok, None, [200], [50.0], (fact,))["cells"][0]
+    p = NeedleBuilder(tok).for_needle(fact).build(200, 50.0)
+    answer = tok(" " + fact.answer, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([p.input_ids]), max_new_tokens=len(answer), do_sample=False)
+    assert forced["hit"] == (out[0, len(p.input_ids):].tolist() == answer)
+
+
+def test_selection_keeps_measured_candidates(tiny_study, monkeypatch):
+    result, _ = tiny_study
+    calls = []
+    monkeypatch.setattr(quality, "ppl_point", lambda *a: calls.append("ppl") or {"ppl": 1.0})
+    monkeypatch.setattr(quality, "needle_forced", lambda *a: calls.append("needle") or {"found": 0.0, "logp": 0.0})
+    cfg = quality.QualityConfig(candidates=["kv-w64", "kv-w32"], ppl_window=160, ppl_windows=4,
+                                select_lengths=[200], select_depths=[50.0])
+    ids = torch.zeros(2, 160, dtype=torch.long)
+    again = quality.select(None, None, ids, cfg, False, previous=result["select"])
+    assert calls == [] and again["runs"] == result["select"]["runs"]  # nothing re-run
+    cfg.select_depths = [10.0]  # other settings: nothing reused
+    quality.select(None, None, ids, cfg, False, previous=result["select"])
+    assert calls == ["ppl", "needle"] * 3  # dense and both candidates

@@ -151,7 +151,9 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
                    help=f"any of {','.join(STAGES)} (default all; --kv-side: select,heldout)")
     p.add_argument("--chosen", default=None, help="--kv-side: skip the choice and report this candidate")
     p.add_argument("--needle-lengths", type=positive_ints, default=None,
-                   help="--kv-side: needle context lengths (default 1024,2048,4096)")
+                   help="--kv-side: held-out needle context lengths (default 1024,2048,4096)")
+    p.add_argument("--select-lengths", type=positive_ints, default=None,
+                   help="--kv-side: selection needle context lengths (default 1024,2048; answers teacher-forced)")
     p.add_argument("--ppl-windows", type=int, default=None,
                    help="WikiText-2 windows, split even/odd (default 12; --kv-side: 16)")
     p.add_argument("--ppl-window", type=int, default=1024)
@@ -194,6 +196,8 @@ def _run_kv_study(args: argparse.Namespace) -> int:
         cfg.ratios = args.ratios
     if args.needle_lengths:
         cfg.needle_lengths = args.needle_lengths
+    if args.select_lengths:
+        cfg.select_lengths = args.select_lengths
     json_path = args.output / "kv-study.json"
     everything = json.loads(json_path.read_text(encoding="utf-8")) if args.resume and json_path.exists() else {}
     models = everything.setdefault("models", {})

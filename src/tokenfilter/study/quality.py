@@ -4,7 +4,9 @@ Budget: no candidate may hold more KV after a 1024-token prompt than ratio 0.5 w
 "KV held", over all layers). Objective: the most needle hits among the candidates whose perplexity stays within
 the target, ties broken by perplexity. Selection and report never share data:
 
-* selection: even-numbered WikiText-2 windows, the ``NEEDLES["select"]`` facts at ``select_depths``;
+* selection: even-numbered WikiText-2 windows, the ``NEEDLES["select"]`` facts at ``select_depths``; the needle
+  answer is scored teacher-forced (``needle_forced``): a hit is every answer token being the model's argmax, and
+  the answer's log-probability (continuous, so 18 prompts still rank candidates) breaks ties;
 * held-out: odd-numbered windows, the ``NEEDLES["heldout"]`` facts at ``heldout_depths``.
 
 On the held-out half the chosen candidate is compared with its random twin (several seeds), with the sliding
@@ -31,7 +33,14 @@ CANDIDATES: dict[str, dict] = {
     "kv-w64": {**KV_SIDE, "recent": 64},
     "kv-w64-g0.99": {**KV_SIDE, "recent": 64, "gamma": 0.99},
     "kv-w64-cummean": {**KV_SIDE, "recent": 64, "score": "cumulative-mean"},
+    "kv-w64-cummean-min": {**KV_SIDE, "recent": 64, "score": "cumulative-mean", "fusion": "min"},
+    "kv-w64-cummean-key": {**KV_SIDE, "recent": 64, "score": "cumulative-mean", "fusion": "key"},
+    "kv-w64-cummean-post": {**KV_SIDE, "recent": 64, "score": "cumulative-mean", "pre_rope": False},
+    "kv-w64-2h": {**KV_SIDE, "recent": 64, "score": "two-horizon"},
+    "kv-w64-2h-g0.99": {**KV_SIDE, "recent": 64, "score": "two-horizon", "gamma": 0.99},
+    "kv-w64-min": {**KV_SIDE, "recent": 64, "fusion": "min"},
     "kv-w64-keynorm": {**KV_SIDE, "recent": 64, "score": "key-norm"},
+    "kv-w64-valnorm": {**KV_SIDE, "recent": 64, "score": "value-norm"},
     "kv-w32": {**KV_SIDE, "recent": 32},
     "kv-w64-from0": {**KV_SIDE, "recent": 64, "start_layer": 0},
 }
@@ -62,6 +71,8 @@ class QualityConfig:
     ppl_windows: int = 16  # the first n WikiText-2 windows: even -> selection, odd -> held-out
     needle_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
     select_depths: list[float] = field(default_factory=lambda: [10.0, 45.0, 80.0])
+    select_lengths: list[int] = field(default_factory=lambda: [1024, 2048])
+    select_windows: int | None = None  # selection perplexity on the first n even windows (None: all of them)
     heldout_depths: list[float] = field(default_factory=lambda: [0.0, 25.0, 50.0, 75.0, 100.0])
     seeds: int = 3
     stages: list[str] = field(default_factory=lambda: ["select", "heldout"])
@@ -112,36 +123,87 @@ def needle_point(model, tok, make: Callable[[int], TokenFilter | None], lengths:
     return out
 
 
+def needle_forced(model, tok, tf: TokenFilter | None, lengths: list[int], depths: list[float], facts: tuple) -> dict:
+    """The needle answered teacher-forced: one forward over prompt + answer per prompt (no generation).
+
+    Per prompt: ``hit`` (every answer token is the argmax: what greedy decoding would write), ``logp`` (the
+    answer's log-probability), ``needle_kept`` (share of the needle's (token, layer) entries kept, over the
+    layers that filtered anything) and the KV held."""
+    from tokenfilter.longctx.needle import NeedleBuilder
+
+    base = NeedleBuilder(tok)
+    cells = []
+    for fact in facts:
+        builder = base.for_needle(fact)
+        answer = tok(" " + fact.answer, add_special_tokens=False)["input_ids"]
+        for length in lengths:
+            for depth in depths:
+                p = builder.build(length, depth)
+                cfg = (tf or TokenFilter(ratio=0.0)).replace(record_decisions=True)
+                with torch.no_grad(), cfg.apply(model) as run:
+                    logits = model(torch.tensor([p.input_ids + answer]), use_cache=False).logits[0].float()
+                n = len(p.input_ids)
+                lp = torch.log_softmax(logits[n - 1:n - 1 + len(answer)], -1)
+                target = torch.tensor(answer)
+                kept = [float((~d[0, p.needle_start:p.needle_end]).float().mean()) for d in run.decisions
+                        if d[0].any()]
+                cells.append({"length": length, "depth": depth, "needle": fact.answer,
+                              "hit": bool((lp.argmax(-1) == target).all()),
+                              "logp": float(lp.gather(-1, target[:, None]).sum()),
+                              "needle_kept": sum(kept) / len(kept) if kept else 1.0,
+                              "kv_held": run.stats.kv_held_fraction})
+    mean = lambda key: sum(float(c[key]) for c in cells) / len(cells)  # noqa: E731
+    return {"found": mean("hit"), "logp": mean("logp"), "needle_kept": mean("needle_kept"),
+            "kv_held": mean("kv_held"), "cells": cells, "scoring": "teacher-forced"}
+
+
 # ---- stages -----------------------------------------------------------------------------------------------
 def select(model, tok, ids: torch.Tensor, cfg: QualityConfig, progress: bool,
-           save: Callable[[dict], None] | None = None) -> dict:
+           save: Callable[[dict], None] | None = None, previous: dict | None = None) -> dict:
+    """Every candidate at ``budget_ratio`` on the selection half; candidates already in ``previous`` (same
+    measurement settings) are kept, not re-run."""
     from tokenfilter.longctx.needle import NEEDLES
 
     keep = save or (lambda _out: None)
     r = cfg.budget_ratio
-    dense = ppl_point(model, ids, None)
-    out: dict = {"dense": dense, "runs": {}}
-    for name in tqdm(cfg.candidates, desc="selection", disable=not progress):
-        tf = TokenFilter(ratio=r, **CANDIDATES[name], **cfg.overrides)
+    ids = ids[: cfg.select_windows] if cfg.select_windows else ids
+    settings = {"lengths": cfg.select_lengths, "depths": cfg.select_depths, "windows": int(ids.shape[0]),
+                "window": int(ids.shape[1]), "ratio": r}
+    reuse = previous if previous and previous.get("settings") == settings else {}
+    out: dict = {"settings": settings, "runs": dict(reuse.get("runs", {}))}
+
+    def measure(tf: TokenFilter | None) -> dict:
         row = ppl_point(model, ids, tf)
-        row["needle"] = needle_point(model, tok, lambda _n, tf=tf: tf, cfg.needle_lengths, cfg.select_depths,
-                                     NEEDLES["select"], progress)
-        out["runs"][name] = row
-        keep(out)
-    out["choice"] = choose(out, r)
+        row["needle"] = needle_forced(model, tok, tf, cfg.select_lengths, cfg.select_depths, NEEDLES["select"])
+        return row
+
+    out["dense"] = reuse.get("dense") or measure(None)
+    keep(out)
+    for name in tqdm(cfg.candidates, desc="selection", disable=not progress):
+        if name not in out["runs"]:
+            out["runs"][name] = measure(TokenFilter(ratio=r, **CANDIDATES[name], **cfg.overrides))
+            keep(out)
+        if progress:
+            row = out["runs"][name]
+            print(f"  {name}: PPL x{row['ppl'] / out['dense']['ppl']:.3f}, needle {row['needle']['found']:.2f} "
+                  f"(logp {row['needle']['logp']:.2f})", flush=True)
+    out["choice"] = choose(out, r, [n for n in cfg.candidates if n in out["runs"]])
     return out
 
 
-def choose(sel: dict, ratio: float) -> dict:
-    """Most needle hits among the candidates within the perplexity target at ``ratio``; ties by perplexity."""
+def choose(sel: dict, ratio: float, names: list[str] | None = None) -> dict:
+    """Most needle hits among the candidates within the perplexity target at ``ratio``; ties by the answer's
+    log-probability (when measured), then by perplexity."""
     dense = sel["dense"]["ppl"]
     target = PPL_TARGET.get(ratio, 1.08)
-    ok = {n: r for n, r in sel["runs"].items() if r["ppl"] <= target * dense}
-    pool = ok or sel["runs"]
-    best = max(pool, key=lambda n: (pool[n]["needle"]["found"], -pool[n]["ppl"]))
+    runs = {n: sel["runs"][n] for n in (names or sel["runs"])}
+    ok = {n: r for n, r in runs.items() if r["ppl"] <= target * dense}
+    pool = ok or runs
+    best = max(pool, key=lambda n: (pool[n]["needle"]["found"], pool[n]["needle"].get("logp", 0.0), -pool[n]["ppl"]))
     return {"chosen": best, "within_target": sorted(ok), "target": target,
             "rule": f"most selection-needle hits among candidates within {target}x dense PPL at ratio {ratio}; "
-                    "ties by PPL" + ("" if ok else " (no candidate met the target: best of all)")}
+                    "ties by the answer's log-probability, then PPL"
+                    + ("" if ok else " (no candidate met the target: best of all)")}
 
 
 def sliding_window_for(held: float, length: int, warmup: int = 4, **fields: object) -> TokenFilter:
@@ -203,7 +265,7 @@ def run_quality(cfg: QualityConfig, progress: bool = True, previous: dict | None
             result["select"] = part
             keep(result)
 
-        result["select"] = select(model, tok, ids[0::2], cfg, progress, save_select)
+        result["select"] = select(model, tok, ids[0::2], cfg, progress, save_select, result.get("select"))
     chosen = cfg.chosen or result.get("select", {}).get("choice", {}).get("chosen")
     if chosen is None:
         raise ValueError("No chosen candidate: run the select stage first, or name one with chosen=.")

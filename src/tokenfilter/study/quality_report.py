@@ -17,14 +17,22 @@ def _ppl_cells(row: dict, dense: float) -> list[str]:
 def select_section(sel: dict, ratio: float) -> list[str]:
     dense = sel["dense"]["ppl"]
     choice = sel["choice"]
+    forced = sel["dense"]["needle"].get("scoring") == "teacher-forced"
     out = [f"### Selection half (even WikiText-2 windows, selection needle facts and depths), ratio {ratio}", "",
-           f"Dense PPL {dense:.2f}. KV held and pairs are shares of dense over all layers after each window.", ""]
+           f"Dense PPL {dense:.2f}. KV held and pairs are shares of dense over all layers after each window."
+           + (" Needle answers teacher-forced: found = every answer token is the argmax (what greedy decoding "
+              "writes), log p = the answer's log-probability, kept = share of the needle's (token, layer) entries "
+              "kept in the layers that filter." if forced else ""), ""]
     rows = []
-    for name, r in sel["runs"].items():
+    for name, r in {"dense": sel["dense"], **sel["runs"]}.items():
         mark = " (chosen)" if name == choice["chosen"] else ""
-        rows.append([name + mark, *_ppl_cells(r, dense), f"{r['needle']['found']:.2f}",
-                     "yes" if name in choice["within_target"] else "no"])
-    out += _table(["candidate", "PPL", "x dense", "KV held", "pairs", "needle found", "within target"], rows)
+        nd = r["needle"]
+        extra = [f"{nd['logp']:.2f}", f"{nd['needle_kept']:.2f}"] if forced else []
+        within = "" if name == "dense" else ("yes" if name in choice["within_target"] else "no")
+        rows.append([name + mark, *_ppl_cells(r, dense), f"{nd['found']:.2f}", *extra, within])
+    head = ["candidate", "PPL", "x dense", "KV held", "pairs", "needle found",
+            *(["log p", "kept"] if forced else []), "within target"]
+    out += _table(head, rows)
     out.append(f"Rule: {choice['rule']}.")
     return [*out, ""]
 

@@ -1,4 +1,7 @@
-"""The candidate configurations the study compares: changes from the SPEC (paper) default, by name.
+"""The candidate configurations of the query-side study: changes from the SPEC (paper) reading, by name.
+
+This study is about the query side (``skip="attention"``, the paper's reading, the library default until the
+KV-side study replaced it): every candidate pins it, so its numbers do not move with the library default.
 
 Every candidate is scored at the same target ratios; ``random@<name>`` is the same candidate with a random
 choice of tokens (the floor that isolates the similarity score from the schedule).
@@ -11,7 +14,8 @@ from tokenfilter.config import TokenFilter
 PAPER = "paper"
 
 # the SPEC's choices: tail-linear from L // 2, variance fusion, lam 1, gamma 0.9, warm-up 4, pre-RoPE keys, kv drop
-PAPER_KW = {"schedule": "tail-linear", "start_layer": None}
+QUERY_SIDE = {"skip": "attention", "recent": None}
+PAPER_KW = {**QUERY_SIDE, "schedule": "tail-linear", "start_layer": None}
 CANDIDATES: dict[str, dict] = {
     PAPER: PAPER_KW,
     "kv-keep": {**PAPER_KW, "kv": "keep"},
@@ -25,10 +29,10 @@ CANDIDATES: dict[str, dict] = {
     "gamma-0.98": {**PAPER_KW, "gamma": 0.98},
     "warmup-32": {**PAPER_KW, "warmup": 32},
     "post-rope": {**PAPER_KW, "pre_rope": False},
-    "tail-from-2": {"schedule": "tail-linear", "start_layer": 2},
-    "uniform-from-2": {"schedule": "uniform", "start_layer": 2},
-    "tail-from-2-kv-keep": {"schedule": "tail-linear", "start_layer": 2, "kv": "keep"},
-    "uniform-from-2-kv-keep": {"schedule": "uniform", "start_layer": 2, "kv": "keep"},
+    "tail-from-2": {**QUERY_SIDE, "schedule": "tail-linear", "start_layer": 2},
+    "uniform-from-2": {**QUERY_SIDE, "schedule": "uniform", "start_layer": 2},
+    "tail-from-2-kv-keep": {**QUERY_SIDE, "schedule": "tail-linear", "start_layer": 2, "kv": "keep"},
+    "uniform-from-2-kv-keep": {**QUERY_SIDE, "schedule": "uniform", "start_layer": 2, "kv": "keep"},
 }
 # the random floor for every distinct schedule / cache policy among the candidates
 RANDOM_OF = (PAPER, "kv-keep", "tail-from-2", "uniform-from-2", "tail-from-2-kv-keep", "uniform-from-2-kv-keep")
@@ -63,4 +67,4 @@ def single_layer(num_layers: int, layer: int, ratio: float, random: bool = False
     schedule = [0.0] * num_layers
     schedule[layer] = ratio
     extra = {"score": "random", "seed": seed} if random else {}
-    return TokenFilter(schedule=schedule, **extra)
+    return TokenFilter(schedule=schedule, **QUERY_SIDE, **extra)
