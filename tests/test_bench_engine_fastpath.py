@@ -85,7 +85,8 @@ def test_decode_fast_path_scores_are_bitwise_the_general_ones(count_fast_decode)
     mask = torch.ones_like(ids)
     runs = []
     for path in ("fast", "reference"):
-        _, _, run = _generate(model, TokenFilter(ratio=0.5, kv="keep", path=path, record_decisions=True), ids, mask)
+        cfg = TokenFilter(ratio=0.5, skip="attention", kv="keep", path=path, record_decisions=True)
+        _, _, run = _generate(model, cfg, ids, mask)
         runs.append(run)
     assert count_fast_decode["n"] > 0
     for a, b in zip(runs[0].scores, runs[1].scores, strict=True):
@@ -113,7 +114,9 @@ def test_causal_prefill_shortcut_equals_reference(monkeypatch, kv):
     monkeypatch.setattr(attention_mod, "attend", spy)
     outs = {}
     for path in ("fast", "reference"):
-        with TokenFilter(ratio=0.5, kv=kv, path=path, record_decisions=True).apply(model) as run, torch.no_grad():
+        # the query side's shortcut
+        cfg = TokenFilter(ratio=0.5, skip="attention", kv=kv, path=path, record_decisions=True)
+        with cfg.apply(model) as run, torch.no_grad():
             outs[path] = (model(ids, attention_mask=mask).logits, run.decisions, run.stats.as_dict())
     # kv=drop: the stored tokens are the kept queries, so the shortcut applies; kv=keep: it must not
     assert any(seen) == (kv == "drop")

@@ -142,15 +142,22 @@ def test_fast_equals_reference(tiny, kv, skip, mode):
     assert f_stats.as_dict() == r_stats.as_dict()
 
 
-def test_fast_equals_reference_bf16(tiny):
+@pytest.mark.parametrize("skip", ["attention", "none"])
+def test_fast_equals_reference_bf16(tiny, skip):
+    """bf16: same decisions and close logits. On the KV side every token's attention runs through the fast
+    path's merge of two attention calls, whose bf16 rounding differs from the masked reference's: a score
+    at a layer's top-k boundary may then swap places with its neighbour (at most 1% of the decisions)."""
     tiny = tiny.to(torch.bfloat16)
     ids = random_ids(2, 64)
     outs, decs = [], []
     for path in ("fast", "reference"):
-        with TokenFilter(ratio=0.4, path=path, record_decisions=True).apply(tiny) as run:
+        with TokenFilter(ratio=0.4, skip=skip, path=path, record_decisions=True).apply(tiny) as run:
             outs.append(logits(tiny, ids).float())
             decs.append(run.decisions)
-    assert all(torch.equal(a, b) for a, b in zip(*decs, strict=True))
+    differ = sum(int((a != b).sum()) for a, b in zip(*decs, strict=True))
+    assert differ == 0 if skip == "attention" else differ <= 0.01 * sum(d.numel() for d in decs[0])
+    for a, b in zip(*decs, strict=True):  # a swap keeps every row's count
+        assert torch.equal(a.sum(-1), b.sum(-1))
     torch.testing.assert_close(outs[0], outs[1], atol=3e-2, rtol=3e-2)
 
 

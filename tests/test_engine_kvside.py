@@ -254,8 +254,9 @@ def test_window_wider_than_the_models_acts_as_the_models():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(skip="none", kv="keep"), 'skip="none" filters on the KV side only'),
-        (dict(recent=8), 'needs skip="none"'),
+        (dict(skip="none", kv="keep"), 'kv="keep" keeps the entries of filtered tokens'),
+        (dict(kv="keep"), 'use it with skip="attention"'),  # the default is the KV side
+        (dict(recent=8, skip="attention"), 'needs skip="none"'),
         (dict(recent=8, skip="block"), 'needs skip="none"'),
         (dict(recent=0, skip="none"), "recent must be an integer >= 1"),
         (dict(recent=2.5, skip="none"), "recent must be an integer >= 1"),
@@ -270,7 +271,11 @@ def test_paper_preset_pins_the_query_side_reading():
     cfg = TokenFilter.paper(ratio=0.3)
     pinned = (cfg.skip, cfg.kv, cfg.recent, cfg.schedule, cfg.start_layer)
     assert pinned == ("attention", "drop", None, "tail-linear", None)
-    assert TokenFilter(ratio=0.3).skip == "attention" and TokenFilter(ratio=0.3).recent is None
+    default = TokenFilter(ratio=0.3)  # the KV side with its window of 64 (issue 15's study)
+    assert (default.skip, default.recent, default.window) == ("none", "auto", 64)
+    assert TokenFilter(ratio=0.3, skip="attention").window is None
+    assert TokenFilter(ratio=0.3, recent=None).window is None
+    assert cfg.window is None and default.replace(skip="attention").window is None
 
 
 # -- the sliding-window preset: StreamingLLM's sinks + window, from the same engine ---------------------------

@@ -41,12 +41,17 @@ def test_registered_as_an_lm_eval_model_type():
 def test_model_args_round_trip_into_a_token_filter(tiny_dir):
     from lm_eval.api.registry import get_model
 
+    import tokenfilter.eval.harness_model  # noqa: F401  (registers the model type, whatever ran before)
+
     lm = get_model("tokenfilter").create_from_arg_string(
         f"pretrained={tiny_dir},ratio=0.5,fusion=mean,pre_rope=false,warmup=2,schedule=uniform",
         {"batch_size": 1, "device": "cpu"},
     )
     assert lm.token_filter == TokenFilter(ratio=0.5, fusion="mean", pre_rope=False, warmup=2, schedule="uniform")
     assert lm.model.config.num_hidden_layers == 4
+    lm = get_model("tokenfilter").create_from_arg_string(
+        f"pretrained={tiny_dir},ratio=0.5,skip=attention,start_layer=None,recent=None", {"batch_size": 1, "device": "cpu"})
+    assert lm.token_filter == TokenFilter(ratio=0.5, skip="attention", start_layer=None, recent=None)
 
 
 def test_bad_filter_field_is_a_clear_error(tiny_dir):

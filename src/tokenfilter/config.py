@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     from tokenfilter.integration.run import FilterRun
 
 
+DEFAULT_RECENT = 64  # the recent window of the KV side (issue 15: 64 keeps x1.06 dense perplexity at ratio 0.5)
+
+
 @dataclass(frozen=True)
 class TokenFilter:
     """Token Filtering configuration (see SPEC.md for every choice).
@@ -22,14 +25,19 @@ class TokenFilter:
     over all layers) or ``threshold`` (fixed score threshold: one number, or one per layer with ``None``
     for layers that never filter).
 
-    The schedule defaults (``uniform`` from layer 2) come from the quality study (``tokenfilter study``,
-    docs/study.md): on held-out data they lose far less than the SPEC's ``tail-linear`` ramp from ``L // 2``,
-    which ``TokenFilter.paper(...)`` (or ``schedule="tail-linear", start_layer=None``) still gives.
+    The defaults come from the quality studies (``tokenfilter study``, docs/study.md), chosen on selection data
+    and reported on held-out data, on two models:
 
-    ``skip`` says what a filtered token skips at a layer: ``"attention"`` (default, the paper's query-side reading:
-    its Q projection, attention and O projection), ``"block"`` (the MLP too), or ``"none"`` (KV-side filtering:
-    it still attends, but its key and value are not kept for later tokens). ``recent=R`` (KV side only) keeps
-    the R most recent real tokens readable whatever their decision (SPEC, "Recent window").
+    * ``skip="none"`` (KV-side filtering): a filtered token still attends, but its key and value are not kept
+      for later tokens; ``recent`` (``"auto"``: 64 on the KV side) keeps the R most recent real tokens readable
+      whatever their decision (SPEC, "KV-side filtering", "Recent window"). The paper's query-side reading,
+      ``skip="attention"`` (its Q projection, attention and O projection skipped; ``"block"``: the MLP too),
+      costs x25 dense perplexity at ratio 0.5 where the KV side with its window costs x1.06 (SmolLM2-135M).
+    * the ``uniform`` schedule from layer 2, which loses far less than the SPEC's ``tail-linear`` ramp from
+      ``L // 2``.
+
+    ``TokenFilter.paper(...)`` pins the paper's own reading (query side, tail-linear from ``L // 2``, no window)
+    so that a default never changes it.
     """
 
     ratio: float | None = None
@@ -41,9 +49,9 @@ class TokenFilter:
     schedule: str | Sequence[float] = "uniform"
     start_layer: int | None = 2  # None: the SPEC's L // 2
     max_layer_ratio: float = 0.95
-    skip: Literal["attention", "block", "none"] = "attention"
+    skip: Literal["attention", "block", "none"] = "none"
     kv: Literal["drop", "keep"] = "drop"
-    recent: int | None = None
+    recent: int | Literal["auto"] | None = "auto"  # "auto": DEFAULT_RECENT on the KV side, no window otherwise
     pre_rope: bool = True
     score: str = "similarity"  # a name in tokenfilter.algorithm.scores.SCORES
     seed: int = 0
@@ -131,14 +139,24 @@ class TokenFilter:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}.")
 
         if self.skip == "none" and self.kv == "keep":
-            raise ValueError('skip="none" filters on the KV side only, so kv="keep" would change nothing: use "drop".')
-        if self.recent is not None:
+            raise ValueError(
+                'kv="keep" keeps the entries of filtered tokens, which the KV side (skip="none", the default) drops by '
+                'definition: use it with skip="attention".'
+            )
+        if self.recent is not None and self.recent != "auto":
             if isinstance(self.recent, bool) or not isinstance(self.recent, int) or self.recent < 1:
-                raise ValueError(f"recent must be an integer >= 1 (or None), got {self.recent!r}.")
+                raise ValueError(f'recent must be an integer >= 1, "auto" or None, got {self.recent!r}.')
             if self.skip != "none":
                 raise ValueError(
                     f'recent (a window of recent keys) needs skip="none" (KV-side filtering), got skip={self.skip!r}.'
                 )
+
+    @property
+    def window(self) -> int | None:
+        """The recent window in effect: ``recent``, with ``"auto"`` resolved (DEFAULT_RECENT on the KV side)."""
+        if self.recent == "auto":
+            return DEFAULT_RECENT if self.skip == "none" else None
+        return self.recent
 
     @property
     def mode(self) -> Literal["ratio", "threshold"]:

@@ -50,7 +50,7 @@ class Visibility:
         return cls(
             filtered_reads=kv_side,
             filtered_stored=cfg.kv == "keep",
-            recent=(cfg.recent or 1) if kv_side else 0,
+            recent=(cfg.window or 1) if kv_side else 0,
             sinks=cfg.warmup,
             window=window,
         )

@@ -97,6 +97,7 @@ class TokenFilterLM(HFLM):
         **kwargs: object,
     ) -> None:
         fields = {k: kwargs.pop(k) for k in list(kwargs) if k in FILTER_FIELDS}
+        fields = {k: None if v in ("None", "none") else v for k, v in fields.items()}  # model_args are strings
         if fields:
             if token_filter is not None:
                 raise ValueError("Give either token_filter or TokenFilter fields, not both.")

@@ -1,25 +1,29 @@
-"""The methods the evaluation compares, by name. Token Filtering variants are ``TokenFilter`` changes
-from the library default (uniform schedule from layer 2, chosen by ``tokenfilter study``); ``paper`` is the
-SPEC's tail-linear schedule from ``L // 2``; ``kv-*`` filter on the KV side (``skip="none"``), with the recent
-window of 64 for ``kv-window*``; ``shortgpt*`` are layer-removal baselines matched to Token Filtering's FLOPs.
-``sliding-window`` is StreamingLLM's rule (``TokenFilter.sliding_window``: 4 sinks and a recent band, no score)
-sized on every input to hold ``1 - ratio`` of its KV, so it stands at the ratio's nominal budget on prompts of
-any length."""
+"""The methods the evaluation compares, by name. Token Filtering variants are ``TokenFilter`` changes from the
+library default (KV side with a recent window of 64, uniform schedule from layer 2, chosen by the studies):
+``random`` is its random twin; ``paper`` is the SPEC's own reading (``TokenFilter.paper``: the query side,
+tail-linear from ``L // 2``, no window); ``query-side`` is the query-side skip with our schedule (the default
+before the KV-side study); ``kv-side`` drops the window; ``shortgpt*`` are layer-removal baselines matched to
+Token Filtering's FLOPs. ``sliding-window`` is StreamingLLM's rule (``TokenFilter.sliding_window``: 4 sinks and a
+recent band, no score) sized on every input to hold ``1 - ratio`` of its KV, so it stands at the ratio's nominal
+budget on prompts of any length."""
 
 from __future__ import annotations
 
 from tokenfilter.config import SlidingWindowShare, TokenFilter
 
+QUERY_SIDE = {"skip": "attention", "recent": None}
 FILTER_VARIANTS: dict[str, dict] = {
     "token-filter": {},
+    "random": {"score": "random"},
+    "paper": {**QUERY_SIDE, "schedule": "tail-linear", "start_layer": None},
+    "query-side": QUERY_SIDE,
+    "query-side-random": {**QUERY_SIDE, "score": "random"},
     "fusion-mean": {"fusion": "mean"},
     "fusion-key": {"fusion": "key"},
     "fusion-value": {"fusion": "value"},
-    "kv-keep": {"kv": "keep"},
-    "paper": {"schedule": "tail-linear", "start_layer": None},
+    "kv-keep": {**QUERY_SIDE, "kv": "keep"},
     "post-rope": {"pre_rope": False},
-    "random": {"score": "random"},
-    "kv-side": {"skip": "none"},
+    "kv-side": {"skip": "none", "recent": None},
     "kv-window": {"skip": "none", "recent": 64},
     "kv-window-random": {"skip": "none", "recent": 64, "score": "random"},
 }
