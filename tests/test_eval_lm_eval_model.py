@@ -50,7 +50,9 @@ def test_model_args_round_trip_into_a_token_filter(tiny_dir):
     assert lm.token_filter == TokenFilter(ratio=0.5, fusion="mean", pre_rope=False, warmup=2, schedule="uniform")
     assert lm.model.config.num_hidden_layers == 4
     lm = get_model("tokenfilter").create_from_arg_string(
-        f"pretrained={tiny_dir},ratio=0.5,skip=attention,start_layer=None,recent=None", {"batch_size": 1, "device": "cpu"})
+        f"pretrained={tiny_dir},ratio=0.5,skip=attention,start_layer=None,recent=None",
+        {"batch_size": 1, "device": "cpu"},
+    )
     assert lm.token_filter == TokenFilter(ratio=0.5, skip="attention", start_layer=None, recent=None)
 
 
