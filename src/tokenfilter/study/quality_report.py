@@ -125,6 +125,14 @@ def _missing(res: dict) -> list[str]:
     out = []
     if "select" not in res:
         out.append("the selection half did not run: the candidate was named (`--chosen`), not chosen by the study")
+    else:
+        chosen = res["select"].get("choice", {}).get("chosen")
+        held = res.get("heldout", {}).get("chosen")
+        if held and chosen and held != chosen:
+            out.append(f"the held-out half reports `{held}`, not the selection's choice `{chosen}`")
+        lengths = res["select"].get("settings", {}).get("lengths")
+        if lengths:
+            out.append(f"the selection needle ran at {', '.join(map(str, lengths))} tokens only")
     asked = [str(r) for r in res.get("config", {}).get("ratios", [])]
     done = list(res.get("heldout", {}).get("runs", {}))
     if [r for r in asked if r not in done]:
