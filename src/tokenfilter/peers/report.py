@@ -38,6 +38,11 @@ def _note(s: Mapping) -> str:
         parts.append(f"our budget is below the question on {s['capped']} prompt(s): the press holds more")
     if s["side"] == "kvpress" and s["method"] in PRESS_NOTES:
         parts.append(PRESS_NOTES[s["method"]])
+    if s["side"] == "ours" and s["config"] != s["method"]:
+        lo, hi = s.get("recent") or (None, None)
+        window = f"R = {lo}" if lo == hi else f"R = {lo}-{hi}"
+        parts.append(f"our sliding-window preset (4 sinks + the {window} most recent tokens, inside the prefill too), "
+                     f"sized per prompt to the KV held of {s['config']}")
     return "; ".join(parts).replace("|", "/")
 
 
@@ -49,27 +54,87 @@ def _delta(press: Mapping, ours: Mapping | None, fmt: str) -> str:
     return f"{format(d, '+' + fmt)} ± {format(math.hypot(press['se'], ours['se']), fmt)}"
 
 
+def _press_budget(family: str, o: Mapping, summaries: Sequence[Mapping]) -> tuple[str | None, list[Mapping]]:
+    """The budget (our row) whose presses a row of ours is compared with: its own, else the one holding the KV
+    nearest to it (the presses may have been matched to some of our rows only)."""
+    presses = [s for s in summaries if s["family"] == family and s["side"] == "kvpress" and s["n"]
+               and s["config"] != "dense"]
+    configs = {s["config"]: s for s in summaries if s["family"] == family and s["side"] == "ours"}
+    if any(p["config"] == o["config"] for p in presses):
+        return o["config"], [p for p in presses if p["config"] == o["config"]]
+    if not presses:
+        return None, []
+    near = min({p["config"] for p in presses},
+               key=lambda c: abs(configs[c]["kv_share"] - o["kv_share"]) if c in configs else math.inf)
+    return near, [p for p in presses if p["config"] == near]
+
+
 def findings(summaries: Sequence[Mapping]) -> list[str]:
-    """Per family and budget: the presses that ours matches (ours >= press - one se of the press) and those that
-    beat ours, by how much."""
+    """Per family and row of ours: the presses that it matches (ours >= press - one se of the press) and those
+    that beat it, by how much, at its budget (or, where the presses were not matched to it, at the nearest
+    budget they were matched to, with both KV shares said)."""
     out = []
     for family in ("needle", "longbench"):
         fmt = ".2f" if family == "needle" else ".1f"
-        ours = {s["method"]: s for s in summaries if s["family"] == family and s["side"] == "ours" and s["n"]}
-        for config, o in ours.items():
-            presses = [s for s in summaries if s["family"] == family and s["side"] == "kvpress"
-                       and s["config"] == config and s["n"]]
-            if not presses or config == "dense":
+        for o in (s for s in summaries if s["family"] == family and s["side"] == "ours" and s["n"]):
+            if o["config"] == "dense":
+                continue
+            config, presses = _press_budget(family, o, summaries)
+            if not presses:
                 continue
             held = [p["method"] for p in presses if o["score"] >= p["score"] - p["se"]]
             wins = [f"{p['method']} by {format(p['score'] - o['score'], fmt)}" for p in presses
                     if o["score"] < p["score"] - p["se"]]
-            line = f"- {family}, budget of `{config}` ({format(o['score'], fmt)}):"
+            line = (f"- {family}, `{o['method']}` ({format(o['score'], fmt)} ± {format(o['se'], fmt)}, "
+                    f"{100 * o['kv_share']:.1f}% KV held)")
+            if config != o["config"]:
+                line += (f", against the presses at the budget of `{config}` "
+                         f"({100 * presses[0]['kv_share']:.1f}% KV held; not matched to this row)")
+            line += ":"
             if held:
                 line += f" at least as good as {', '.join(held)} (within one standard error of the press)"
             if wins:
                 line += ("; " if held else " ") + f"behind {', '.join(wins)}"
             out.append(line + ".")
+    return out
+
+
+def ran_lines(meta: Mapping) -> list[str]:
+    """What the table covers and what the command's full grid has that it does not (``meta["ran"]``,
+    ``meta["full_grid"]``), the wall time of its invocations and the notes given with ``--note``."""
+    ran, full = meta.get("ran") or {}, meta.get("full_grid") or {}
+    out = []
+    if ran.get("needle_prompts"):
+        lengths = ", ".join(str(n) for n in ran["needle_lengths"])
+        line = (f"- Needle: {lengths} tokens x {len(ran['needle_depths'])} depths x {ran['needle_facts']} held-out "
+                f"facts = {ran['needle_prompts']} prompts.")
+        missing = [n for n in full.get("needle_lengths", []) if n not in ran["needle_lengths"]]
+        if missing:
+            line += f" Not run: {', '.join(str(n) for n in missing)} tokens (the command's default grid has them)."
+        out.append(line)
+    else:
+        out.append("- Needle: not run.")
+    if ran.get("longbench_prompts"):
+        line = (f"- MiniLongBench: {len(ran['longbench_tasks'])} English tasks x {ran['longbench_limit']} sample(s), "
+                f"truncated to {ran['longbench_max_length']} tokens = {ran['longbench_prompts']} prompts.")
+        missing = [t for t in full.get("longbench_tasks", []) if t not in ran["longbench_tasks"]]
+        if missing:
+            line += f" Tasks not run: {', '.join(missing)}."
+        out.append(line)
+    else:
+        out.append("- MiniLongBench: not run.")
+    if ran.get("ours"):
+        out.append(f"- Ours (`--ours`): dense, {', '.join(ran['ours'])} at ratio(s) "
+                   f"{', '.join(format(r, 'g') for r in ran['ratios'])}.")
+    if ran.get("presses"):
+        out.append(f"- Presses: {', '.join(ran['presses'])}, each matched to the KV held of "
+                   f"{', '.join(f'`{b}`' for b in ran['press_budgets'])} (`--press-budgets`); our other rows stand at "
+                   "their own KV held, and the findings compare them with the presses at the nearest budget.")
+    seconds = meta.get("invocations") or []
+    if seconds:
+        out.append(f"- Wall time: {sum(seconds) / 60:.0f} min over {len(seconds)} invocation(s) of the command "
+                   f"({', '.join(f'{s / 60:.0f}' for s in seconds)} min; `--reuse` runs only what is missing).")
+    out += [f"- {n}" for n in meta.get("notes") or []]
     return out
 
 
@@ -192,6 +257,7 @@ def section_markdown(
         "LongBench scores 0-100 (average over the tasks); ± is one standard error.",
         "",
     ]
+    lines += ["### What ran", "", *ran_lines(meta), ""]
     for family, title in (("needle", "Needle in a haystack"), ("longbench", "MiniLongBench")):
         if not any(s["family"] == family for s in summaries):
             continue
