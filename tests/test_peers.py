@@ -499,7 +499,7 @@ def test_findings_use_the_nearest_press_budget() -> None:
             s("tf-0.3", "ours", "tf-0.3", 0.2, 0.70), s("KnormPress", "kvpress", "kv-0.5", 0.3, 0.53),
             s("KnormPress", "kvpress", "tf-0.3", 0.6, 0.70)]
     lines = report.findings(summ)
-    assert len(lines) == 3
+    assert len(lines) == 4 and lines[3] == report.WHY_BEHIND  # a press is ahead somewhere: the notes say why
     assert "`kv-0.5`" in lines[0] and "not matched" not in lines[0] and "at least as good as KnormPress" in lines[0]
     assert "budget of `kv-0.5` (53.0% KV held; not matched to this row)" in lines[1]  # 0.50 is nearest to 0.53
     assert "behind KnormPress by 0.20" in lines[1]
@@ -530,5 +530,6 @@ def test_findings_say_who_wins_and_by_how_much() -> None:
 
     summ = [s("tf-0.5", "ours", 0.6, 0.1), s("KnormPress", "kvpress", 0.65, 0.1)]
     summ.append(s("SnapKVPress", "kvpress", 0.9, 0.05))
-    [line] = report.findings(summ)
+    line, why = report.findings(summ)
+    assert why == report.WHY_BEHIND
     assert "at least as good as KnormPress" in line and "behind SnapKVPress by 0.30" in line

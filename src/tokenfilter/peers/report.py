@@ -97,7 +97,19 @@ def findings(summaries: Sequence[Mapping]) -> list[str]:
             if wins:
                 line += ("; " if held else " ") + f"behind {', '.join(wins)}"
             out.append(line + ".")
+    if any("behind" in line for line in out):
+        out.append(WHY_BEHIND)
     return out
+
+
+WHY_BEHIND = (
+    "- Why a press can be ahead at the same KV: every press here compresses after a dense prefill of the whole "
+    "context, so it saves no prefill attention (see the FLOP columns), and the scoring presses (SnapKV, TOVA, "
+    "Expected Attention, PyramidKV, KeyDiff) pick what to keep with the end of the context in view; StreamingLLMPress "
+    "keeps the sinks and the most recent context tokens, and the needle's answer is read by a question that comes "
+    "after them. Token Filtering decides online, as each token arrives, before later tokens exist: it also saves "
+    "prefill attention, and its sliding-window preset applies StreamingLLM's rule inside the prefill as well."
+)
 
 
 def ran_lines(meta: Mapping) -> list[str]:
@@ -244,7 +256,11 @@ def section_markdown(
         f"run through NVIDIA kvpress's own pipeline ({', '.join(f'{k} {v}' for k, v in versions.items())}) in a venv "
         "of their own" + (f" (built in {setup:.0f} s)" if setup else "") + ", on the same token ids as ours: each "
         "prompt is split into the context (which a press compresses after a dense prefill) and the question with "
-        "the answer prefix (prefilled after the compression, kept whole).",
+        "the answer prefix (prefilled after the compression, kept whole). Our rows (`--ours`) run here with our "
+        "transformers; `sliding-window` is our `TokenFilter.sliding_window` preset (StreamingLLM's rule, 4 sinks + a "
+        "recent window, applied inside the prefill as well), sized per prompt to hold the KV that the KV-side row it "
+        "stands beside measured on that prompt; kvpress's `StreamingLLMPress` applies the same rule once, after a "
+        "dense prefill.",
         "",
         "Each press runs at the `compression_ratio` (the fraction of the context removed) that holds, after the "
         "prompt, the KV that the Token Filtering row in `budget of` holds on that prompt (SPEC \"KV held\", all "
