@@ -374,6 +374,37 @@ def test_reuse_runs_only_the_missing_press_jobs(tmp_path: Path, monkeypatch: pyt
     assert len(ran) == 3
 
 
+def test_reuse_keeps_what_a_killed_peer_script_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from tokenfilter.peers import cli
+
+    prompts = _prompts()[:1]
+    jobs = [{"key": merge.job_key(p, "tf", prompts[0].id), "prompt": prompts[0].id, "press": p, "ratio": 0.5}
+            for p in ("KnormPress", "SnapKVPress")]
+    # killed after its first job: peer_in.json for this model, a partial peer_new.json, no peer_out.json
+    inputs.write(tmp_path / "peer_in.json", prompts, {"path": "/x", "gguf_file": "m.gguf"}, {"jobs": jobs})
+    (tmp_path / "peer_new.json").write_text(json.dumps({"results": [{**jobs[0], "answer": "kept", "error": None}]}))
+    ran: list[str] = []
+
+    def fake(peer: object, in_json: Path, out_json: Path) -> dict:
+        todo = json.loads(in_json.read_text())["jobs"]
+        ran.extend(j["press"] for j in todo)
+        return {"versions": {}, "results": [{**j, "answer": "new", "error": None} for j in todo]}
+
+    monkeypatch.setattr(cli, "run_peer_script", fake)
+    args = argparse.Namespace(reuse=True, threads=1)
+    out = cli._run_presses(args, None, tmp_path, Path("/x/m.gguf"), "m", prompts, jobs)
+    assert ran == ["SnapKVPress"] and [r["answer"] for r in out["results"]] == ["kept", "new"]
+    # another model's partial results are not taken
+    (tmp_path / "peer_out.json").unlink()
+    inputs.write(tmp_path / "peer_in.json", prompts, {"path": "/y", "gguf_file": "m.gguf"}, {"jobs": jobs})
+    (tmp_path / "peer_new.json").write_text(json.dumps({"results": [{**jobs[0], "answer": "other", "error": None}]}))
+    ran.clear()
+    cli._run_presses(args, None, tmp_path, Path("/x/m.gguf"), "m", prompts, jobs)
+    assert ran == ["KnormPress", "SnapKVPress"]
+
+
 def test_cli_arguments() -> None:
     import argparse
 

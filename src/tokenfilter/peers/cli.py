@@ -349,6 +349,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupted(out: Path, path: Path) -> list[dict]:
+    """The results without error in the peer script's own output (``peer_new.json``, written after every job) when
+    its input (``peer_in.json``) was for this model: what a killed run leaves."""
+    spec, new = _read(out / "peer_in.json"), _read(out / "peer_new.json")
+    if not spec or not new:
+        return []
+    model = spec.get("model", {})
+    if model.get("path") != str(path.parent if path.suffix == ".gguf" else path) or \
+            model.get("gguf_file") != (path.name if path.suffix == ".gguf" else None):
+        return []
+    return [r for r in new.get("results", []) if not r.get("error") and "key" in r]
+
+
 def _run_presses(
     args: argparse.Namespace,
     peer: env.PeerEnv,
@@ -362,6 +375,9 @@ def _run_presses(
     old = _read(out / "peer_out.json") if args.reuse else None
     old = old if old and old.get("model") == model_name else {"results": []}
     kept = {r["key"]: r for r in old["results"] if not r.get("error")}
+    if args.reuse:  # a run killed while the peer script ran: the results it had written so far
+        for r in _interrupted(out, path):
+            kept.setdefault(r["key"], r)
     todo = [j for j in jobs if j["key"] not in kept or kept[j["key"]].get("ratio") != j.get("ratio")]
     new: dict = {"results": [], "versions": old.get("versions")}
     if todo:
