@@ -552,6 +552,12 @@ def test_ran_lines_say_what_did_not_run() -> None:
     assert "matched to the KV held of `kv-window-0.5`" in text
     assert "30 min over 2 invocation(s)" in text and "- 8k was not run: time." in text
     assert "- Needle: not run." in report.ran_lines({"ran": {}})
+    fail = {"family": "needle", "method": "PyramidKVPress", "side": "kvpress", "n": 0, "n_failed": 15,
+            "errors": ["RuntimeError: The size of tensor a (929) must match"]}
+    [line] = report.failure_lines([fail, {**fail, "family": "longbench", "n_failed": 1, "n": 1}])
+    assert line.startswith("- PyramidKVPress failed on 16/17 prompts: `RuntimeError: The size of tensor a (929)")
+    assert "kvpress / transformers incompatibility" in line
+    assert report.failure_lines([fail])[0] in report.ran_lines({"ran": {}}, [fail])
 
 
 def test_findings_say_who_wins_and_by_how_much() -> None:

@@ -11,6 +11,16 @@ from tokenfilter.eval.sections import write_section
 from tokenfilter.peers.merge import PRESS_NOTES
 
 SECTION = "peers"
+
+# Why a press fails where we know it (checked with a full traceback in the peer venv).
+FAILURE_CAUSES: dict[str, str] = {
+    "PyramidKVPress": (
+        "its layers keep different numbers of context entries, and the question's forward after the compression "
+        "meets them with one attention mask sized for another layer's cache (sdpa in transformers 5.2.0 under "
+        "kvpress 0.5.5's attention patch: `The size of tensor a ... must match the size of tensor b ...`); "
+        "a kvpress / transformers incompatibility on this model, not a property of the method"
+    ),
+}
 _RATIO_SUFFIX = re.compile(r"[-_@=]?r?\d*\.?\d+$")
 
 
@@ -112,7 +122,24 @@ WHY_BEHIND = (
 )
 
 
-def ran_lines(meta: Mapping) -> list[str]:
+def failure_lines(summaries: Sequence[Mapping]) -> list[str]:
+    """One line per press that failed somewhere: on how many prompts, its first error, and the cause where known."""
+    failed: dict[str, list[int]] = {}
+    errors: dict[str, str] = {}
+    for s in summaries:
+        if s["side"] == "kvpress" and s.get("n_failed"):
+            n = failed.setdefault(s["method"], [0, 0])
+            n[0] += s["n_failed"]
+            n[1] += s["n"] + s["n_failed"]
+            errors.setdefault(s["method"], s["errors"][0])
+    out = []
+    for press, (bad, total) in failed.items():
+        line = f"- {press} failed on {bad}/{total} prompts: `{errors[press]}`"
+        out.append(line + (f"; {FAILURE_CAUSES[press]}." if press in FAILURE_CAUSES else "."))
+    return out
+
+
+def ran_lines(meta: Mapping, summaries: Sequence[Mapping] = ()) -> list[str]:
     """What the table covers and what the command's full grid has that it does not (``meta["ran"]``,
     ``meta["full_grid"]``), the wall time of its invocations and the notes given with ``--note``."""
     ran, full = meta.get("ran") or {}, meta.get("full_grid") or {}
@@ -143,6 +170,7 @@ def ran_lines(meta: Mapping) -> list[str]:
         out.append(f"- Presses: {', '.join(ran['presses'])}, each matched to the KV held of "
                    f"{', '.join(f'`{b}`' for b in ran['press_budgets'])} (`--press-budgets`); our other rows stand at "
                    "their own KV held, and the findings compare them with the presses at the nearest budget.")
+    out += failure_lines(summaries)
     seconds = meta.get("invocations") or []
     if seconds:
         out.append(f"- Wall time: {sum(seconds) / 60:.0f} min over {len(seconds)} invocation(s) of the command "
@@ -274,7 +302,7 @@ def section_markdown(
         "LongBench scores 0-100 (average over the tasks); ± is one standard error.",
         "",
     ]
-    lines += ["### What ran", "", *ran_lines(meta), ""]
+    lines += ["### What ran", "", *ran_lines(meta, summaries), ""]
     for family, title in (("needle", "Needle in a haystack"), ("longbench", "MiniLongBench")):
         if not any(s["family"] == family for s in summaries):
             continue
