@@ -278,6 +278,9 @@ def run(args: argparse.Namespace) -> int:
     prompts = build_prompts(args, tok, getattr(config, "max_position_embeddings", None))
     log(f"{len(prompts)} prompts built ({time.perf_counter() - t0:.0f} s)")
     done = {(r["method"], r["prompt"]): r for r in old_ours["rows"]}
+    size = {p.id: p.tokens for p in prompts}
+    for key in [k for k, r in done.items() if k[1] in size and r.get("tokens", size[k[1]]) != size[k[1]]]:
+        del done[key]  # the same prompt id built to another length (e.g. another --max-length): run it again
     model, element = None, int(old_ours.get("element_size", 4))  # the weights load only if a row is missing
     rows, by_name = [], {}
     for name, method in methods.items():

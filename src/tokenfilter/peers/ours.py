@@ -104,6 +104,7 @@ def run_ours(
                     "budget_of": method.reference if isinstance(method, Matched) else name,
                     "recent": getattr(tf, "recent", None),
                     "prompt": p.id,
+                    "tokens": p.tokens,
                     "answer": answer,
                     "new_tokens": new,
                     "score": inputs.score(p, answer),
