@@ -535,6 +535,22 @@ def test_findings_use_the_nearest_press_budget() -> None:
     assert "budget of `kv-0.5` (53.0% KV held; not matched to this row)" in lines[1]  # 0.50 is nearest to 0.53
     assert "behind KnormPress by 0.20" in lines[1]
     assert "`tf-0.3`" in lines[2] and "behind KnormPress by 0.40" in lines[2]
+    summ.append({**s("PyramidKVPress", "kvpress", "kv-0.5", 0.9, 0.53), "n": 2, "n_failed": 13})
+    first = report.findings(summ)[0]
+    assert "PyramidKVPress failed on some prompts: not compared" in first and "behind" not in first
+
+
+def test_needle_per_depth() -> None:
+    prompts = [SplitPrompt(f"needle/100/{d:g}/42", "needle", "needle", [1] * 90, [2] * 10, "", "", 8, ["42"],
+                           meta={"depth": d}) for d in (0.0, 50.0, 50.0)]
+    rows = [{"method": "dense", "ratio": None, "prompt": p.id, "answer": a, "new_tokens": 2, "score": sc,
+             "seconds": 1.0, "kv_held_share": 1.0, "prefill_pairs": None, "decode_pairs": None}
+            for p, a, sc in zip(prompts, ["42", "42", "no"], [1.0, 1.0, 0.0], strict=True)]
+    rows[2]["prompt"] = prompts[2].id = "needle/100/50/43"
+    summ = merge.summarize(merge.merge(prompts, {"rows": rows}, None, [], SHAPE))
+    assert summ[0]["by_depth"] == {0.0: 1.0, 50.0: 0.5}
+    table = report.depth_table(summ)
+    assert "| depth 0 | depth 50 |" in table and "| dense | dense | 1.00 | 0.50 |" in table
 
 
 def test_ran_lines_say_what_did_not_run() -> None:

@@ -319,10 +319,12 @@ def run(args: argparse.Namespace) -> int:
     checks = merge.parity(rows)
     argv = sys.argv[1:]
     argv = argv[1:] if argv[:1] == ["peers"] else argv  # run through the main CLI: its subcommand
+    shown = [a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")]
+    shown += ["--note", "..."] if args.note else []  # the notes are printed in the section itself
     old_meta = (_read(out / "peers.json") or {}).get("meta", {}) if args.reuse else {}
     invocations = [*old_meta.get("invocations", []), round(time.perf_counter() - t_start, 1)]
     meta = {
-        "command": "tokenfilter peers " + " ".join(shlex.quote(a) for a in argv),
+        "command": "tokenfilter peers " + " ".join(shlex.quote(a) for a in shown),
         "ran": ran_dict(args, prompts, budget_rows),
         "notes": list(args.note),
         "full_grid": full_grid(),

@@ -66,7 +66,7 @@ def jobs(budgets: Iterable[bud.Budget], presses: Sequence[str], prompts: Mapping
 
 
 def _base(p: SplitPrompt) -> dict:
-    return {"family": p.family, "task": p.task, "prompt": p.id, "tokens": p.tokens}
+    return {"family": p.family, "task": p.task, "prompt": p.id, "tokens": p.tokens, "depth": p.meta.get("depth")}
 
 
 def _kv(entries: float | None, dense: int, shape: bud.ModelShape) -> dict:
@@ -194,6 +194,10 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
         else:
             xs = [scale * r["score"] for r in ok]
             score_, se = _mean(xs), _se(xs)
+        depths: dict[float, list[float]] = {}
+        for r in ok:
+            if r.get("depth") is not None:
+                depths.setdefault(r["depth"], []).append(scale * r["score"])
         ratios = [r["ratio"] for r in ok if r.get("ratio") is not None]
         windows = [r["recent"] for r in ok if r.get("recent") is not None]
         out.append(
@@ -208,6 +212,7 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
                 "score": score_,
                 "se": se,
                 "tasks": tasks,
+                "by_depth": {d: _mean(xs) for d, xs in sorted(depths.items())},
                 "ratio": _mean(ratios) if ratios else None,
                 "recent": [min(windows), max(windows)] if windows else None,
                 "kv_bytes": _mean([r["kv_bytes"] for r in ok]),

@@ -91,6 +91,8 @@ def findings(summaries: Sequence[Mapping]) -> list[str]:
             if o["config"] == "dense":
                 continue
             config, presses = _press_budget(family, o, summaries)
+            partial = [p["method"] for p in presses if p.get("n_failed")]
+            presses = [p for p in presses if not p.get("n_failed")]  # not scored on the same prompts
             if not presses:
                 continue
             held = [p["method"] for p in presses if o["score"] >= p["score"] - p["se"]]
@@ -106,6 +108,8 @@ def findings(summaries: Sequence[Mapping]) -> list[str]:
                 line += f" at least as good as {', '.join(held)} (within one standard error of the press)"
             if wins:
                 line += ("; " if held else " ") + f"behind {', '.join(wins)}"
+            if partial:
+                line += f" ({', '.join(partial)} failed on some prompts: not compared)"
             out.append(line + ".")
     if any("behind" in line for line in out):
         out.append(WHY_BEHIND)
@@ -115,10 +119,11 @@ def findings(summaries: Sequence[Mapping]) -> list[str]:
 WHY_BEHIND = (
     "- Why a press can be ahead at the same KV: every press here compresses after a dense prefill of the whole "
     "context, so it saves no prefill attention (see the FLOP columns), and the scoring presses (SnapKV, TOVA, "
-    "Expected Attention, PyramidKV, KeyDiff) pick what to keep with the end of the context in view; StreamingLLMPress "
-    "keeps the sinks and the most recent context tokens, and the needle's answer is read by a question that comes "
-    "after them. Token Filtering decides online, as each token arrives, before later tokens exist: it also saves "
-    "prefill attention, and its sliding-window preset applies StreamingLLM's rule inside the prefill as well."
+    "Expected Attention, PyramidKV, KeyDiff) choose what to keep with the whole context, and the end of it, in view. "
+    "Token Filtering decides online, as each token arrives, before later tokens exist; in exchange it also saves "
+    "prefill attention. StreamingLLMPress and our sliding-window preset keep the same entries (the sinks and the "
+    "most recent tokens) and differ only in when: ours inside the prefill as well, the press after a dense one; "
+    "both find a needle only where it lies inside the window (see the needle per depth)."
 )
 
 
@@ -207,6 +212,17 @@ def family_table(summaries: Sequence[Mapping], family: str) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def depth_table(summaries: Sequence[Mapping]) -> str:
+    """Needle found per depth (% of the context, 0-1), one row per (method, budget)."""
+    rows = sorted((s for s in summaries if s["family"] == "needle" and s.get("by_depth")), key=_order)
+    by = [{float(d): v for d, v in s["by_depth"].items()} for s in rows]  # JSON keeps the depths as strings
+    depths = sorted({d for b in by for d in b})
+    head = ["method", "budget of", *(f"depth {d:g}" for d in depths)]
+    body = [[s["method"], s["config"], *[_num(b.get(d), ".2f") for d in depths]] for s, b in zip(rows, by, strict=True)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+
+
 def task_table(summaries: Sequence[Mapping]) -> str:
     """LongBench per task (0-100), one row per (method, budget)."""
     lb = sorted((s for s in summaries if s["family"] == "longbench"), key=_order)
@@ -249,12 +265,16 @@ def plot(summaries: Sequence[Mapping], family: str, path: Path) -> Path | None:
     # Every method is the dense model at ratio 0: its line starts at our dense point.
     dense = lines.get("dense", [])
     span = max(x for xs in lines.values() for x, _, _ in xs)
+    ours = {line_name(s) for s in pts if s["side"] == "ours"}
+    colors = plt.get_cmap("tab20").colors
     for i, (name, xs) in enumerate(sorted(lines.items())):
         if "dense" in name:
             style: dict = {"marker": "*", "markersize": 12, "linestyle": "none"}
-        else:
+        else:  # ours: solid and thicker, the presses dashed
             xs = xs + dense
-            style = {"marker": "o", "markersize": 4}
+            style = {"marker": "o" if name in ours else "s", "markersize": 4, "linewidth": 2 if name in ours else 1,
+                     "linestyle": "-" if name in ours else "--"}
+        style["color"] = colors[i % len(colors)]
         xs.sort()
         dx = (i - len(lines) / 2) * 0.004 * span  # a small offset per method, so that equal budgets stay visible
         ax.errorbar([x + dx for x, _, _ in xs], [y for _, y, _ in xs], yerr=[e for _, _, e in xs], label=name,
@@ -309,6 +329,8 @@ def section_markdown(
         lines += [f"### {title}", "", family_table(summaries, family), ""]
         if family == "longbench":
             lines += ["Per task:", "", task_table(summaries), ""]
+        elif any(x.get("by_depth") for x in summaries if x["family"] == "needle"):
+            lines += ["Per depth (where the needle sits, % of the context):", "", depth_table(summaries), ""]
         lines += [f"![peers {family}]({img})" for img in images if family in Path(img).stem] + [""]
     found = findings(summaries)
     if found:
