@@ -493,6 +493,7 @@ def test_run_ours_sliding_row_on_a_tiny_model() -> None:
     m = Matched(reference="kv", held={p.id: 0.5})
     [row] = run_ours(model, Tok(), {"sw": m}, [p], progress=lambda _m: None)["rows"]
     assert row["budget_of"] == "kv" and row["recent"] == m(p).recent and row["ratio"] is None
+    assert row["filter"] == repr(m(p))  # what --reuse compares, so that a changed default runs again
     assert row["kv_held_share"] == pytest.approx(0.5, abs=1.0 / p.tokens)
     assert row["new_tokens"] == 2 and row["prefill_pairs"] > 0
 

@@ -289,6 +289,11 @@ def run(args: argparse.Namespace) -> int:
             for p in prompts:  # a reused window must still hold the reference's KV
                 if (name, p.id) in done and done[(name, p.id)].get("recent") != method(p).recent:
                     del done[(name, p.id)]
+        else:  # e.g. the library default changed since: the row runs again
+            want = None if method is None else repr(method)
+            for p in prompts:
+                if (name, p.id) in done and done[(name, p.id)].get("filter", want) != want:
+                    del done[(name, p.id)]
         todo = [p for p in prompts if (name, p.id) not in done]
         if todo and model is None:
             model, tok, config = _load(path, need_weights=True)

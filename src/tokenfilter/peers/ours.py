@@ -103,6 +103,7 @@ def run_ours(
                     "ratio": getattr(tf, "ratio", None),
                     "budget_of": method.reference if isinstance(method, Matched) else name,
                     "recent": getattr(tf, "recent", None),
+                    "filter": None if tf is None else repr(tf),  # --reuse runs a row again when its filter changed
                     "prompt": p.id,
                     "tokens": p.tokens,
                     "answer": answer,
