@@ -374,6 +374,37 @@ def test_reuse_runs_only_the_missing_press_jobs(tmp_path: Path, monkeypatch: pyt
     assert len(ran) == 3
 
 
+def test_reuse_keeps_what_a_killed_peer_script_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from tokenfilter.peers import cli
+
+    prompts = _prompts()[:1]
+    jobs = [{"key": merge.job_key(p, "tf", prompts[0].id), "prompt": prompts[0].id, "press": p, "ratio": 0.5}
+            for p in ("KnormPress", "SnapKVPress")]
+    # killed after its first job: peer_in.json for this model, a partial peer_new.json, no peer_out.json
+    inputs.write(tmp_path / "peer_in.json", prompts, {"path": "/x", "gguf_file": "m.gguf"}, {"jobs": jobs})
+    (tmp_path / "peer_new.json").write_text(json.dumps({"results": [{**jobs[0], "answer": "kept", "error": None}]}))
+    ran: list[str] = []
+
+    def fake(peer: object, in_json: Path, out_json: Path) -> dict:
+        todo = json.loads(in_json.read_text())["jobs"]
+        ran.extend(j["press"] for j in todo)
+        return {"versions": {}, "results": [{**j, "answer": "new", "error": None} for j in todo]}
+
+    monkeypatch.setattr(cli, "run_peer_script", fake)
+    args = argparse.Namespace(reuse=True, threads=1)
+    out = cli._run_presses(args, None, tmp_path, Path("/x/m.gguf"), "m", prompts, jobs)
+    assert ran == ["SnapKVPress"] and [r["answer"] for r in out["results"]] == ["kept", "new"]
+    # another model's partial results are not taken
+    (tmp_path / "peer_out.json").unlink()
+    inputs.write(tmp_path / "peer_in.json", prompts, {"path": "/y", "gguf_file": "m.gguf"}, {"jobs": jobs})
+    (tmp_path / "peer_new.json").write_text(json.dumps({"results": [{**jobs[0], "answer": "other", "error": None}]}))
+    ran.clear()
+    cli._run_presses(args, None, tmp_path, Path("/x/m.gguf"), "m", prompts, jobs)
+    assert ran == ["KnormPress", "SnapKVPress"]
+
+
 def test_cli_arguments() -> None:
     import argparse
 
@@ -390,18 +421,169 @@ def test_cli_arguments() -> None:
     assert cli._longbench_tasks(["needle"]) is None
     with pytest.raises(ValueError, match="Unknown task"):
         cli._longbench_tasks(["nope"])
+    assert args.ours == list(cli.OURS_DEFAULT) and args.press_budgets is None and args.note == []
     methods = cli.our_methods([0.5])
-    assert list(methods) == ["dense", "token-filter-0.5", "kv-window-0.5", "kv-window-random-0.5"]
+    assert list(methods) == ["dense", "token-filter-0.5", "kv-window-0.5", "kv-window-random-0.5",
+                             "sliding-window-0.5"]
     assert methods["kv-window-0.5"].skip == "none" and methods["kv-window-0.5"].recent == 64
     assert methods["kv-window-random-0.5"].score == "random"
+    assert methods["sliding-window-0.5"].reference == "kv-window-0.5"
+
+
+# ---- our rows: selection, the sliding window at another row's KV held ------------------------------
+def test_our_methods_selection_and_candidates() -> None:
+    from tokenfilter.config import TokenFilter
+    from tokenfilter.peers import cli
+    from tokenfilter.peers.ours import Matched
+    from tokenfilter.study.quality import CANDIDATES
+
+    m = cli.our_methods([0.3, 0.5], ["sliding-window", "kv-w64-g0.99", "kv-w64-g0.99-random", "paper"])
+    assert list(m) == ["dense", "kv-w64-g0.99-0.3", "kv-w64-g0.99-random-0.3", "paper-0.3", "kv-w64-g0.99-0.5",
+                       "kv-w64-g0.99-random-0.5", "paper-0.5", "sliding-window-0.3", "sliding-window-0.5"]
+    assert m["kv-w64-g0.99-0.5"] == TokenFilter(ratio=0.5, **CANDIDATES["kv-w64-g0.99"])
+    assert m["kv-w64-g0.99-random-0.5"].score == "random" and m["kv-w64-g0.99-random-0.5"].gamma == 0.99
+    assert m["paper-0.3"] == TokenFilter.paper(ratio=0.3)
+    assert m["sliding-window-0.3"] == Matched(reference="kv-w64-g0.99-0.3")  # the first KV-side row, not a twin
+    assert cli.our_methods([0.5], ["default"]) == {"dense": None, "token-filter-0.5": TokenFilter(ratio=0.5)}
+    with pytest.raises(ValueError, match="Unknown --ours"):
+        cli.our_methods([0.5], ["kv-nope"])
+    with pytest.raises(ValueError, match="needs a KV-side row"):
+        cli.our_methods([0.5], ["default", "sliding-window", "kv-window-random"])
+
+
+def test_press_budget_rows() -> None:
+    from tokenfilter.peers import cli
+
+    names = list(cli.OURS_DEFAULT)
+    assert cli.press_budget_rows([0.5], names, None) == ["token-filter-0.5", "kv-window-0.5", "kv-window-random-0.5"]
+    assert cli.press_budget_rows([0.3, 0.5], names, ["kv-window"]) == ["kv-window-0.3", "kv-window-0.5"]
+    with pytest.raises(ValueError, match="--press-budgets"):
+        cli.press_budget_rows([0.5], names, ["sliding-window"])
+    with pytest.raises(ValueError, match="--press-budgets"):
+        cli.press_budget_rows([0.5], ["default"], ["kv-window"])
+
+
+def test_matched_sliding_window_holds_the_reference_kv() -> None:
+    from tokenfilter.config import TokenFilter
+    from tokenfilter.peers.ours import Matched
+    from tokenfilter.study.quality import sliding_window_for
+
+    p = _prompts()[0]  # 100 tokens
+    m = Matched(reference="kv-window-0.5", held={p.id: 0.5})
+    tf = m(p)
+    assert tf == sliding_window_for(0.5, 100) == TokenFilter.sliding_window(recent=47)
+    assert tf.warmup + tf.recent - 1 == 50  # the engine holds warmup + recent - 1 entries per layer: half of 100
+    with pytest.raises(KeyError, match="run it before"):
+        m(_prompts()[1])
+
+
+def test_run_ours_sliding_row_on_a_tiny_model() -> None:
+    from tokenfilter.peers.ours import Matched, run_ours
+
+    from conftest import make_tiny
+
+    class Tok:  # the little of a tokenizer that greedy_ids and decode need
+        eos_token_id, pad_token_id = None, 0
+
+        def decode(self, ids: object, skip_special_tokens: bool = True) -> str:
+            return " ".join(str(int(i)) for i in ids)
+
+    model = make_tiny("llama")
+    p = SplitPrompt("needle/t", "needle", "needle", list(range(3, 83)), [5, 6, 7, 8], "", "", 2, ["42"])
+    m = Matched(reference="kv", held={p.id: 0.5})
+    [row] = run_ours(model, Tok(), {"sw": m}, [p], progress=lambda _m: None)["rows"]
+    assert row["budget_of"] == "kv" and row["recent"] == m(p).recent and row["ratio"] is None
+    assert row["filter"] == repr(m(p))  # what --reuse compares, so that a changed default runs again
+    assert row["kv_held_share"] == pytest.approx(0.5, abs=1.0 / p.tokens)
+    assert row["new_tokens"] == 2 and row["prefill_pairs"] > 0
+
+
+def test_merge_and_report_a_row_sized_to_another() -> None:
+    prompts = _prompts()
+    budgets = _budgets(prompts)
+    ours = _ours()
+    for pid in [p.id for p in prompts]:
+        ours["rows"].append({"method": "sliding-window-0.5", "ratio": None, "budget_of": "token-filter-0.5",
+                             "recent": 41 if pid == "needle/a" else 43, "prompt": pid, "answer": " 42.",
+                             "new_tokens": 2, "score": 1.0, "seconds": 1.0, "kv_held_share": 0.49,
+                             "prefill_pairs": 900, "decode_pairs": 90})
+    rows = merge.merge(prompts, ours, _peer(prompts, budgets), budgets, SHAPE)
+    sw = [r for r in rows if r["method"] == "sliding-window-0.5"]
+    assert all(r["config"] == "token-filter-0.5" and r["mismatch_share"] == pytest.approx(-0.01) for r in sw)
+    tf = [r for r in rows if r["method"] == "token-filter-0.5"]
+    assert all(r["mismatch_share"] == 0.0 and r["config"] == "token-filter-0.5" for r in tf)
+    summ = merge.summarize(rows)
+    s = [x for x in summ if x["method"] == "sliding-window-0.5" and x["family"] == "needle"][0]
+    assert s["recent"] == [41, 43] and s["ratio"] is None and s["mismatch_share"] == pytest.approx(-0.01)
+    table = report.family_table(summ, "needle").splitlines()
+    i = next(k for k, line in enumerate(table) if line.startswith("| sliding-window-0.5 |"))
+    assert "R = 41-43" in table[i] and "sized per prompt to the KV held of token-filter-0.5" in table[i]
+    assert table[i - 1].startswith("| token-filter-0.5 | ours |")  # beside the row it matches, before the presses
+    assert any("`sliding-window-0.5`" in f and "at least as good as KnormPress" in f for f in report.findings(summ))
+
+
+def test_findings_use_the_nearest_press_budget() -> None:
+    def s(method: str, side: str, config: str, score: float, share: float) -> dict:
+        return {"family": "needle", "method": method, "side": side, "config": config, "n": 10, "score": score,
+                "se": 0.05, "kv_share": share}
+
+    summ = [s("kv-0.5", "ours", "kv-0.5", 0.4, 0.53), s("tf-0.5", "ours", "tf-0.5", 0.1, 0.50),
+            s("tf-0.3", "ours", "tf-0.3", 0.2, 0.70), s("KnormPress", "kvpress", "kv-0.5", 0.3, 0.53),
+            s("KnormPress", "kvpress", "tf-0.3", 0.6, 0.70)]
+    lines = report.findings(summ)
+    assert len(lines) == 4 and lines[3] == report.WHY_BEHIND  # a press is ahead somewhere: the notes say why
+    assert "`kv-0.5`" in lines[0] and "not matched" not in lines[0] and "at least as good as KnormPress" in lines[0]
+    assert "budget of `kv-0.5` (53.0% KV held; not matched to this row)" in lines[1]  # 0.50 is nearest to 0.53
+    assert "behind KnormPress by 0.20" in lines[1]
+    assert "`tf-0.3`" in lines[2] and "behind KnormPress by 0.40" in lines[2]
+    summ.append({**s("PyramidKVPress", "kvpress", "kv-0.5", 0.9, 0.53), "n": 2, "n_failed": 13})
+    first = report.findings(summ)[0]
+    assert "PyramidKVPress failed on some prompts: not compared" in first and "behind" not in first
+
+
+def test_needle_per_depth() -> None:
+    prompts = [SplitPrompt(f"needle/100/{d:g}/42", "needle", "needle", [1] * 90, [2] * 10, "", "", 8, ["42"],
+                           meta={"depth": d}) for d in (0.0, 50.0, 50.0)]
+    rows = [{"method": "dense", "ratio": None, "prompt": p.id, "answer": a, "new_tokens": 2, "score": sc,
+             "seconds": 1.0, "kv_held_share": 1.0, "prefill_pairs": None, "decode_pairs": None}
+            for p, a, sc in zip(prompts, ["42", "42", "no"], [1.0, 1.0, 0.0], strict=True)]
+    rows[2]["prompt"] = prompts[2].id = "needle/100/50/43"
+    summ = merge.summarize(merge.merge(prompts, {"rows": rows}, None, [], SHAPE))
+    assert summ[0]["by_depth"] == {0.0: 1.0, 50.0: 0.5}
+    table = report.depth_table(summ)
+    assert "| depth 0 | depth 50 |" in table and "| dense | dense | 1.00 | 0.50 |" in table
+
+
+def test_ran_lines_say_what_did_not_run() -> None:
+    from tokenfilter.peers import cli
+
+    meta = {"full_grid": cli.full_grid(), "invocations": [600.0, 1200.0], "notes": ["8k was not run: time."],
+            "ran": {"needle_lengths": [1024], "needle_depths": [0, 50], "needle_facts": 3, "needle_prompts": 6,
+                    "longbench_tasks": ["trec"], "longbench_prompts": 1, "longbench_limit": 1,
+                    "longbench_max_length": 1024, "ratios": [0.5], "ours": ["kv-window"],
+                    "presses": ["KnormPress"], "press_budgets": ["kv-window-0.5"]}}
+    text = "\n".join(report.ran_lines(meta))
+    assert "1024 tokens x 2 depths x 3 held-out facts = 6 prompts" in text
+    assert "Not run: 2048, 4096, 8192 tokens" in text
+    assert "Tasks not run: narrativeqa" in text and "truncated to 1024 tokens" in text
+    assert "matched to the KV held of `kv-window-0.5`" in text
+    assert "30 min over 2 invocation(s)" in text and "- 8k was not run: time." in text
+    assert "- Needle: not run." in report.ran_lines({"ran": {}})
+    fail = {"family": "needle", "method": "PyramidKVPress", "side": "kvpress", "n": 0, "n_failed": 15,
+            "errors": ["RuntimeError: The size of tensor a (929) must match"]}
+    [line] = report.failure_lines([fail, {**fail, "family": "longbench", "n_failed": 1, "n": 1}])
+    assert line.startswith("- PyramidKVPress failed on 16/17 prompts: `RuntimeError: The size of tensor a (929)")
+    assert "kvpress / transformers incompatibility" in line
+    assert report.failure_lines([fail])[0] in report.ran_lines({"ran": {}}, [fail])
 
 
 def test_findings_say_who_wins_and_by_how_much() -> None:
     def s(method: str, side: str, score: float, se: float) -> dict:
         return {"family": "needle", "method": method, "side": side, "config": "tf-0.5", "n": 10, "score": score,
-                "se": se}
+                "se": se, "kv_share": 0.5}
 
     summ = [s("tf-0.5", "ours", 0.6, 0.1), s("KnormPress", "kvpress", 0.65, 0.1)]
     summ.append(s("SnapKVPress", "kvpress", 0.9, 0.05))
-    [line] = report.findings(summ)
+    line, why = report.findings(summ)
+    assert why == report.WHY_BEHIND
     assert "at least as good as KnormPress" in line and "behind SnapKVPress by 0.30" in line

@@ -40,6 +40,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presses", type=_names, default=list(merge.PRESSES),
                    help=f"kvpress classes (default {','.join(merge.PRESSES)})")
     p.add_argument("--ratios", type=_floats, default=[0.5], help="our Token Filtering ratios (default 0.5)")
+    p.add_argument("--ours", type=_names, default=list(OURS_DEFAULT),
+                   help="our rows besides dense: default, paper, kv-window, kv-window-random, sliding-window, or a "
+                        "KV-side study candidate (e.g. kv-w64-g0.99) and its -random twin "
+                        f"(default {','.join(OURS_DEFAULT)})")
+    p.add_argument("--press-budgets", type=_names, default=None,
+                   help="the rows of --ours whose KV held the presses match (default: all but sliding-window)")
+    p.add_argument("--note", action="append", default=[],
+                   help="a line for the section's 'What ran' list (e.g. why a grid was reduced); repeatable")
     p.add_argument("--needle-lengths", type=_ints, default=[1024, 2048, 4096, 8192], help="default 1024,2048,4096,8192")
     p.add_argument("--needle-depths", type=_floats, default=[0, 25, 50, 75, 100], help="default 0,25,50,75,100")
     p.add_argument("--needle-facts", type=int, default=3, help="held-out needle facts per cell (1-3, default 3)")
@@ -99,17 +107,109 @@ def run_peer_script(peer: env.PeerEnv, in_json: Path, out_json: Path) -> dict:
     return json.loads(out_json.read_text(encoding="utf-8"))
 
 
-def our_methods(ratios: list[float]) -> dict[str, object | None]:
-    """Our rows: dense, then at each ratio the library default, KV-side filtering with a 64-token recent window
-    (the Quality II candidate) and its random twin."""
-    from tokenfilter.config import TokenFilter
+# --ours: which of our rows run (dense always does, for the parity check and the plot's origin).
+OURS_DEFAULT: tuple[str, ...] = ("default", "kv-window", "kv-window-random", "sliding-window")
+OURS_FIXED = {
+    "default": "the library default, TokenFilter(ratio=r), whatever it is when the command runs",
+    "paper": "the paper's reading, TokenFilter.paper(ratio=r)",
+    "kv-window": "KV-side filtering with a 64-token recent window (the study's kv-w64)",
+    "kv-window-random": "its random twin (score='random', seed 0)",
+    "sliding-window": "TokenFilter.sliding_window sized per prompt to the KV held of the first KV-side row",
+}
 
+
+def ours_choices() -> list[str]:
+    """Every name ``--ours`` takes: the fixed ones, each KV-side study candidate and its ``-random`` twin."""
+    from tokenfilter.study.quality import CANDIDATES
+
+    return [*OURS_FIXED, *CANDIDATES, *(f"{c}-random" for c in CANDIDATES)]
+
+
+def _kv_fields(name: str) -> dict | None:
+    """TokenFilter fields (without ratio) of a KV-side name; None if ``name`` is not KV-side."""
+    from tokenfilter.study.quality import CANDIDATES, random_twin
+
+    base, twin = (name[: -len("-random")], True) if name.endswith("-random") else (name, False)
+    base = "kv-w64" if base == "kv-window" else base
+    if base not in CANDIDATES:
+        return None
+    return random_twin(CANDIDATES[base], 0) if twin else dict(CANDIDATES[base])
+
+
+def row_name(base: str, ratio: float) -> str:
+    return f"token-filter-{ratio:g}" if base == "default" else f"{base}-{ratio:g}"
+
+
+def our_methods(ratios: list[float], names: list[str] | tuple[str, ...] = OURS_DEFAULT) -> dict[str, object | None]:
+    """Our rows: dense, then at each ratio the ``names`` (see :data:`OURS_FIXED`; any KV-side study candidate, e.g.
+    ``kv-w64-g0.99``, and its ``-random`` twin). ``sliding-window`` is a :class:`~tokenfilter.peers.ours.Matched`
+    window holding, per prompt, the KV of the first KV-side name in ``names`` (it runs after the others)."""
+    from tokenfilter.config import TokenFilter
+    from tokenfilter.peers.ours import Matched
+
+    known = ours_choices()
+    unknown = [n for n in names if n not in known and n != "dense"]
+    if unknown:
+        raise ValueError(f"Unknown --ours name(s) {unknown}; choose from {', '.join(known)}.")
+    kv_side = [n for n in names if _kv_fields(n) is not None and not n.endswith("-random")]
+    if "sliding-window" in names and not kv_side:
+        raise ValueError("--ours sliding-window needs a KV-side row to match (e.g. kv-window or a study candidate).")
     methods: dict[str, object | None] = {"dense": None}
     for r in ratios:
-        methods[f"token-filter-{r:g}"] = TokenFilter(ratio=r)
-        methods[f"kv-window-{r:g}"] = TokenFilter(ratio=r, skip="none", recent=64)
-        methods[f"kv-window-random-{r:g}"] = TokenFilter(ratio=r, skip="none", recent=64, score="random")
+        for n in names:
+            if n in ("dense", "sliding-window"):
+                continue
+            if n == "default":
+                methods[row_name(n, r)] = TokenFilter(ratio=r)
+            elif n == "paper":
+                methods[row_name(n, r)] = TokenFilter.paper(ratio=r)
+            else:
+                methods[row_name(n, r)] = TokenFilter(ratio=r, **_kv_fields(n))
+    if "sliding-window" in names:
+        for r in ratios:
+            methods[row_name("sliding-window", r)] = Matched(reference=row_name(kv_side[0], r))
     return methods
+
+
+def press_budget_rows(ratios: list[float], names: list[str], budgets: list[str] | None) -> list[str]:
+    """The rows of ours whose KV held the presses are matched to: ``budgets`` (base names, from ``--ours``) or, by
+    default, every row of ours but dense and the sliding window (which holds another row's KV already)."""
+    chosen = [n for n in names if n not in ("dense", "sliding-window")] if budgets is None else list(budgets)
+    bad = [b for b in chosen if b not in names or b in ("dense", "sliding-window")]
+    if bad:
+        raise ValueError(f"--press-budgets {bad} must be rows of --ours ({', '.join(names)}) other than "
+                         "dense and sliding-window.")
+    return [row_name(b, r) for r in ratios for b in chosen]
+
+
+def full_grid() -> dict:
+    """The command's default grid (what the issue asks for), against which the section says what did not run."""
+    from tokenfilter.longctx.longbench import ENGLISH_TASKS
+
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    d = defaults.parse_args([])
+    return {"needle_lengths": d.needle_lengths, "needle_depths": d.needle_depths, "needle_facts": d.needle_facts,
+            "longbench_tasks": list(ENGLISH_TASKS)}
+
+
+def ran_dict(args: argparse.Namespace, prompts: list[inputs.SplitPrompt], budget_rows: list[str]) -> dict:
+    """What this table covers (the section's "What ran" list compares it with the command's full grid)."""
+    lb = sorted({p.task for p in prompts if p.family == "longbench"})
+    return {
+        "needle_lengths": sorted({p.meta["length"] for p in prompts if p.family == "needle"}),
+        "needle_depths": sorted({p.meta["depth"] for p in prompts if p.family == "needle"}),
+        "needle_facts": len({p.meta["needle"] for p in prompts if p.family == "needle"}),
+        "needle_prompts": sum(p.family == "needle" for p in prompts),
+        "longbench_tasks": lb,
+        "longbench_prompts": sum(p.family == "longbench" for p in prompts),
+        "longbench_limit": args.limit if lb else None,
+        "longbench_max_length": args.max_length if lb else None,
+        "ratios": list(args.ratios),
+        "ours": list(args.ours),
+        "presses": list(args.presses),
+        "press_budgets": budget_rows,
+    }
 
 
 def _read(path: Path) -> dict | None:
@@ -157,17 +257,19 @@ def run(args: argparse.Namespace) -> int:
         return 0
     import torch
 
-    from tokenfilter.peers.ours import run_ours
+    from tokenfilter.peers.ours import Matched, run_ours
 
     def log(message: str) -> None:
         print(message, file=sys.stderr)
 
+    t_start = time.perf_counter()
     peer = _peer_env(log)
     torch.set_num_threads(args.threads)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     path, model_name = _model_file(args.model)
-    methods = our_methods(args.ratios)
+    methods = our_methods(args.ratios, args.ours)
+    budget_rows = press_budget_rows(args.ratios, args.ours, args.press_budgets)
     # --reuse: rows of an earlier run of the same model in --output are kept; only the missing ones run.
     old_ours = _read(out / "ours.json") if args.reuse else None
     old_ours = old_ours if old_ours and old_ours.get("model") == model_name else {"rows": []}
@@ -176,24 +278,40 @@ def run(args: argparse.Namespace) -> int:
     prompts = build_prompts(args, tok, getattr(config, "max_position_embeddings", None))
     log(f"{len(prompts)} prompts built ({time.perf_counter() - t0:.0f} s)")
     done = {(r["method"], r["prompt"]): r for r in old_ours["rows"]}
-    missing = any((name, p.id) not in done for name in methods for p in prompts)
-    model, element = None, int(old_ours.get("element_size", 4))
-    if missing:
-        model, tok, config = _load(path, need_weights=True)
-        element = next(model.parameters()).element_size()
-    rows = []
+    size = {p.id: p.tokens for p in prompts}
+    for key in [k for k, r in done.items() if k[1] in size and r.get("tokens", size[k[1]]) != size[k[1]]]:
+        del done[key]  # the same prompt id built to another length (e.g. another --max-length): run it again
+    model, element = None, int(old_ours.get("element_size", 4))  # the weights load only if a row is missing
+    rows, by_name = [], {}
     for name, method in methods.items():
+        if isinstance(method, Matched):  # sized on the reference's KV held, prompt by prompt
+            method.held = {r["prompt"]: r["kv_held_share"] for r in by_name[method.reference]}
+            for p in prompts:  # a reused window must still hold the reference's KV
+                if (name, p.id) in done and done[(name, p.id)].get("recent") != method(p).recent:
+                    del done[(name, p.id)]
+        else:  # e.g. the library default changed since: the row runs again
+            want = None if method is None else repr(method)
+            for p in prompts:
+                if (name, p.id) in done and done[(name, p.id)].get("filter", want) != want:
+                    del done[(name, p.id)]
         todo = [p for p in prompts if (name, p.id) not in done]
+        if todo and model is None:
+            model, tok, config = _load(path, need_weights=True)
+            element = next(model.parameters()).element_size()
         new = run_ours(model, tok, {name: method}, todo, progress=log)["rows"] if todo else []
         fresh = {r["prompt"]: r for r in new}
-        rows += [fresh.get(p.id) or done[(name, p.id)] for p in prompts]
+        by_name[name] = [fresh.get(p.id) or done[(name, p.id)] for p in prompts]
+        rows += by_name[name]
     ours = {"model": model_name, "element_size": element, "rows": rows}
-    (out / "ours.json").write_text(json.dumps(ours), encoding="utf-8")
+    # the file also keeps earlier rows outside this selection, so that a narrower run loses nothing for later ones
+    current = {(r["method"], r["prompt"]) for r in rows}
+    kept = [r for key, r in done.items() if key not in current]
+    (out / "ours.json").write_text(json.dumps({**ours, "rows": rows + kept}), encoding="utf-8")
     shape = bud.ModelShape.from_config(config, element)  # float32 unless the weights said otherwise
     del model
     held: dict[str, dict[str, float]] = {}
     for r in ours["rows"]:
-        if r["method"] != "dense":
+        if r["method"] in budget_rows:
             share = bud.nominal_share(r["ratio"]) if args.budget == "nominal" else r["kv_held_share"]
             held.setdefault(r["method"], {})[r["prompt"]] = share
     by_id = {p.id: p for p in prompts}
@@ -204,8 +322,18 @@ def run(args: argparse.Namespace) -> int:
     rows = merge.merge(prompts, ours, peer_out, budgets, shape)
     summaries = merge.summarize(rows)
     checks = merge.parity(rows)
+    argv = sys.argv[1:]
+    argv = argv[1:] if argv[:1] == ["peers"] else argv  # run through the main CLI: its subcommand
+    shown = [a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")]
+    shown += ["--note", "..."] if args.note else []  # the notes are printed in the section itself
+    old_meta = (_read(out / "peers.json") or {}).get("meta", {}) if args.reuse else {}
+    invocations = [*old_meta.get("invocations", []), round(time.perf_counter() - t_start, 1)]
     meta = {
-        "command": "tokenfilter peers " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": "tokenfilter peers " + " ".join(shlex.quote(a) for a in shown),
+        "ran": ran_dict(args, prompts, budget_rows),
+        "notes": list(args.note),
+        "full_grid": full_grid(),
+        "invocations": invocations,
         "model": model_name,
         "versions": peer_out.get("versions"),
         "setup_seconds": env.setup_seconds(),
@@ -231,6 +359,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupted(out: Path, path: Path) -> list[dict]:
+    """The results without error in the peer script's own output (``peer_new.json``, written after every job) when
+    its input (``peer_in.json``) was for this model: what a killed run leaves."""
+    spec, new = _read(out / "peer_in.json"), _read(out / "peer_new.json")
+    if not spec or not new:
+        return []
+    model = spec.get("model", {})
+    if model.get("path") != str(path.parent if path.suffix == ".gguf" else path) or \
+            model.get("gguf_file") != (path.name if path.suffix == ".gguf" else None):
+        return []
+    return [r for r in new.get("results", []) if not r.get("error") and "key" in r]
+
+
 def _run_presses(
     args: argparse.Namespace,
     peer: env.PeerEnv,
@@ -244,6 +385,9 @@ def _run_presses(
     old = _read(out / "peer_out.json") if args.reuse else None
     old = old if old and old.get("model") == model_name else {"results": []}
     kept = {r["key"]: r for r in old["results"] if not r.get("error")}
+    if args.reuse:  # a run killed while the peer script ran: the results it had written so far
+        for r in _interrupted(out, path):
+            kept.setdefault(r["key"], r)
     todo = [j for j in jobs if j["key"] not in kept or kept[j["key"]].get("ratio") != j.get("ratio")]
     new: dict = {"results": [], "versions": old.get("versions")}
     if todo:
@@ -257,8 +401,11 @@ def _run_presses(
         new = run_peer_script(peer, in_json, out / "peer_new.json")
     fresh = {r["key"]: r for r in new["results"]}
     results = [fresh.get(j["key"]) or kept[j["key"]] for j in jobs]
-    peer_out = {"model": model_name, "versions": new.get("versions"), "results": results}
-    (out / "peer_out.json").write_text(json.dumps(peer_out), encoding="utf-8")
+    peer_out = {"model": model_name, "versions": new.get("versions") or old.get("versions"), "results": results}
+    # the file also keeps earlier results outside these jobs (a narrower run loses nothing for later ones)
+    keys = {j["key"] for j in jobs}
+    extra = [r for k, r in kept.items() if k not in keys]
+    (out / "peer_out.json").write_text(json.dumps({**peer_out, "results": results + extra}), encoding="utf-8")
     return peer_out
 
 

@@ -1,10 +1,11 @@
 """One schema for both sides: per-prompt rows, then per (family, method, budget) summaries with standard errors.
 
 A row: ``method`` (ours: the configuration name; a press: its kvpress class), ``side`` (``ours`` / ``kvpress``),
-``config`` (the Token Filtering row whose KV budget it matches; ``dense`` for the dense runs), ``ratio`` (ours: its
-ratio; a press: the matched ``compression_ratio``), ``family``, ``task``, ``prompt``, ``score`` (in [0, 1]),
-``kv_entries`` and ``kv_bytes`` held after the prompt (all layers), ``kv_share`` (of dense), prefill and decode
-attention FLOPs, ``seconds`` (wall time of the whole answer), ``error`` (one line, or None).
+``config`` (the Token Filtering row whose KV budget it matches; ``dense`` for the dense runs; our sliding window:
+the row it is sized to), ``ratio`` (ours: its ratio, None for the sliding window; a press: the matched
+``compression_ratio``), ``recent`` (ours: the recent window, if any), ``family``, ``task``, ``prompt``,
+``score`` (in [0, 1]), ``kv_entries`` and ``kv_bytes`` held after the prompt (all layers), ``kv_share`` (of dense),
+prefill and decode attention FLOPs, ``seconds`` (wall time of the whole answer), ``error`` (one line, or None).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def jobs(budgets: Iterable[bud.Budget], presses: Sequence[str], prompts: Mapping
 
 
 def _base(p: SplitPrompt) -> dict:
-    return {"family": p.family, "task": p.task, "prompt": p.id, "tokens": p.tokens}
+    return {"family": p.family, "task": p.task, "prompt": p.id, "tokens": p.tokens, "depth": p.meta.get("depth")}
 
 
 def _kv(entries: float | None, dense: int, shape: bud.ModelShape) -> dict:
@@ -85,9 +86,13 @@ def merge(
     by_id = {p.id: p for p in prompts}
     L = shape.layers
     rows = []
+    held_of = {(r["method"], r["prompt"]): r["kv_held_share"] for r in ours["rows"]}
     for r in ours["rows"]:
         p = by_id[r["prompt"]]
         dense = L * p.tokens
+        config = r.get("budget_of") or r["method"]
+        # a row sized to another's budget (the sliding window): its KV held minus that row's on the same prompt
+        ref = held_of.get((config, r["prompt"]), r["kv_held_share"])
         pre, dec = r.get("prefill_pairs"), r.get("decode_pairs")
         if pre is None or dec is None:  # dense: the unmodified model's pairs
             pre, dec = bud.dense_pairs(p.tokens, L, r["new_tokens"])
@@ -96,15 +101,16 @@ def merge(
                 **_base(p),
                 "method": r["method"],
                 "side": "ours",
-                "config": r["method"],
+                "config": config,
                 "ratio": r.get("ratio"),
+                "recent": r.get("recent"),
                 "score": r["score"],
                 **_kv(r["kv_held_share"] * dense, dense, shape),
                 "prefill_flops": pre * shape.pair_flops,
                 "decode_flops": dec * shape.pair_flops,
                 "seconds": r["seconds"],
                 "answer": r["answer"],
-                "mismatch_share": 0.0,
+                "mismatch_share": r["kv_held_share"] - ref,
                 "capped": False,
                 "error": None,
             }
@@ -188,7 +194,12 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
         else:
             xs = [scale * r["score"] for r in ok]
             score_, se = _mean(xs), _se(xs)
+        depths: dict[float, list[float]] = {}
+        for r in ok:
+            if r.get("depth") is not None:
+                depths.setdefault(r["depth"], []).append(scale * r["score"])
         ratios = [r["ratio"] for r in ok if r.get("ratio") is not None]
+        windows = [r["recent"] for r in ok if r.get("recent") is not None]
         out.append(
             {
                 "family": family,
@@ -201,7 +212,9 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
                 "score": score_,
                 "se": se,
                 "tasks": tasks,
+                "by_depth": {d: _mean(xs) for d, xs in sorted(depths.items())},
                 "ratio": _mean(ratios) if ratios else None,
+                "recent": [min(windows), max(windows)] if windows else None,
                 "kv_bytes": _mean([r["kv_bytes"] for r in ok]),
                 "kv_share": _mean([r["kv_share"] for r in ok]),
                 "mismatch_share": _mean([r["mismatch_share"] for r in ok]),

@@ -3,12 +3,16 @@
 Per prompt it records the answer, its score, the wall time, and (for a filter) the statistics at the end of the
 prompt (a snapshot taken after the prefill) and at the end of the answer. Our KV held after the prompt comes from
 :func:`kv_held_share`, which reads the engine's KV-held statistic (SPEC "Recent window").
+
+A row may also be a :class:`Matched` sliding window: ``TokenFilter.sliding_window`` sized on each prompt (by the
+study's ``sliding_window_for``) to hold the KV that another of our rows measured on that prompt.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,6 +20,23 @@ from tokenfilter.longctx.longbench import ENGLISH_TASKS
 from tokenfilter.longctx.runner import greedy_ids
 from tokenfilter.peers import inputs
 from tokenfilter.peers.inputs import SplitPrompt
+
+
+@dataclass
+class Matched:
+    """Our sliding-window preset (``warmup`` sinks + a recent window), sized per prompt to hold the KV share that row
+    ``reference`` holds on it (``held``: prompt id -> share, filled in once the reference has run)."""
+
+    reference: str
+    warmup: int = 4
+    held: dict[str, float] = field(default_factory=dict)
+
+    def __call__(self, prompt: SplitPrompt) -> object:
+        from tokenfilter.study.quality import sliding_window_for
+
+        if prompt.id not in self.held:
+            raise KeyError(f"No KV held of {self.reference!r} on {prompt.id!r}: run it before its sliding window.")
+        return sliding_window_for(self.held[prompt.id], prompt.tokens, warmup=self.warmup)
 
 
 class _AfterPrefill:
@@ -59,17 +80,19 @@ def run_ours(
     prompts: Sequence[SplitPrompt],
     progress: object = print,
 ) -> dict:
-    """``{"rows": [...]}``: one row per (method, prompt). ``methods``: name -> ``TokenFilter`` or None (dense)."""
+    """``{"rows": [...]}``: one row per (method, prompt). ``methods``: name -> ``TokenFilter``, None (dense) or a
+    :class:`Matched` sliding window (its row says ``budget_of`` = the reference row and its window ``recent``)."""
     rows = []
     for name, method in methods.items():
         for i, p in enumerate(prompts):
             first_line = p.family == "longbench" and ENGLISH_TASKS[p.task].first_line
+            tf = method(p) if isinstance(method, Matched) else method
             t0 = time.perf_counter()
-            if method is None:
+            if tf is None:
                 answer, new, snap = generate(model, tokenizer, p.input_ids, p.max_new_tokens, first_line, None)
                 end = None
             else:
-                with method.apply(model) as run:
+                with tf.apply(model) as run:
                     answer, new, snap = generate(model, tokenizer, p.input_ids, p.max_new_tokens, first_line, run)
                     end = run.stats.as_dict()
             seconds = time.perf_counter() - t0
@@ -77,8 +100,12 @@ def run_ours(
             rows.append(
                 {
                     "method": name,
-                    "ratio": getattr(method, "ratio", None),
+                    "ratio": getattr(tf, "ratio", None),
+                    "budget_of": method.reference if isinstance(method, Matched) else name,
+                    "recent": getattr(tf, "recent", None),
+                    "filter": None if tf is None else repr(tf),  # --reuse runs a row again when its filter changed
                     "prompt": p.id,
+                    "tokens": p.tokens,
                     "answer": answer,
                     "new_tokens": new,
                     "score": inputs.score(p, answer),

@@ -11,6 +11,16 @@ from tokenfilter.eval.sections import write_section
 from tokenfilter.peers.merge import PRESS_NOTES
 
 SECTION = "peers"
+
+# Why a press fails where we know it (checked with a full traceback in the peer venv).
+FAILURE_CAUSES: dict[str, str] = {
+    "PyramidKVPress": (
+        "its layers keep different numbers of context entries, and the question's forward after the compression "
+        "meets them with one attention mask sized for another layer's cache (sdpa in transformers 5.2.0 under "
+        "kvpress 0.5.5's attention patch: `The size of tensor a ... must match the size of tensor b ...`); "
+        "a kvpress / transformers incompatibility on this model, not a property of the method"
+    ),
+}
 _RATIO_SUFFIX = re.compile(r"[-_@=]?r?\d*\.?\d+$")
 
 
@@ -27,7 +37,8 @@ def _num(x: float | None, fmt: str) -> str:
 
 def _order(s: Mapping) -> tuple:
     dense = s["config"] == "dense"
-    return (not dense, s["config"], s["side"] != "ours", s["method"])
+    # per budget: the row of ours that sets it, our other rows at it (the sliding window), then the presses
+    return (not dense, s["config"], s["side"] != "ours", s["method"] != s["config"], s["method"])
 
 
 def _note(s: Mapping) -> str:
@@ -38,6 +49,11 @@ def _note(s: Mapping) -> str:
         parts.append(f"our budget is below the question on {s['capped']} prompt(s): the press holds more")
     if s["side"] == "kvpress" and s["method"] in PRESS_NOTES:
         parts.append(PRESS_NOTES[s["method"]])
+    if s["side"] == "ours" and s["config"] != s["method"]:
+        lo, hi = s.get("recent") or (None, None)
+        window = f"R = {lo}" if lo == hi else f"R = {lo}-{hi}"
+        parts.append(f"our sliding-window preset (4 sinks + the {window} most recent tokens, inside the prefill too), "
+                     f"sized per prompt to the KV held of {s['config']}")
     return "; ".join(parts).replace("|", "/")
 
 
@@ -49,27 +65,122 @@ def _delta(press: Mapping, ours: Mapping | None, fmt: str) -> str:
     return f"{format(d, '+' + fmt)} ± {format(math.hypot(press['se'], ours['se']), fmt)}"
 
 
+def _press_budget(family: str, o: Mapping, summaries: Sequence[Mapping]) -> tuple[str | None, list[Mapping]]:
+    """The budget (our row) whose presses a row of ours is compared with: its own, else the one holding the KV
+    nearest to it (the presses may have been matched to some of our rows only)."""
+    presses = [s for s in summaries if s["family"] == family and s["side"] == "kvpress" and s["n"]
+               and s["config"] != "dense"]
+    configs = {s["config"]: s for s in summaries if s["family"] == family and s["side"] == "ours"}
+    if any(p["config"] == o["config"] for p in presses):
+        return o["config"], [p for p in presses if p["config"] == o["config"]]
+    if not presses:
+        return None, []
+    near = min({p["config"] for p in presses},
+               key=lambda c: abs(configs[c]["kv_share"] - o["kv_share"]) if c in configs else math.inf)
+    return near, [p for p in presses if p["config"] == near]
+
+
 def findings(summaries: Sequence[Mapping]) -> list[str]:
-    """Per family and budget: the presses that ours matches (ours >= press - one se of the press) and those that
-    beat ours, by how much."""
+    """Per family and row of ours: the presses that it matches (ours >= press - one se of the press) and those
+    that beat it, by how much, at its budget (or, where the presses were not matched to it, at the nearest
+    budget they were matched to, with both KV shares said)."""
     out = []
     for family in ("needle", "longbench"):
         fmt = ".2f" if family == "needle" else ".1f"
-        ours = {s["method"]: s for s in summaries if s["family"] == family and s["side"] == "ours" and s["n"]}
-        for config, o in ours.items():
-            presses = [s for s in summaries if s["family"] == family and s["side"] == "kvpress"
-                       and s["config"] == config and s["n"]]
-            if not presses or config == "dense":
+        for o in (s for s in summaries if s["family"] == family and s["side"] == "ours" and s["n"]):
+            if o["config"] == "dense":
+                continue
+            config, presses = _press_budget(family, o, summaries)
+            partial = [p["method"] for p in presses if p.get("n_failed")]
+            presses = [p for p in presses if not p.get("n_failed")]  # not scored on the same prompts
+            if not presses:
                 continue
             held = [p["method"] for p in presses if o["score"] >= p["score"] - p["se"]]
             wins = [f"{p['method']} by {format(p['score'] - o['score'], fmt)}" for p in presses
                     if o["score"] < p["score"] - p["se"]]
-            line = f"- {family}, budget of `{config}` ({format(o['score'], fmt)}):"
+            line = (f"- {family}, `{o['method']}` ({format(o['score'], fmt)} ± {format(o['se'], fmt)}, "
+                    f"{100 * o['kv_share']:.1f}% KV held)")
+            if config != o["config"]:
+                line += (f", against the presses at the budget of `{config}` "
+                         f"({100 * presses[0]['kv_share']:.1f}% KV held; not matched to this row)")
+            line += ":"
             if held:
                 line += f" at least as good as {', '.join(held)} (within one standard error of the press)"
             if wins:
                 line += ("; " if held else " ") + f"behind {', '.join(wins)}"
+            if partial:
+                line += f" ({', '.join(partial)} failed on some prompts: not compared)"
             out.append(line + ".")
+    if any("behind" in line for line in out):
+        out.append(WHY_BEHIND)
+    return out
+
+
+WHY_BEHIND = (
+    "- Why a press can be ahead at the same KV: every press here compresses after a dense prefill of the whole "
+    "context, so it saves no prefill attention (see the FLOP columns), and the scoring presses (SnapKV, TOVA, "
+    "Expected Attention, PyramidKV, KeyDiff) choose what to keep with the whole context, and the end of it, in view. "
+    "Token Filtering decides online, as each token arrives, before later tokens exist; in exchange it also saves "
+    "prefill attention. StreamingLLMPress and our sliding-window preset keep the same entries (the sinks and the "
+    "most recent tokens) and differ only in when: ours inside the prefill as well, the press after a dense one; "
+    "both find a needle only where it lies inside the window (see the needle per depth)."
+)
+
+
+def failure_lines(summaries: Sequence[Mapping]) -> list[str]:
+    """One line per press that failed somewhere: on how many prompts, its first error, and the cause where known."""
+    failed: dict[str, list[int]] = {}
+    errors: dict[str, str] = {}
+    for s in summaries:
+        if s["side"] == "kvpress" and s.get("n_failed"):
+            n = failed.setdefault(s["method"], [0, 0])
+            n[0] += s["n_failed"]
+            n[1] += s["n"] + s["n_failed"]
+            errors.setdefault(s["method"], s["errors"][0])
+    out = []
+    for press, (bad, total) in failed.items():
+        line = f"- {press} failed on {bad}/{total} prompts: `{errors[press]}`"
+        out.append(line + (f"; {FAILURE_CAUSES[press]}." if press in FAILURE_CAUSES else "."))
+    return out
+
+
+def ran_lines(meta: Mapping, summaries: Sequence[Mapping] = ()) -> list[str]:
+    """What the table covers and what the command's full grid has that it does not (``meta["ran"]``,
+    ``meta["full_grid"]``), the wall time of its invocations and the notes given with ``--note``."""
+    ran, full = meta.get("ran") or {}, meta.get("full_grid") or {}
+    out = []
+    if ran.get("needle_prompts"):
+        lengths = ", ".join(str(n) for n in ran["needle_lengths"])
+        line = (f"- Needle: {lengths} tokens x {len(ran['needle_depths'])} depths x {ran['needle_facts']} held-out "
+                f"facts = {ran['needle_prompts']} prompts.")
+        missing = [n for n in full.get("needle_lengths", []) if n not in ran["needle_lengths"]]
+        if missing:
+            line += f" Not run: {', '.join(str(n) for n in missing)} tokens (the command's default grid has them)."
+        out.append(line)
+    else:
+        out.append("- Needle: not run.")
+    if ran.get("longbench_prompts"):
+        line = (f"- MiniLongBench: {len(ran['longbench_tasks'])} English tasks x {ran['longbench_limit']} sample(s), "
+                f"truncated to {ran['longbench_max_length']} tokens = {ran['longbench_prompts']} prompts.")
+        missing = [t for t in full.get("longbench_tasks", []) if t not in ran["longbench_tasks"]]
+        if missing:
+            line += f" Tasks not run: {', '.join(missing)}."
+        out.append(line)
+    else:
+        out.append("- MiniLongBench: not run.")
+    if ran.get("ours"):
+        out.append(f"- Ours (`--ours`): dense, {', '.join(ran['ours'])} at ratio(s) "
+                   f"{', '.join(format(r, 'g') for r in ran['ratios'])}.")
+    if ran.get("presses"):
+        out.append(f"- Presses: {', '.join(ran['presses'])}, each matched to the KV held of "
+                   f"{', '.join(f'`{b}`' for b in ran['press_budgets'])} (`--press-budgets`); our other rows stand at "
+                   "their own KV held, and the findings compare them with the presses at the nearest budget.")
+    out += failure_lines(summaries)
+    seconds = meta.get("invocations") or []
+    if seconds:
+        out.append(f"- Wall time: {sum(seconds) / 60:.0f} min over {len(seconds)} invocation(s) of the command "
+                   f"({', '.join(f'{s / 60:.0f}' for s in seconds)} min; `--reuse` runs only what is missing).")
+    out += [f"- {n}" for n in meta.get("notes") or []]
     return out
 
 
@@ -99,6 +210,17 @@ def family_table(summaries: Sequence[Mapping], family: str) -> str:
         )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def depth_table(summaries: Sequence[Mapping]) -> str:
+    """Needle found per depth (% of the context, 0-1), one row per (method, budget)."""
+    rows = sorted((s for s in summaries if s["family"] == "needle" and s.get("by_depth")), key=_order)
+    by = [{float(d): v for d, v in s["by_depth"].items()} for s in rows]  # JSON keeps the depths as strings
+    depths = sorted({d for b in by for d in b})
+    head = ["method", "budget of", *(f"depth {d:g}" for d in depths)]
+    body = [[s["method"], s["config"], *[_num(b.get(d), ".2f") for d in depths]] for s, b in zip(rows, by, strict=True)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
 
 
 def task_table(summaries: Sequence[Mapping]) -> str:
@@ -143,12 +265,16 @@ def plot(summaries: Sequence[Mapping], family: str, path: Path) -> Path | None:
     # Every method is the dense model at ratio 0: its line starts at our dense point.
     dense = lines.get("dense", [])
     span = max(x for xs in lines.values() for x, _, _ in xs)
+    ours = {line_name(s) for s in pts if s["side"] == "ours"}
+    colors = plt.get_cmap("tab20").colors
     for i, (name, xs) in enumerate(sorted(lines.items())):
         if "dense" in name:
             style: dict = {"marker": "*", "markersize": 12, "linestyle": "none"}
-        else:
+        else:  # ours: solid and thicker, the presses dashed
             xs = xs + dense
-            style = {"marker": "o", "markersize": 4}
+            style = {"marker": "o" if name in ours else "s", "markersize": 4, "linewidth": 2 if name in ours else 1,
+                     "linestyle": "-" if name in ours else "--"}
+        style["color"] = colors[i % len(colors)]
         xs.sort()
         dx = (i - len(lines) / 2) * 0.004 * span  # a small offset per method, so that equal budgets stay visible
         ax.errorbar([x + dx for x, _, _ in xs], [y for _, y, _ in xs], yerr=[e for _, _, e in xs], label=name,
@@ -178,7 +304,11 @@ def section_markdown(
         f"run through NVIDIA kvpress's own pipeline ({', '.join(f'{k} {v}' for k, v in versions.items())}) in a venv "
         "of their own" + (f" (built in {setup:.0f} s)" if setup else "") + ", on the same token ids as ours: each "
         "prompt is split into the context (which a press compresses after a dense prefill) and the question with "
-        "the answer prefix (prefilled after the compression, kept whole).",
+        "the answer prefix (prefilled after the compression, kept whole). Our rows (`--ours`) run here with our "
+        "transformers; `sliding-window` is our `TokenFilter.sliding_window` preset (StreamingLLM's rule, 4 sinks + a "
+        "recent window, applied inside the prefill as well), sized per prompt to hold the KV that the KV-side row it "
+        "stands beside measured on that prompt; kvpress's `StreamingLLMPress` applies the same rule once, after a "
+        "dense prefill.",
         "",
         "Each press runs at the `compression_ratio` (the fraction of the context removed) that holds, after the "
         "prompt, the KV that the Token Filtering row in `budget of` holds on that prompt (SPEC \"KV held\", all "
@@ -192,12 +322,15 @@ def section_markdown(
         "LongBench scores 0-100 (average over the tasks); ± is one standard error.",
         "",
     ]
+    lines += ["### What ran", "", *ran_lines(meta, summaries), ""]
     for family, title in (("needle", "Needle in a haystack"), ("longbench", "MiniLongBench")):
         if not any(s["family"] == family for s in summaries):
             continue
         lines += [f"### {title}", "", family_table(summaries, family), ""]
         if family == "longbench":
             lines += ["Per task:", "", task_table(summaries), ""]
+        elif any(x.get("by_depth") for x in summaries if x["family"] == "needle"):
+            lines += ["Per depth (where the needle sits, % of the context):", "", depth_table(summaries), ""]
         lines += [f"![peers {family}]({img})" for img in images if family in Path(img).stem] + [""]
     found = findings(summaries)
     if found:
