@@ -205,3 +205,10 @@ def test_sliding_window_method_is_sized_to_each_input():
     assert 0 < lm.filter_stats.kv_saved_fraction < 1
     with pytest.raises(ValueError, match="held"):
         SlidingWindowShare(held=0.0)
+
+
+def test_eval_help_lists_every_method():
+    from tokenfilter.cli import EVAL_METHODS
+    from tokenfilter.eval.methods import ALL_METHODS
+
+    assert EVAL_METHODS == ALL_METHODS

@@ -11,6 +11,11 @@ from pathlib import Path
 
 from tokenfilter.cli_args import STAGES, names, positive_int, positive_ints, ratios, usable_cores
 
+# eval's methods, spelled here so that --help imports nothing heavy (a test keeps it equal to eval.methods)
+EVAL_METHODS = ("dense", "token-filter", "random", "paper", "query-side", "query-side-random", "fusion-mean",
+                "fusion-key", "fusion-value", "kv-keep", "post-rope", "kv-side", "kv-window", "kv-window-random",
+                "sliding-window", "shortgpt", "shortgpt-calib2")
+
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="score dense vs Token Filtering vs baselines (lm-eval tasks + perplexity)")
@@ -21,8 +26,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    "or longctx (needle in a haystack + MiniLongBench, on its own)")
     p.add_argument("--limit", type=int, default=40, help="examples per task (default 40; 0 = all)")
     p.add_argument("--methods", type=names, default=["dense", "token-filter"],
-                   help="dense,token-filter,fusion-mean,fusion-key,fusion-value,kv-keep,paper,post-rope,random,"
-                   "shortgpt,shortgpt-calib2 | all")
+                   help=f"{','.join(EVAL_METHODS)} | all")
     p.add_argument("--batch-size", type=int, default=8,
                    help="requests scored together (default 8; padding is masked, so scores equal batch 1's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
