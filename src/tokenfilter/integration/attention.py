@@ -37,6 +37,7 @@ from tokenfilter.algorithm.visibility import Visibility
 from tokenfilter.integration.cache_args import cache_argument
 from tokenfilter.integration.cache_layer import FilteredCacheLayer
 from tokenfilter.integration.families import sliding_window
+from tokenfilter.integration.fused import fused_score
 from tokenfilter.integration.kv_store import RaggedKV
 
 if TYPE_CHECKING:
@@ -236,6 +237,7 @@ class FilteredAttention:
         self.vis = Visibility.for_layer(self.cfg, self.window)
         self.fast = self.cfg.path == "fast"
         self.score = SCORES[self.cfg.score]
+        self.score_step = fused_score(self.cfg.score)  # the lean decode paths' fused version, if there is one
 
     def __call__(
         self,
@@ -255,7 +257,9 @@ class FilteredAttention:
         b, t, _ = hidden_states.shape
         d = attn.head_dim
         real = call.real
-        cos, sin = (x.expand(b, -1, -1) for x in position_embeddings)
+        cos, sin = position_embeddings
+        if cos.shape[0] != b:
+            cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
 
         k = attn.k_proj(hidden_states).view(b, t, -1, d)
         if getattr(attn, "k_norm", None) is not None:
@@ -396,6 +400,16 @@ class FilteredAttention:
         eligible.scatter_(1, order, valid & (index >= self.cfg.warmup))
         return scores, eligible
 
+    def _score_one(self, k: torch.Tensor, v: torch.Tensor, state: FilteredCacheLayer) -> torch.Tensor:
+        """Scores ``[B]`` of a lean decode step (one real token per row, every row past warm-up): the fused
+        version of the score where there is one (``integration/fused.py``), else the registry's."""
+        if self.score_step is not None:
+            cfg = self.cfg
+            scores = self.score_step(k, v, state.score_memory, cfg.gamma, cfg.fusion, cfg.lam)
+            if scores is not None:
+                return scores
+        return self.score(k, v, self._score_state(state, None))[:, 0]
+
     def _score_state(self, state: FilteredCacheLayer, valid: torch.Tensor | None) -> ScoreState:
         cfg = self.cfg
         return ScoreState(
@@ -492,7 +506,7 @@ class FilteredAttention:
         cfg, b = self.cfg, h.shape[0]
         k_rot = rope(k, cos, sin)  # [B, 1, H, d]
         index = state.real_seen  # this token's index among its row's real tokens
-        scores = self.score(k if cfg.pre_rope else k_rot, v, self._score_state(state, None))[:, 0]
+        scores = self._score_one(k if cfg.pre_rope else k_rot, v, state)
         state.real_seen = index + 1
         state.min_real_seen += 1
         if cfg.mode == "threshold":
@@ -546,7 +560,7 @@ class FilteredAttention:
         decisions, cache entries and outputs as the general path, with far fewer operators."""
         cfg, b, dim = self.cfg, h.shape[0], h.shape[2]
         k_rot = None if cfg.pre_rope else rope(k, cos, sin)  # else only if the entry is stored (below)
-        scores = self.score(k if cfg.pre_rope else k_rot, v, self._score_state(state, None))[:, 0]
+        scores = self._score_one(k if cfg.pre_rope else k_rot, v, state)
         state.real_seen = state.real_seen + 1
         state.min_real_seen += 1
         if cfg.mode == "threshold":
