@@ -26,7 +26,49 @@ def _pct(x: float | None, digits: int = 1) -> str:
     return "–" if x is None else f"{100 * x:.{digits}f}%"
 
 
-def render(result: dict, png_name: str | None = None, notes: str | None = None, command: str | None = None) -> str:
+def gpu_section(result: dict, gpu: dict | None) -> list[str]:
+    """``## GPU``: a GPU run's tables when one is given (or when ``result`` is one), else a plain statement that
+    none exists yet and the command that produces it."""
+    from tokenfilter.bench.cli import GPU_COMMAND
+
+    if str(result["machine"].get("device", "cpu")).startswith("cuda"):
+        return []  # this page is the GPU run itself
+    out = ["## GPU", ""]
+    if gpu is None:
+        out += [
+            "No GPU run exists yet: nothing on this page was measured on a GPU, and no GPU speedup is claimed. "
+            "The filtered paths run on CUDA through the same code (tested on the CPU; the engine's guarantee tests "
+            "take `TOKENFILTER_TEST_DEVICE=cuda`), but their speed there is unmeasured. The command that produces "
+            "this section (issue 12's grid: Llama-3-8B shapes, 4k-32k tokens, batch 1 and 8, 128 decode steps, every "
+            "mode, CUDA-event timing, `torch.cuda.max_memory_allocated`):",
+            "",
+            "```",
+            GPU_COMMAND,
+            "python -m tokenfilter.bench.report results/bench/results.json docs/performance.md "
+            "--gpu results/bench-gpu/results.json",
+            "```",
+            "",
+        ]
+        return out
+    gm, model = gpu["machine"], gpu["model"]
+    out += [
+        f"- {summary_line(gm)}; model {model['name']} ({model['layers']} layers, hidden {model['hidden']}, "
+        f"{model['q_heads']}/{model['kv_heads']} heads), {model['dtype']}, started {gpu.get('created')}.",
+        f"- Command: `{gpu.get('command')}`." if gpu.get("command") else "",
+        "",
+    ]
+    body = render(gpu).split("## Results", 1)[1].split("## Reproduce", 1)[0]
+    out += ["### Results" + body.replace("\n## ", "\n### ").replace("\n### Batch", "\n#### Batch")]
+    return out
+
+
+def render(
+    result: dict,
+    png_name: str | None = None,
+    notes: str | None = None,
+    command: str | None = None,
+    gpu: dict | None = None,
+) -> str:
     m, model, cfg = result["machine"], result["model"], result["config"]
     cells = result["cells"]
     lines: list[str] = []
@@ -97,8 +139,18 @@ def render(result: dict, png_name: str | None = None, notes: str | None = None, 
         "stricter number when the ideal is close to 1."
     )
     add(
+        "- **byte ideal** (decode): the bytes a step must read, dense over filtered: every weight once per step plus "
+        "one key/value entry per (query, key) pair and layer; a filtered token saves its Q/O weight read (at batch "
+        "> 1 only if the whole batch skips together, which the ideal assumes, so there it is an upper bound). "
+        "**byte eff.**: measured / byte ideal."
+    )
+    add(
         "- **KV MiB**: bytes of the key/value tensors actually allocated in the cache at the end of decoding "
-        "(the filtered layers' buffers grow with slack, so allocated can exceed used)."
+        "(the filtered layers' buffers grow with slack, so allocated can exceed used). **peak MiB**: "
+        + ("`torch.cuda.max_memory_allocated` over the trial (weights included)."
+           if str(m.get("device", "cpu")).startswith("cuda") else
+           "the process's peak resident memory over the trial (weights, Python and torch included; "
+           "`VmHWM` after a reset through `/proc/self/clear_refs`).")
     )
     add("")
     if png_name:
@@ -111,9 +163,9 @@ def render(result: dict, png_name: str | None = None, notes: str | None = None, 
         add("")
         add(
             "| context | method | TTFT s | prefill × | ideal | eff. | gain | decode tok/s | decode × | ideal | eff. | "
-            "gain | realized ratio | attn FLOPs skipped | KV MiB | KV vs dense |"
+            "gain | byte ideal | byte eff. | realized ratio | attn FLOPs skipped | KV MiB | KV vs dense | peak MiB |"
         )
-        add("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        add("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for c in sorted((c for c in cells if c["batch"] == b), key=lambda c: (c["length"], _order(c))):
             p, d, sp = c["prefill"], c["decode"], c["stats_prefill"]
             add(
@@ -121,8 +173,10 @@ def render(result: dict, png_name: str | None = None, notes: str | None = None, 
                 f"{_f(p['efficiency'], '.2f')} | {_f(p.get('gain_captured'), '.2f')} | "
                 f"{_f(d.get('tokens_per_s'), '.1f')} | {_f(d['speedup'])} | {_f(d['ideal'])} | "
                 f"{_f(d['efficiency'], '.2f')} | {_f(d.get('gain_captured'), '.2f')} | "
+                f"{_f(d.get('byte_ideal'))} | {_f(d.get('byte_efficiency'), '.2f')} | "
                 f"{_f(sp['ratio'] if sp else None, '.3f')} | {_pct(sp['attention_flops_skipped'] if sp else None)} | "
-                f"{_mib(c['kv_bytes']['peak_allocated'])} | {_f(c['kv_bytes']['peak_allocated_vs_dense'], '.2f')} |"
+                f"{_mib(c['kv_bytes']['peak_allocated'])} | {_f(c['kv_bytes']['peak_allocated_vs_dense'], '.2f')} | "
+                f"{_mib(c.get('peak_memory_bytes'))} |"
             )
     if any(c["prefill"].get("cpu_speedup") is not None for c in cells):
         add("")
@@ -175,13 +229,14 @@ def render(result: dict, png_name: str | None = None, notes: str | None = None, 
         )
         add("")
         add(
-            "| batch | context | ratio | dense entries | stored | dropped (reported) | saved MiB measured | "
+            "| batch | context | method | dense entries | held | dropped (reported) | saved MiB measured | "
             "saved MiB reported | saved | exact | allocated MiB dense → filtered |"
         )
         add("|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|")
         for k in checks:
             add(
-                f"| {k['batch']} | {k['length']} | {k['ratio']:g} | {k['dense_entries']} | {k['stored_entries']} | "
+                f"| {k['batch']} | {k['length']} | {k.get('label') or k['ratio']} | {k['dense_entries']} | "
+                f"{k['stored_entries']} | "
                 f"{k['dropped_entries_reported']} | {_mib(k['saved_bytes_measured'])} | "
                 f"{_mib(k['saved_bytes_reported'])} | {_pct(k['saved_fraction'])} | "
                 f"{'yes' if k['exact'] else '**no**'} | "
@@ -224,6 +279,7 @@ def render(result: dict, png_name: str | None = None, notes: str | None = None, 
             add("")
             add(notes.strip())
     add("")
+    lines.extend(gpu_section(result, gpu))
     add("## Reproduce")
     add("")
     add("```")
@@ -238,7 +294,7 @@ def render(result: dict, png_name: str | None = None, notes: str | None = None, 
 
 
 def _order(c: dict) -> tuple:
-    return ({"dense": 0, "overhead": 1, "filter": 2}[c["method"]], c["ratio"] or 0)
+    return ({"dense": 0, "overhead": 1, "filter": 2, "kv": 3, "window": 4}[c["method"]], c["ratio"] or 0)
 
 
 def _render_profile(prof: dict) -> list[str]:
@@ -326,15 +382,22 @@ def analysis(result: dict) -> list[str]:
     return out
 
 
-def write_docs(result: dict, md_path: str | Path, notes: str | None = None, command: str | None = None) -> list[Path]:
-    """Write the Markdown and, next to it, the PNG it embeds (``<stem>.png``)."""
+def write_docs(
+    result: dict,
+    md_path: str | Path,
+    notes: str | None = None,
+    command: str | None = None,
+    gpu: dict | None = None,
+) -> list[Path]:
+    """Write the Markdown and, next to it, the PNG it embeds (``<stem>.png``); ``gpu``: a GPU run's results for
+    the GPU section."""
     from tokenfilter.bench.plot import plot_speedup
 
     md_path = Path(md_path)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     png = md_path.with_suffix(".png")
     plot_speedup(result, png)
-    md_path.write_text(render(result, png.name, notes, command))
+    md_path.write_text(render(result, png.name, notes, command, gpu))
     return [md_path, png]
 
 
@@ -343,14 +406,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", type=Path, help="the benchmark's results.json")
     parser.add_argument("output", type=Path, nargs="?", default=Path("docs/performance.md"))
     parser.add_argument("--notes", type=Path, default=None, help="Markdown appended to the Analysis section")
+    parser.add_argument("--gpu", type=Path, default=None, help="a GPU run's results.json, for the GPU section")
     args = parser.parse_args(argv)
-    try:
-        result = json.loads(args.results.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        print(f"error: cannot read {args.results}: {exc}", file=sys.stderr)
-        return 2
+    loaded = []
+    for path in (args.results, args.gpu):
+        try:
+            loaded.append(json.loads(path.read_text()) if path is not None else None)
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"error: cannot read {path}: {exc}", file=sys.stderr)
+            return 2
+    result, gpu = loaded
     notes = args.notes.read_text() if args.notes else None
-    paths = write_docs(result, args.output, notes, result.get("command"))
+    paths = write_docs(result, args.output, notes, result.get("command"), gpu)
     print("wrote " + ", ".join(os.fspath(p) for p in paths))
     return 0
 
