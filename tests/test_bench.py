@@ -38,6 +38,8 @@ TINY_CFG = dict(
     profile=True,
     profile_steps=2,
     collect_garbage=False,
+    paired_steps=4,
+    paired_prefills=2,
 )
 
 
@@ -71,6 +73,9 @@ def test_results_are_valid_json_with_every_cell(result):
             assert all(s == 1.0 for s in c["prefill"]["speedups"])
             assert c["stats_prefill"] is None
         if c["method"] == "overhead":
+            paired = c["paired"]  # the step-by-step interleaved measurement
+            assert paired["decode"]["n"] == 4 and paired["prefill"]["n"] == 2 and paired["decode"]["cpu"]["n"] == 4
+            assert paired["decode"]["q25"] <= paired["decode"]["extra"] <= paired["decode"]["q75"]
             assert c["stats_prefill"]["ratio"] == 0.0
             assert c["prefill"]["ideal"] == pytest.approx(1.0)
             assert c["same_first_token_as_dense"]
@@ -158,6 +163,7 @@ def test_report_and_plot_from_json(result, tmp_path):
     assert "## Machine" in text and result["machine"]["cpu"] in text
     assert "## Results" in text and "### Batch size 2" in text
     assert "threshold>1 (overhead)" in text and "## Targets" in text and "Where the time goes" in text
+    assert "measured finely (`--paired-steps`)" in text
     assert "![speed ratio vs context length](performance.png)" in text
     assert (tmp_path / "docs" / "performance.png").read_bytes()[:8] == PNG_MAGIC
     text = render(result)

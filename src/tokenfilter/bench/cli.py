@@ -133,6 +133,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-ratios", type=_ratios, default=None, help="ratios of the kv mode (default: --ratios)")
     g.add_argument("--recent", type=positive_int, default=64, metavar="R",
                    help="the window of the kv and sliding-window modes (default 64)")
+    g.add_argument("--paired-steps", type=_non_negative, default=0, metavar="N",
+                   help="also measure the nothing-filtered overhead finely: N decode steps dense and filtered in "
+                   "turn on two caches, plus --paired-prefills prefill pairs, per cell (the overhead target then "
+                   "reads it; 0 = off)")
+    g.add_argument("--paired-prefills", type=positive_int, default=6, metavar="N",
+                   help="prefill pairs of the paired measurement (halved from 2048 tokens; default 6)")
     g = parser.add_argument_group("inputs and outputs")
     g.add_argument("--data", default=None, help="text file for the contexts (default ../shared/data/wikitext-2 test)")
     g.add_argument("--seed", type=int, default=0)
@@ -172,6 +178,8 @@ def config_from_args(args: argparse.Namespace):
         modes=list(getattr(args, "modes", None) or ["query"]),
         kv_ratios=getattr(args, "kv_ratios", None),
         recent=getattr(args, "recent", 64),
+        paired_steps=getattr(args, "paired_steps", 0),
+        paired_prefills=getattr(args, "paired_prefills", 6),
     )
 
 

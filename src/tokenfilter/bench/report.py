@@ -216,6 +216,27 @@ def render(
                 f"| {c['batch']} | {c['length']} | {extra(p['speedup'])} | {extra(d['speedup'])} | "
                 f"{extra(p.get('cpu_speedup'))} | {extra(d.get('cpu_speedup'))} |"
             )
+        paired = [c for c in over if c.get("paired")]
+        if paired:
+            add("")
+            add(
+                "The same overhead measured finely (`--paired-steps`): in each cell, prefill pairs and then decode "
+                "steps, dense and nothing-filtered in turn on two caches in one process, so that load drift hits "
+                "both sides of a pair alike. Median over pairs of the extra time, with the quartiles of the pairs; "
+                "the overhead targets read these numbers where they exist."
+            )
+            add("")
+            add("| batch | context | prefill: extra (pairs) | IQR | decode: extra (steps) | IQR | "
+                "prefill, CPU time | decode, CPU time |")
+            add("|---:|---:|---:|---:|---:|---:|---:|---:|")
+            for c in sorted(paired, key=lambda c: (c["batch"], c["length"])):
+                pp, pd = c["paired"]["prefill"], c["paired"]["decode"]
+                add(
+                    f"| {c['batch']} | {c['length']} | {_pct(pp['extra'])} ({pp['n']}) | "
+                    f"{_pct(pp['q25'])} .. {_pct(pp['q75'])} | {_pct(pd['extra'])} ({pd['n']}) | "
+                    f"{_pct(pd['q25'])} .. {_pct(pd['q75'])} | {_pct(pp['cpu']['extra'])} | "
+                    f"{_pct(pd['cpu']['extra'])} |"
+                )
     checks = result.get("kv_checks", [])
     if checks:
         add("")

@@ -42,6 +42,7 @@ from transformers import DynamicCache
 
 from tokenfilter.bench.data import TokenSource
 from tokenfilter.bench.kv import KVMeasure, measure_cache
+from tokenfilter.bench.paired import paired_overhead
 from tokenfilter.config import TokenFilter
 from tokenfilter.stats import FilterStats, FlopModel
 
@@ -74,6 +75,8 @@ class BenchConfig:
     modes: list[str] = field(default_factory=lambda: ["query"])  # of MODES
     kv_ratios: list[float] | None = None  # ratios of the KV-side mode (None: the same as ``ratios``)
     recent: int = 64  # the window R of the KV-side mode and of the sliding-window preset
+    paired_steps: int = 0  # > 0: also the paired (step-by-step interleaved) overhead measurement, this many steps
+    paired_prefills: int = 6  # prefill pairs of the paired measurement (at 2048+ tokens: half, at least 2)
 
     def methods(self) -> list[tuple[str, float | None, TokenFilter | None]]:
         unknown = [m for m in self.modes if m not in MODES]
@@ -413,6 +416,12 @@ def run_bench(
                     if bar is not None:
                         bar.update(1)
             dense_t = times[0]
+            paired = None
+            if cfg.paired_steps and cfg.overhead:
+                if bar is not None:
+                    bar.set_description(f"B={b} T={t} paired overhead")
+                pairs = cfg.paired_prefills if t < 2048 else max(2, cfg.paired_prefills // 2)
+                paired = paired_overhead(model, ids, methods[1][2], cfg.paired_steps, pairs, logits_to_keep)
             for i, (name, ratio, tf) in enumerate(methods):
                 cell = _cell(b, t, cfg, name, ratio, tf, times[i], dense_t, last[i], last[0], fm, logits_to_keep)
                 cell["decode"]["byte_ideal"] = (
@@ -422,6 +431,8 @@ def run_bench(
                 bi, sp = cell["decode"]["byte_ideal"], cell["decode"]["speedup"]
                 cell["decode"]["byte_efficiency"] = sp / bi if bi and sp is not None else None
                 cell["peak_memory_bytes"] = last[i].peak_memory_bytes
+                if name == "overhead" and paired is not None:
+                    cell["paired"] = paired
                 cells.append(cell)
                 if name in ("filter", "kv", "window"):
                     kv_checks.append(_kv_check(b, t, cfg, ratio, last[i], last[0], fm, entry_bytes, name))
@@ -646,6 +657,10 @@ def evaluate_targets(result: dict) -> list[dict]:
 
     def overhead(phase: str) -> Callable[[dict, str], float | None]:
         def f(c: dict, clock: str) -> float | None:
+            paired = c.get("paired")
+            if paired is not None:  # the finer measurement, where there is one
+                p = paired[phase] if clock == "" else paired[phase]["cpu"]
+                return p["extra"]
             s = c[phase].get(f"{clock}speedup")
             return 1 / s - 1 if s else None
 
