@@ -80,6 +80,10 @@ def test_results_are_valid_json_with_every_cell(result):
             assert c["prefill"]["ideal"] == pytest.approx(1.0)
             assert c["same_first_token_as_dense"]
         if c["method"] == "filter":
+            assert ("paired" in c) == (c["ratio"] == 0.5)  # the highest ratio is paired with dense too
+            if c["ratio"] == 0.5:
+                assert c["decode"]["paired_efficiency"] == pytest.approx(
+                    1 / (1 + c["paired"]["decode"]["extra"]) / c["decode"]["ideal"])
             assert c["stats_prefill"]["ratio"] > 0
             assert c["prefill"]["ideal"] > 1.0
             assert c["kv_bytes"]["peak_used"] < next(
@@ -163,12 +167,12 @@ def test_report_and_plot_from_json(result, tmp_path):
     assert "## Machine" in text and result["machine"]["cpu"] in text
     assert "## Results" in text and "### Batch size 2" in text
     assert "threshold>1 (overhead)" in text and "## Targets" in text and "Where the time goes" in text
-    assert "measured finely (`--paired-steps`)" in text
+    assert "## Paired measurement (`--paired-steps`)" in text
     assert "![speed ratio vs context length](performance.png)" in text
     assert (tmp_path / "docs" / "performance.png").read_bytes()[:8] == PNG_MAGIC
     text = render(result)
-    # one row per batch size in the wall-clock, CPU-time and KV tables
-    assert text.count("| 40 | ratio 0.5 |") == 6 and "## The same ratios from process CPU time" in text
+    # one row per batch size in the wall-clock, CPU-time, KV and paired tables
+    assert text.count("| 40 | ratio 0.5 |") == 8 and "## The same ratios from process CPU time" in text
 
 
 def test_cli_end_to_end_writes_json_png_and_docs(tmp_path, monkeypatch):
