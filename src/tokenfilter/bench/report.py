@@ -120,6 +120,15 @@ def render(
         f"kv=`{cfg['kv']}`, skip=`{cfg['skip']}`; overhead run: threshold {cfg['overhead_threshold']:g} (scores "
         "computed, nothing filtered)."
     )
+    modes = cfg.get("modes") or ["query"]
+    if modes != ["query"]:
+        kv_ratios = cfg.get("kv_ratios") or cfg["ratios"]
+        parts = {"query": "query side (the rows `ratio r`)",
+                 "kv": f"KV side at ratios {', '.join(f'{r:g}' for r in kv_ratios)} "
+                       f"(`skip=\"none\", recent={cfg.get('recent')}`)",
+                 "sliding-window": "the sliding-window preset (`TokenFilter.sliding_window(recent="
+                                   f"{cfg.get('recent')})`: 4 sinks + the window, every layer)"}
+        add(f"- Modes: {'; '.join(parts[m] for m in modes if m in parts)}.")
     for s in result.get("skipped", []):
         where = f"batch {s['batch']}, length {s['length']}" if "batch" in s else f"length {s['length']}"
         add(f"- Skipped {where}: {s['reason']}.")
