@@ -311,3 +311,31 @@ def test_gpu_section_from_a_gpu_run(result):
     section = text.split("## GPU", 1)[1]
     assert "Fake GPU, 80 GiB" in section and "#### Batch size 2" in section and "No GPU run" not in section
     assert "## GPU" not in render(gpu)  # a GPU run's own page is all GPU
+
+
+def test_merging_runs_keeps_every_cell_once_and_reevaluates_the_targets(result, tmp_path):
+    from tokenfilter.bench.merge import main as merge_main
+    from tokenfilter.bench.merge import merge
+
+    short = json.loads(json.dumps(result))
+    short["cells"] = [c for c in short["cells"] if c["length"] == 16]
+    short["kv_checks"] = [k for k in short["kv_checks"] if k["length"] == 16]
+    short["skipped"] = [{"batch": 1, "length": 40, "reason": "later"}, {"batch": 9, "length": 40, "reason": "never"}]
+    long = json.loads(json.dumps(result))
+    long["cells"] = [c for c in long["cells"] if c["length"] == 40]
+    long["kv_checks"] = [k for k in long["kv_checks"] if k["length"] == 40]
+    merged = merge([short, long])
+    assert len(merged["cells"]) == len(result["cells"]) and len(merged["kv_checks"]) == len(result["kv_checks"])
+    assert merged["skipped"] == [{"batch": 9, "length": 40, "reason": "never"}]
+    assert [t["met"] for t in merged["targets"]] == [t["met"] for t in result["targets"]]
+    assert len(merged["invocations"]) == 2 and merged["config"]["lengths"] == [16, 40]
+    other = json.loads(json.dumps(long))
+    other["model"]["name"] = "another"
+    with pytest.raises(ValueError, match="different models"):
+        merge([short, other])
+    paths = []
+    for i, r in enumerate((short, long)):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    assert merge_main([*map(str, paths), "-o", str(tmp_path / "m.json")]) == 0
+    assert "## Results" in render(json.loads((tmp_path / "m.json").read_text()))

@@ -79,7 +79,10 @@ def render(
         "Generated from the benchmark's JSON by `python -m tokenfilter.bench.report` "
         "(or `tokenfilter bench --write-docs`); do not edit by hand, rerun instead."
     )
-    if command:
+    if len(result.get("invocations") or []) > 1:
+        add("Commands (one grid in several invocations, merged by `python -m tokenfilter.bench.merge`): "
+            + "; ".join(f"`{r['command']}`" for r in result["invocations"]) + ".")
+    elif command:
         add(f"Command: `{command}`.")
     add("")
     add("## Machine")
@@ -319,7 +322,17 @@ def render(
     add("## Reproduce")
     add("")
     add("```")
-    if command:
+    runs = result.get("invocations") or []
+    if len(runs) > 1:  # a grid run in several invocations, merged (tokenfilter.bench.merge)
+        outs = []
+        for r in runs:
+            add(f"{r['command']}")
+            words = (r["command"] or "").split()
+            outs.append(words[words.index("--output") + 1] if "--output" in words else "results/bench")
+        add(f"python -m tokenfilter.bench.merge {' '.join(o + '/results.json' for o in outs)} -o merged.json")
+        add("python -m tokenfilter.bench.report merged.json docs/performance.md --notes docs/performance-notes.md"
+            "   # this page")
+    elif command:
         add(f"{command}{'' if '--write-docs' in command else ' --write-docs'}   # this page")
     add("tokenfilter bench --write-docs                    # the default grid (~10 min on 2 cores)")
     add("tokenfilter bench --full --write-docs             # the whole grid: up to 8192 tokens, batch 1 and 4")
