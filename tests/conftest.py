@@ -1,7 +1,14 @@
-"""Shared fixtures: tiny random-weight models of every supported family, and the real stories260K."""
+"""Shared fixtures: tiny random-weight models of every supported family, and the real stories260K.
+
+The device switch: ``TOKENFILTER_TEST_DEVICE=cuda`` (and ``TOKENFILTER_TEST_DTYPE=bfloat16``, default float32)
+runs the engine's guarantee tests (``test_engine_equivalence.py``: ratio 0 == dense, prefill == decode in threshold
+mode, fast == reference, a padded batch == each sequence alone) on that device and dtype; unset, they run on the CPU
+in float32, as they always have. ``TEST_TOL`` is the tolerance of a "same logits" check in that dtype.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +27,23 @@ from transformers import (
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
+
+TEST_DEVICE = torch.device(os.environ.get("TOKENFILTER_TEST_DEVICE", "cpu"))
+TEST_DTYPE = getattr(torch, os.environ.get("TOKENFILTER_TEST_DTYPE", "float32"))
+TEST_FP32 = TEST_DTYPE is torch.float32
+TEST_EXACT = TEST_FP32 and TEST_DEVICE.type == "cpu"  # where the bit-for-bit checks hold
+TEST_TOL = dict(atol=1e-5, rtol=1e-5) if TEST_FP32 else dict(atol=3e-2, rtol=3e-2)
+if TEST_DEVICE.type == "cuda" and TEST_FP32:
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 checks compare at fp32 precision
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def on_test_device(x):
+    """A tensor or model moved to the test device (models also to the test dtype)."""
+    if isinstance(x, torch.nn.Module):
+        return x.to(device=TEST_DEVICE, dtype=TEST_DTYPE)
+    return x.to(TEST_DEVICE)
+
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 _COMMON = dict(

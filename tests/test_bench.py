@@ -38,6 +38,8 @@ TINY_CFG = dict(
     profile=True,
     profile_steps=2,
     collect_garbage=False,
+    paired_steps=4,
+    paired_prefills=2,
 )
 
 
@@ -71,10 +73,17 @@ def test_results_are_valid_json_with_every_cell(result):
             assert all(s == 1.0 for s in c["prefill"]["speedups"])
             assert c["stats_prefill"] is None
         if c["method"] == "overhead":
+            paired = c["paired"]  # the step-by-step interleaved measurement
+            assert paired["decode"]["n"] == 4 and paired["prefill"]["n"] == 2 and paired["decode"]["cpu"]["n"] == 4
+            assert paired["decode"]["q25"] <= paired["decode"]["extra"] <= paired["decode"]["q75"]
             assert c["stats_prefill"]["ratio"] == 0.0
             assert c["prefill"]["ideal"] == pytest.approx(1.0)
             assert c["same_first_token_as_dense"]
         if c["method"] == "filter":
+            assert ("paired" in c) == (c["ratio"] == 0.5)  # the highest ratio is paired with dense too
+            if c["ratio"] == 0.5:
+                assert c["decode"]["paired_efficiency"] == pytest.approx(
+                    1 / (1 + c["paired"]["decode"]["extra"]) / c["decode"]["ideal"])
             assert c["stats_prefill"]["ratio"] > 0
             assert c["prefill"]["ideal"] > 1.0
             assert c["kv_bytes"]["peak_used"] < next(
@@ -158,11 +167,12 @@ def test_report_and_plot_from_json(result, tmp_path):
     assert "## Machine" in text and result["machine"]["cpu"] in text
     assert "## Results" in text and "### Batch size 2" in text
     assert "threshold>1 (overhead)" in text and "## Targets" in text and "Where the time goes" in text
+    assert "## Paired measurement (`--paired-steps`)" in text
     assert "![speed ratio vs context length](performance.png)" in text
     assert (tmp_path / "docs" / "performance.png").read_bytes()[:8] == PNG_MAGIC
     text = render(result)
-    # one row per batch size in the wall-clock tables and one in the CPU-time table
-    assert text.count("| 40 | ratio 0.5 |") == 4 and "## The same ratios from process CPU time" in text
+    # one row per batch size in the wall-clock, CPU-time, KV and paired tables
+    assert text.count("| 40 | ratio 0.5 |") == 8 and "## The same ratios from process CPU time" in text
 
 
 def test_cli_end_to_end_writes_json_png_and_docs(tmp_path, monkeypatch):
@@ -200,3 +210,132 @@ def test_defaults_and_flags_compose():
     assert f.max_batch_tokens == 8192 and d.max_batch_tokens is None
     q = bench_cli.config_from_args(parser.parse_args(["--quick", "--ratios", "0.3,0.7"]))
     assert q.ratios == [0.3, 0.7] and not q.profile
+
+
+# -- issue 12: named shapes, devices, modes, byte ideal, the GPU section ------------------------------------
+def test_named_shapes_have_the_real_fields_without_allocating():
+    from tokenfilter.bench import shapes
+    from tokenfilter.bench.cli import SHAPE_NAMES
+
+    assert set(SHAPE_NAMES) == set(shapes.SHAPES)
+    c = shapes.config("llama-3-8b")
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (32, 4096, 32, 8)
+    assert (c.intermediate_size, c.vocab_size, c.head_dim) == (14336, 128256, 128)
+    assert c.max_position_embeddings >= 32768 + 128  # the GPU grid's longest context fits
+    c = shapes.config("llama-2-7b")
+    assert (c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.vocab_size) == (32, 32, 11008, 32000)
+    c = shapes.config("smollm2-135m", layers=3)
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (3, 576, 9, 3)
+    assert c.tie_word_embeddings and c._attn_implementation == "sdpa"
+    # the FLOP model of the 8B shape: 2 * parameters per token, roughly (what the ideal is built on)
+    fm = FlopModel.from_config(shapes.config("llama-3-8b"))
+    per_token = fm.layers * (fm.qo_proj + fm.kv_proj + fm.mlp) + fm.lm_head
+    assert 2 * 7.4e9 < per_token < 2 * 8.1e9
+    with pytest.raises(ValueError, match="Unknown shape"):
+        shapes.config("llama-4")
+
+
+def test_cli_shape_with_every_mode_end_to_end(tmp_path):
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    args = parser.parse_args(
+        ["--shape", "smollm2-135m", "--layers", "3", "--device", "cpu", "--lengths", "12,24", "--ratios", "0.5",
+         "--modes", "query,kv,sliding-window", "--recent", "4", "--new-tokens", "3", "--repeats", "1", "--warmup",
+         "0", "--no-progress", "--no-gc", "--no-profile", "--threads", "1", "--output", str(tmp_path / "out"),
+         "--write-docs", str(tmp_path / "perf.md")]
+    )
+    assert bench_cli.run(args) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["model"]["layers"] == 3 and res["model"]["hidden"] == 576 and res["model"]["device"] == "cpu"
+    assert "random-weight smollm2-135m" in res["model"]["name"] and res["config"]["inputs"] == "random-ids"
+    labels = {c["label"] for c in res["cells"]}
+    assert labels == {"dense", "threshold>1 (overhead)", "ratio 0.5", "KV side 0.5 (R=4)", "sliding window (R=4)"}
+    assert len(res["kv_checks"]) == 2 * 3 and all(k["exact"] for k in res["kv_checks"])  # KV side included
+    for c in res["cells"]:
+        assert c["peak_memory_bytes"] is None or c["peak_memory_bytes"] > 0
+        if c["method"] == "dense":
+            assert c["decode"]["byte_ideal"] == 1.0
+        elif c["method"] in ("filter", "kv", "window"):
+            assert c["decode"]["byte_ideal"] >= 1.0
+    window = [c for c in res["cells"] if c["method"] == "window" and c["length"] == 24][0]
+    assert window["kv_bytes"]["peak_used"] < window["kv_bytes"]["dense_peak_allocated"]
+    text = (tmp_path / "perf.md").read_text()
+    assert "## GPU" in text and "No GPU run exists yet" in text and bench_cli.GPU_COMMAND in text
+
+
+def test_byte_ideal_counts_the_weights_and_the_kv_reads():
+    from tokenfilter.bench.runner import byte_ideal
+    from tokenfilter.stats import FilterStats, LayerCounts
+
+    fm = FlopModel(hidden=8, q_heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=10, layers=2)
+    dense_layer = LayerCounts(tokens=4, pairs=40, pairs_dense=40)
+    same = FilterStats.from_counts(fm, [dense_layer, dense_layer], 4)
+    assert byte_ideal(same, fm, weight_bytes=1000, element_size=4, batch=1, steps=4) == 1.0
+    half = LayerCounts(tokens=4, filtered=2, pairs=20, pairs_dense=40, qo_skipped=2)
+    stats = FilterStats.from_counts(fm, [dense_layer, half], 4)
+    entry, qo = fm.kv_entry_bytes(4), 2 * 8 * 2 * 4 * 4
+    want = (4 * 1000 + 80 * entry) / (4 * 1000 - 2 * qo + 60 * entry)
+    assert byte_ideal(stats, fm, 1000, 4, 1, 4) == pytest.approx(want)
+    assert byte_ideal(stats, fm, 1000, 4, 2, 4) < want  # at batch 2 half the Q/O reads are assumed saved
+    assert byte_ideal(None, fm, 1000, 4, 1, 4) is None
+
+
+def test_device_option_resolves_or_fails_in_one_sentence():
+    assert bench_cli.resolve_device("cpu") == "cpu"
+    assert bench_cli.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="--device must be"):
+        bench_cli.resolve_device("gpu-please")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no GPU"):
+            bench_cli.resolve_device("cuda")
+
+
+def test_clock_and_peak_memory_on_the_cpu():
+    from tokenfilter.bench.runner import Clock, PeakMemory
+
+    clock, peak = Clock(torch.device("cpu")), PeakMemory(torch.device("cpu"))
+    peak.reset()
+    clock.mark()
+    x = torch.ones(256, 256) @ torch.ones(256, 256)
+    clock.mark()
+    (wall,), (cpu,) = clock.spans()
+    assert wall > 0 and cpu >= 0 and float(x[0, 0]) == 256
+    assert peak.read() is None or peak.read() > 0
+
+
+def test_gpu_section_from_a_gpu_run(result):
+    gpu = json.loads(json.dumps(result))
+    gpu["machine"].update(device="cuda:0", device_name="Fake GPU, 80 GiB, CUDA 12.8")
+    gpu["command"] = "tokenfilter bench --device cuda"
+    text = render(result, gpu=gpu)
+    section = text.split("## GPU", 1)[1]
+    assert "Fake GPU, 80 GiB" in section and "#### Batch size 2" in section and "No GPU run" not in section
+    assert "## GPU" not in render(gpu)  # a GPU run's own page is all GPU
+
+
+def test_merging_runs_keeps_every_cell_once_and_reevaluates_the_targets(result, tmp_path):
+    from tokenfilter.bench.merge import main as merge_main
+    from tokenfilter.bench.merge import merge
+
+    short = json.loads(json.dumps(result))
+    short["cells"] = [c for c in short["cells"] if c["length"] == 16]
+    short["kv_checks"] = [k for k in short["kv_checks"] if k["length"] == 16]
+    short["skipped"] = [{"batch": 1, "length": 40, "reason": "later"}, {"batch": 9, "length": 40, "reason": "never"}]
+    long = json.loads(json.dumps(result))
+    long["cells"] = [c for c in long["cells"] if c["length"] == 40]
+    long["kv_checks"] = [k for k in long["kv_checks"] if k["length"] == 40]
+    merged = merge([short, long])
+    assert len(merged["cells"]) == len(result["cells"]) and len(merged["kv_checks"]) == len(result["kv_checks"])
+    assert merged["skipped"] == [{"batch": 9, "length": 40, "reason": "never"}]
+    assert [t["met"] for t in merged["targets"]] == [t["met"] for t in result["targets"]]
+    assert len(merged["invocations"]) == 2 and merged["config"]["lengths"] == [16, 40]
+    other = json.loads(json.dumps(long))
+    other["model"]["name"] = "another"
+    with pytest.raises(ValueError, match="different models"):
+        merge([short, other])
+    paths = []
+    for i, r in enumerate((short, long)):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    assert merge_main([*map(str, paths), "-o", str(tmp_path / "m.json")]) == 0
+    assert "## Results" in render(json.loads((tmp_path / "m.json").read_text()))

@@ -1,4 +1,8 @@
-"""SPEC guarantees 1-4: identity when nothing is filtered, prefill == decode, fast == reference, padding."""
+"""SPEC guarantees 1-4: identity when nothing is filtered, prefill == decode, fast == reference, padding.
+
+These run on ``TOKENFILTER_TEST_DEVICE`` in ``TOKENFILTER_TEST_DTYPE`` (conftest; default: CPU, float32): the
+models and inputs here are moved there, and "same logits" means ``TEST_TOL`` of that dtype.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,49 @@ import torch
 
 from tokenfilter import TokenFilter
 
-from conftest import left_pad, make_tiny, positions, random_ids
+import conftest
+from conftest import FAMILIES, TEST_EXACT, TEST_FP32, TEST_TOL, make_tiny, on_test_device, positions
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny(request: pytest.FixtureRequest) -> torch.nn.Module:
+    return on_test_device(make_tiny(request.param))
+
+
+@pytest.fixture
+def stories(stories):  # the session's real model, on the test device (a copy when that is not the CPU)
+    if TEST_EXACT:
+        return stories
+    import copy
+
+    return on_test_device(copy.deepcopy(stories))
+
+
+def random_ids(*args, **kwargs) -> torch.Tensor:
+    return on_test_device(conftest.random_ids(*args, **kwargs))
+
+
+def left_pad(seqs: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(on_test_device(x) for x in conftest.left_pad([s.cpu() for s in seqs], pad_id))
+
+
+def ids_tensor(rows: list[list[int]]) -> torch.Tensor:
+    return on_test_device(torch.tensor(rows))
+
+
+def decisions_agree(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Two runs' decisions, layer by layer. In float32: the same, exactly. In a 16-bit dtype the same token's score
+    is computed from differently rounded numbers (a prefill's matmul vs a decode step's, a batch vs one row), so a
+    score near the threshold may fall on the other side (and a flip changes the next layers' inputs): there at
+    least 90% of all (token, layer) decisions must agree. Returns whether all do (only then are the logits
+    downstream expected to match)."""
+    assert len(a) == len(b)
+    if TEST_FP32:
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+        return True
+    same = sum(int((x == y).sum()) for x, y in zip(a, b, strict=True))
+    assert same >= 0.9 * sum(x.numel() for x in a)
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def logits(model, ids, mask=None, **kw):
@@ -44,7 +90,8 @@ def thresholds_that_filter(model, ids, level: float = 0.5) -> list[float | None]
 )
 def test_nothing_filtered_is_bit_identical(tiny, cfg):
     """torch.equal: with ratio 0 / disabled no layer is patched; with a threshold above 1 the filtered path runs
-    but keeps every token, and its attention (SDPA over the same keys) happens to give the same bits on CPU."""
+    but keeps every token, and its attention (SDPA over the same keys) happens to give the same bits on CPU in
+    float32 (on another device or dtype its kernels may round differently: there, TEST_TOL)."""
     ids = random_ids(2, 40)
     dense = logits(tiny, ids)
     with torch.no_grad():
@@ -53,21 +100,27 @@ def test_nothing_filtered_is_bit_identical(tiny, cfg):
         out = logits(tiny, ids)
         with torch.no_grad():
             gen = tiny.generate(ids[:, :12], max_new_tokens=8, do_sample=False)
-    assert torch.equal(dense, out)
-    assert torch.equal(dense_gen, gen)
+    if run.filtered_layers and not TEST_EXACT:
+        torch.testing.assert_close(out, dense, **TEST_TOL)
+    else:
+        assert torch.equal(dense, out)
+        assert torch.equal(dense_gen, gen)
     assert run.stats.ratio == 0.0
 
 
 @pytest.mark.parametrize("cfg", [TokenFilter(ratio=0.0), TokenFilter(threshold=1.5)], ids=["ratio0", "threshold>1"])
 def test_nothing_filtered_real_weights(stories, cfg):
-    ids = torch.tensor([[1] + list(range(20, 120))])
+    ids = ids_tensor([[1] + list(range(20, 120))])
     dense = logits(stories, ids)
     with torch.no_grad():
-        dense_gen = stories.generate(torch.tensor([[1]]), max_new_tokens=30, do_sample=False)
-    with cfg.apply(stories):
+        dense_gen = stories.generate(ids_tensor([[1]]), max_new_tokens=30, do_sample=False)
+    with cfg.apply(stories) as run:
+        if run.filtered_layers and not TEST_EXACT:
+            torch.testing.assert_close(logits(stories, ids), dense, **TEST_TOL)
+            return
         assert torch.equal(dense, logits(stories, ids))
         with torch.no_grad():
-            assert torch.equal(dense_gen, stories.generate(torch.tensor([[1]]), max_new_tokens=30, do_sample=False))
+            assert torch.equal(dense_gen, stories.generate(ids_tensor([[1]]), max_new_tokens=30, do_sample=False))
 
 
 def test_nothing_filtered_bf16(tiny):
@@ -98,23 +151,25 @@ def test_threshold_prefill_equals_decode(tiny, kv, skip):
             steps.append(out.logits)
         decode_dec = run.decisions
     assert sum(int(d.sum()) for d in prefill_dec) > 0, "the thresholds should filter some tokens"
-    for a, b in zip(prefill_dec, decode_dec, strict=True):
-        assert torch.equal(a, b)
-    torch.testing.assert_close(torch.cat(steps, dim=1), prefill, atol=1e-5, rtol=1e-5)
+    agree = decisions_agree(prefill_dec, decode_dec)
+    if agree:
+        torch.testing.assert_close(torch.cat(steps, dim=1), prefill, **TEST_TOL)
 
 
 def test_threshold_prefill_equals_decode_real_weights(stories):
-    ids = torch.tensor([[1] + list(range(40, 100))])
+    ids = ids_tensor([[1] + list(range(40, 100))])
     taus = thresholds_that_filter(stories, ids)
-    with TokenFilter(threshold=taus).apply(stories) as run, torch.no_grad():
+    with TokenFilter(threshold=taus, record_decisions=True).apply(stories) as run, torch.no_grad():
         prefill = stories(ids).logits
+        prefill_dec = run.decisions
         cache, steps = None, []
         for t in range(ids.shape[1]):
             out = stories(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             steps.append(out.logits)
     assert run.stats.ratio > 0
-    torch.testing.assert_close(torch.cat(steps, dim=1), prefill, atol=1e-5, rtol=1e-5)
+    if decisions_agree(prefill_dec, run.decisions):
+        torch.testing.assert_close(torch.cat(steps, dim=1), prefill, **TEST_TOL)
 
 
 # -- 3. fast path == reference path ------------------------------------------------------------------------
@@ -134,12 +189,12 @@ def test_fast_equals_reference(tiny, kv, skip, mode):
             results[path] = (out, run.decisions, gen, run.stats)
     (f_out, f_dec, f_gen, f_stats), (r_out, r_dec, r_gen, r_stats) = results["fast"], results["reference"]
     real = mask.bool()
-    torch.testing.assert_close(f_out[real], r_out[real], atol=1e-5, rtol=1e-5)
-    for a, b in zip(f_dec, r_dec, strict=True):
-        assert torch.equal(a, b)
-    assert torch.equal(f_gen, r_gen)
+    if decisions_agree(f_dec, r_dec):
+        torch.testing.assert_close(f_out[real], r_out[real], **TEST_TOL)
+        if TEST_FP32:  # 16-bit logits this close can still pick another greedy token
+            assert torch.equal(f_gen, r_gen)
+            assert f_stats.as_dict() == r_stats.as_dict()
     assert f_stats.ratio > 0
-    assert f_stats.as_dict() == r_stats.as_dict()
 
 
 @pytest.mark.parametrize("skip", ["attention", "none"])
@@ -177,13 +232,13 @@ def test_left_padded_batch_equals_alone(tiny, mode, path):
         for i, s in enumerate(seqs):
             alone = logits(tiny, s[None])
             n = len(s)
-            torch.testing.assert_close(batch[i, -n:], alone[0], atol=1e-5, rtol=1e-5)
-            for layer_dec, alone_dec in zip(batch_dec, run.decisions, strict=True):
-                assert torch.equal(layer_dec[i, -n:], alone_dec[0])
-                assert not layer_dec[i, :-n].any(), "padding is never 'filtered'"
+            assert not any(layer_dec[i, :-n].any() for layer_dec in batch_dec), "padding is never 'filtered'"
+            if decisions_agree([d[i, -n:] for d in batch_dec], [d[0] for d in run.decisions]):
+                torch.testing.assert_close(batch[i, -n:], alone[0], **TEST_TOL)
             with torch.no_grad():
                 gen = tiny.generate(s[None], max_new_tokens=8, do_sample=False)
-            assert torch.equal(batch_gen[i, -8:], gen[0, -8:])
+            if TEST_FP32:
+                assert torch.equal(batch_gen[i, -8:], gen[0, -8:])
 
 
 def test_sampling_generate_runs_and_is_seeded(tiny):
@@ -201,13 +256,13 @@ def test_sampling_generate_runs_and_is_seeded(tiny):
 
 def test_eager_attention_model(tiny):
     """The filtered path does not depend on the model's attention implementation."""
-    eager = make_tiny(tiny.config.model_type, attn="eager")
+    eager = on_test_device(make_tiny(tiny.config.model_type, attn="eager"))
     ids = random_ids(1, 50)
     outs = []
     for m in (tiny, eager):
         with TokenFilter(ratio=0.4).apply(m):
             outs.append(logits(m, ids))
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outs[0], outs[1], **(dict(atol=1e-4, rtol=1e-4) if TEST_FP32 else TEST_TOL))
 
 
 def test_beam_search_reorders_the_filtered_cache(tiny):
@@ -219,10 +274,12 @@ def test_beam_search_reorders_the_filtered_cache(tiny):
         dense = tiny.generate(ids, **kwargs)
         with TokenFilter(threshold=1.5).apply(tiny) as run:
             assert run.filtered_layers
-            assert torch.equal(tiny.generate(ids, **kwargs), dense)
+            if TEST_EXACT:
+                assert torch.equal(tiny.generate(ids, **kwargs), dense)
         outs = []
         for path in ("fast", "reference"):
             with TokenFilter(threshold=0.2, warmup=2, path=path).apply(tiny) as run:
                 outs.append(tiny.generate(ids, **kwargs))
             assert run.stats.ratio > 0
-    assert torch.equal(outs[0], outs[1])
+    if TEST_FP32:
+        assert torch.equal(outs[0], outs[1])

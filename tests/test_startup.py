@@ -29,7 +29,7 @@ def test_importing_the_cli_imports_no_heavy_package():
     assert _heavy_modules_after("import tokenfilter.cli") == []
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["eval", "--help"], ["study", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["eval", "--help"], ["study", "--help"], ["bench", "--help"]])
 def test_help_imports_no_heavy_package(argv):
     code = f"import tokenfilter.cli as c\ntry:\n    c.main({argv!r})\nexcept SystemExit:\n    pass"
     assert _heavy_modules_after(code) == []

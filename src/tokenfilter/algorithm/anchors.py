@@ -9,36 +9,47 @@ recursively), and each block then adds its incoming anchor times ``gamma ** (j +
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 _BLOCK = 32
 
 
-def _decay(m: int, gamma: float, device: torch.device) -> torch.Tensor:
-    """``[m, m]``: ``(1 - gamma) * gamma ** (j - i)`` on and below the diagonal, 0 above."""
+@functools.lru_cache(maxsize=64)
+def _weights(m: int, gamma: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(decay [m, m], carry [m, 1])``, float32, computed in float64 once per (m, gamma, device):
+    ``decay[j, i] = (1 - gamma) * gamma ** (j - i)`` on and below the diagonal (0 above) and
+    ``carry[j] = gamma ** (j + 1)``. Cached: building them is a dozen small operators, more than the scan."""
     idx = torch.arange(m, device=device)
     gap = idx[:, None] - idx[None, :]
     w = (1 - gamma) * torch.pow(torch.tensor(gamma, dtype=torch.float64, device=device), gap.clamp(min=0))
-    return torch.where(gap >= 0, w, 0.0).float()
+    decay = torch.where(gap >= 0, w, 0.0).float()
+    carry = (gamma ** torch.arange(1, m + 1, dtype=torch.float64, device=device)).float()[:, None]
+    return decay, carry
+
+
+def _decay(m: int, gamma: float, device: torch.device) -> torch.Tensor:
+    """``[m, m]``: ``(1 - gamma) * gamma ** (j - i)`` on and below the diagonal, 0 above."""
+    return _weights(m, float(gamma), torch.device(device))[0]
 
 
 def _scan(x: torch.Tensor, carry: torch.Tensor, gamma: float) -> torch.Tensor:
     """``x``: ``[B, N, F]`` float32, ``carry``: ``[B, F]`` -> anchors ``[B, N, F]``."""
     b, n, f = x.shape
     m = min(n, _BLOCK)
-    carry_w = gamma ** torch.arange(1, m + 1, dtype=torch.float64, device=x.device)  # [m]
-    carry_w = carry_w.float()[:, None]
+    decay, carry_w = _weights(m, float(gamma), x.device)
     if n <= _BLOCK:
-        return torch.matmul(_decay(n, gamma, x.device), x) + carry_w * carry[:, None, :]
+        return torch.matmul(decay, x).addcmul_(carry_w, carry[:, None, :])
     blocks = -(-n // m)
     xb = F.pad(x, (0, 0, 0, blocks * m - n)).view(b, blocks, m, f)
-    local = torch.matmul(_decay(m, gamma, x.device), xb)  # [B, blocks, m, F]: each block from a zero start
+    local = torch.matmul(decay, xb)  # [B, blocks, m, F]: each block from a zero start
     g_block = gamma**m
     # the anchor at the end of block k is g_block * (end of block k-1) + local end of block k
     ends = _scan(local[:, :, -1] / (1 - g_block), carry, g_block)  # [B, blocks, F]
     incoming = torch.cat([carry[:, None], ends[:, :-1]], dim=1)
-    out = local + carry_w * incoming[:, :, None, :]
+    out = local.addcmul_(carry_w, incoming[:, :, None, :])
     return out.reshape(b, blocks * m, f)[:, :n]
 
 

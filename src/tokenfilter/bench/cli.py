@@ -4,6 +4,13 @@ bytes, dense vs Token Filtering, written as JSON + PNG (and ``docs/performance.m
 The defaults fit in about 10 minutes on 2 CPU cores: SmolLM2-135M, batch 1, contexts 512/1024/2048, 32 decode
 steps, ratios 0.3/0.5/0.7 plus the scoring-only overhead run, 1 warm-up + 3 timed rounds. The full grid:
 ``--lengths 512,1024,2048,4096,8192 --batch-sizes 1,4 --new-tokens 128 --repeats 5``.
+
+``--shape llama-3-8b|llama-2-7b|smollm2-135m`` benchmarks a random-weight model of that shape instead of a
+checkpoint (timing does not depend on the weights; ``--layers`` scales the depth down), and ``--device cuda
+--dtype bfloat16`` runs it on a GPU with CUDA-event timing and ``torch.cuda.max_memory_allocated``. The GPU grid of
+issue 12 is ``GPU_COMMAND`` below.
+
+This module imports nothing heavy at import time: ``tokenfilter bench --help`` starts without torch.
 """
 
 from __future__ import annotations
@@ -20,6 +27,13 @@ from tokenfilter.cli_args import positive_int, positive_ints  # noqa: F401 (posi
 DEFAULTS = dict(lengths=[512, 1024, 2048], ratios=[0.3, 0.5, 0.7], batch_sizes=[1], new_tokens=32, repeats=3, warmup=1)
 QUICK = dict(lengths=[128, 256], ratios=[0.5], batch_sizes=[1], new_tokens=8, repeats=2, warmup=1)
 FULL_LENGTHS = [512, 1024, 2048, 4096, 8192]
+SHAPE_NAMES = ("llama-3-8b", "llama-2-7b", "smollm2-135m")  # tokenfilter.bench.shapes.SHAPES (kept in step by a test)
+MODE_NAMES = ("query", "kv", "sliding-window")  # tokenfilter.bench.runner.MODES
+GPU_COMMAND = (
+    "tokenfilter bench --shape llama-3-8b --device cuda --dtype bfloat16 --lengths 4096,8192,16384,32768 "
+    "--batch-sizes 1,8 --new-tokens 128 --ratios 0.3,0.5,0.7 --modes query,kv,sliding-window --repeats 3 "
+    "--output results/bench-gpu --write-docs docs/performance-gpu.md"
+)
 
 
 def _ratios(text: str) -> list[float]:
@@ -40,6 +54,14 @@ def _non_negative(text: str) -> int:
     if v < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
     return v
+
+
+def _modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODE_NAMES]
+    if not modes or bad:
+        raise argparse.ArgumentTypeError(f"modes are {', '.join(MODE_NAMES)} (comma-separated), got {text!r}")
+    return modes
 
 
 def _threads(text: str) -> str | int:
@@ -69,7 +91,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the bench options to ``parser`` (the ``tokenfilter bench`` sub-command or a stand-alone parser)."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None, help="local folder, .gguf file or hub id (default: SmolLM2-135M)")
+    g.add_argument("--shape", default=None, choices=SHAPE_NAMES,
+                   help="instead of --model: a random-weight Llama of this shape (llama-3-8b: 32 layers, hidden 4096, "
+                   "32/8 heads, MLP 14336; llama-2-7b: 32/32 heads, MLP 11008; smollm2-135m), built on --device")
+    g.add_argument("--layers", type=positive_int, default=None,
+                   help="with --shape: this many layers instead of the shape's own (a scaled-down check)")
+    g.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto (default: cuda when one is available, else cpu)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
+                   help="the dense layers' attention implementation (default sdpa: its fastest kernel)")
     g.add_argument("--threads", type=_threads, default="auto",
                    help="torch threads, or 'auto' (default): torch's choice on an idle machine, 1 when the load "
                    "average is already >= 1 (OpenMP threads waiting on busy cores slow down several-fold)")
@@ -96,6 +127,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", default="uniform", choices=["uniform", "tail-linear"],
                    help="uniform from layer 2 (the library default) or the paper's tail-linear from L // 2")
     g.add_argument("--no-overhead", action="store_true", help="leave out the threshold>1 (scoring only) run")
+    g.add_argument("--modes", type=_modes, default=["query"], metavar="LIST",
+                   help="filtering modes, comma-separated: query (the default: skip='attention' at each ratio), kv "
+                   "(KV side: skip='none', recent=R at each ratio), sliding-window (TokenFilter.sliding_window(R))")
+    g.add_argument("--kv-ratios", type=_ratios, default=None, help="ratios of the kv mode (default: --ratios)")
+    g.add_argument("--recent", type=positive_int, default=64, metavar="R",
+                   help="the window of the kv and sliding-window modes (default 64)")
+    g.add_argument("--paired-steps", type=_non_negative, default=0, metavar="N",
+                   help="also measure the nothing-filtered overhead finely: N decode steps dense and filtered in "
+                   "turn on two caches, plus --paired-prefills prefill pairs, per cell (the overhead target then "
+                   "reads it; 0 = off)")
+    g.add_argument("--paired-prefills", type=positive_int, default=6, metavar="N",
+                   help="prefill pairs of the paired measurement (halved from 2048 tokens; default 6)")
     g = parser.add_argument_group("inputs and outputs")
     g.add_argument("--data", default=None, help="text file for the contexts (default ../shared/data/wikitext-2 test)")
     g.add_argument("--seed", type=int, default=0)
@@ -132,6 +175,11 @@ def config_from_args(args: argparse.Namespace):
         progress=not args.no_progress,
         collect_garbage=not args.no_gc,
         profile=not args.no_profile and not getattr(args, "quick", False),
+        modes=list(getattr(args, "modes", None) or ["query"]),
+        kv_ratios=getattr(args, "kv_ratios", None),
+        recent=getattr(args, "recent", 64),
+        paired_steps=getattr(args, "paired_steps", 0),
+        paired_prefills=getattr(args, "paired_prefills", 6),
     )
 
 
@@ -143,6 +191,43 @@ def load(spec: str | None, dtype: str):
     return model, tok, display_name(spec)
 
 
+def resolve_device(text: str | None) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else must be a device torch knows."""
+    import torch
+
+    if text in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {text!r}.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no GPU (a CPU build, or no driver).")
+    return str(device)
+
+
+def build_model(args: argparse.Namespace, device: str):
+    """``(model, tokenizer, name)``: a random-weight ``--shape`` built on ``device``, or ``--model`` loaded and
+    moved there; the dense layers use ``--attn``."""
+    if getattr(args, "shape", None):
+        if args.model:
+            raise ValueError("Give --model or --shape, not both.")
+        from tokenfilter.bench import shapes
+
+        model = shapes.build(args.shape, dtype=args.dtype, device=device, layers=args.layers, seed=args.seed)
+        layers = model.config.num_hidden_layers
+        own = shapes.SHAPES[args.shape]["num_hidden_layers"]
+        name = f"random-weight {args.shape} shapes" + ("" if layers == own else f", {layers} of its {own} layers")
+        tok = None
+    else:
+        if getattr(args, "layers", None):
+            raise ValueError("--layers scales a --shape down; it does not apply to --model.")
+        model, tok, name = load(args.model, args.dtype)
+        model = model.to(device)
+    model.config._attn_implementation = getattr(args, "attn", "sdpa")
+    return model, tok, name
+
+
 def run(args: argparse.Namespace) -> int:
     from tokenfilter.bench.plot import plot_speedup
     from tokenfilter.bench.report import write_docs
@@ -152,10 +237,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"torch threads: {threads} ({why})", file=sys.stderr)
     cfg = config_from_args(args)
     command = _command_line()
-    print(f"loading {args.model or 'the default model (SmolLM2-135M)'} ...", file=sys.stderr)
+    what = f"a random-weight {args.shape}" if getattr(args, "shape", None) else (args.model or "the default model")
     t0 = time.perf_counter()
     try:
-        model, tok, name = load(args.model, args.dtype)
+        device = resolve_device(getattr(args, "device", "auto"))
+        print(f"loading {what} on {device} ...", file=sys.stderr)
+        model, tok, name = build_model(args, device)
     except ValueError as exc:  # ModelLoadError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2

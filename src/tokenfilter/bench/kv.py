@@ -18,7 +18,7 @@ from tokenfilter.integration.cache_layer import FilteredCacheLayer
 class KVMeasure:
     allocated_bytes: int = 0  # bytes of the key/value tensors as allocated (capacity included)
     used_bytes: int = 0  # bytes of the entries actually stored
-    stored_entries: int = 0  # (sequence, token) pairs stored, summed over layers
+    stored_entries: int = 0  # (sequence, token) pairs held, summed over layers (KV side: a band's entries too)
     filtered_layers_allocated_bytes: int = 0
     filtered_layers_stored_entries: int = 0
 
@@ -38,6 +38,10 @@ def measure_cache(cache: object, entry_bytes: int) -> KVMeasure:
     for layer in getattr(cache, "layers", []):
         if isinstance(layer, FilteredCacheLayer):
             alloc, entries = layer.kv.allocated_bytes(), layer.kv.stored_entries()
+            ring = layer.ring
+            if ring is not None:  # KV side: filtered entries the recent band still reads are held too
+                entries += ring.held
+                alloc += _tensor_bytes(ring.keys) + _tensor_bytes(ring.values)
             m.filtered_layers_allocated_bytes += alloc
             m.filtered_layers_stored_entries += entries
         else:

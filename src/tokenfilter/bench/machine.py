@@ -34,13 +34,20 @@ def load_average() -> list[float] | None:
         return None
 
 
-def describe() -> dict:
+def describe(device: torch.device | str | None = None) -> dict:
+    """The machine; ``device``: the one the benchmark runs on (its name, memory and CUDA version when a GPU)."""
     import transformers
 
-    gpu = None
+    gpu = gpu_name = None
+    device = torch.device(device) if device is not None else torch.device("cpu")
     if torch.cuda.is_available():
         gpu = torch.cuda.get_device_name(0)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        gpu_name = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
     return {
+        "device": str(device),
+        "device_name": gpu_name or "CPU",
         "cpu": cpu_model(),
         "logical_cores": os.cpu_count(),
         "usable_cores": usable_cores(),
@@ -69,6 +76,11 @@ def _memory_gib() -> float | None:
 def summary_line(machine: dict) -> str:
     load = machine.get("load_average_1_5_15min")
     load_txt = f", load average at start {load[0]}" if load else ""
+    if machine.get("device", "cpu").startswith("cuda"):
+        return (
+            f"GPU {machine.get('device_name')} (host: {machine['cpu']}, {machine['usable_cores']} cores); "
+            f"torch {machine['torch']}, transformers {machine['transformers']}"
+        )
     return (
         f"{machine['cpu']}, {machine['usable_cores']} usable cores ({machine['logical_cores']} logical){load_txt}; "
         f"torch {machine['torch']} with {machine['torch_threads']} threads, transformers {machine['transformers']}"

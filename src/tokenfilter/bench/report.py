@@ -26,7 +26,49 @@ def _pct(x: float | None, digits: int = 1) -> str:
     return "–" if x is None else f"{100 * x:.{digits}f}%"
 
 
-def render(result: dict, png_name: str | None = None, notes: str | None = None, command: str | None = None) -> str:
+def gpu_section(result: dict, gpu: dict | None) -> list[str]:
+    """``## GPU``: a GPU run's tables when one is given (or when ``result`` is one), else a plain statement that
+    none exists yet and the command that produces it."""
+    from tokenfilter.bench.cli import GPU_COMMAND
+
+    if str(result["machine"].get("device", "cpu")).startswith("cuda"):
+        return []  # this page is the GPU run itself
+    out = ["## GPU", ""]
+    if gpu is None:
+        out += [
+            "No GPU run exists yet: nothing on this page was measured on a GPU, and no GPU speedup is claimed. "
+            "The filtered paths run on CUDA through the same code (tested on the CPU; the engine's guarantee tests "
+            "take `TOKENFILTER_TEST_DEVICE=cuda`), but their speed there is unmeasured. The command that produces "
+            "this section (issue 12's grid: Llama-3-8B shapes, 4k-32k tokens, batch 1 and 8, 128 decode steps, every "
+            "mode, CUDA-event timing, `torch.cuda.max_memory_allocated`):",
+            "",
+            "```",
+            GPU_COMMAND,
+            "python -m tokenfilter.bench.report results/bench/results.json docs/performance.md "
+            "--gpu results/bench-gpu/results.json",
+            "```",
+            "",
+        ]
+        return out
+    gm, model = gpu["machine"], gpu["model"]
+    out += [
+        f"- {summary_line(gm)}; model {model['name']} ({model['layers']} layers, hidden {model['hidden']}, "
+        f"{model['q_heads']}/{model['kv_heads']} heads), {model['dtype']}, started {gpu.get('created')}.",
+        f"- Command: `{gpu.get('command')}`." if gpu.get("command") else "",
+        "",
+    ]
+    body = render(gpu).split("## Results", 1)[1].split("## Reproduce", 1)[0]
+    out += ["### Results" + body.replace("\n## ", "\n### ").replace("\n### Batch", "\n#### Batch")]
+    return out
+
+
+def render(
+    result: dict,
+    png_name: str | None = None,
+    notes: str | None = None,
+    command: str | None = None,
+    gpu: dict | None = None,
+) -> str:
     m, model, cfg = result["machine"], result["model"], result["config"]
     cells = result["cells"]
     lines: list[str] = []
@@ -37,7 +79,10 @@ def render(result: dict, png_name: str | None = None, notes: str | None = None, 
         "Generated from the benchmark's JSON by `python -m tokenfilter.bench.report` "
         "(or `tokenfilter bench --write-docs`); do not edit by hand, rerun instead."
     )
-    if command:
+    if len(result.get("invocations") or []) > 1:
+        add("Commands (one grid in several invocations, merged by `python -m tokenfilter.bench.merge`): "
+            + "; ".join(f"`{r['command']}`" for r in result["invocations"]) + ".")
+    elif command:
         add(f"Command: `{command}`.")
     add("")
     add("## Machine")
@@ -78,6 +123,15 @@ def render(result: dict, png_name: str | None = None, notes: str | None = None, 
         f"kv=`{cfg['kv']}`, skip=`{cfg['skip']}`; overhead run: threshold {cfg['overhead_threshold']:g} (scores "
         "computed, nothing filtered)."
     )
+    modes = cfg.get("modes") or ["query"]
+    if modes != ["query"]:
+        kv_ratios = cfg.get("kv_ratios") or cfg["ratios"]
+        parts = {"query": "query side (the rows `ratio r`)",
+                 "kv": f"KV side at ratios {', '.join(f'{r:g}' for r in kv_ratios)} "
+                       f"(`skip=\"none\", recent={cfg.get('recent')}`)",
+                 "sliding-window": "the sliding-window preset (`TokenFilter.sliding_window(recent="
+                                   f"{cfg.get('recent')})`: 4 sinks + the window, every layer)"}
+        add(f"- Modes: {'; '.join(parts[m] for m in modes if m in parts)}.")
     for s in result.get("skipped", []):
         where = f"batch {s['batch']}, length {s['length']}" if "batch" in s else f"length {s['length']}"
         add(f"- Skipped {where}: {s['reason']}.")
@@ -97,8 +151,18 @@ def render(result: dict, png_name: str | None = None, notes: str | None = None, 
         "stricter number when the ideal is close to 1."
     )
     add(
+        "- **byte ideal** (decode): the bytes a step must read, dense over filtered: every weight once per step plus "
+        "one key/value entry per (query, key) pair and layer; a filtered token saves its Q/O weight read (at batch "
+        "> 1 only if the whole batch skips together, which the ideal assumes, so there it is an upper bound). "
+        "**byte eff.**: measured / byte ideal."
+    )
+    add(
         "- **KV MiB**: bytes of the key/value tensors actually allocated in the cache at the end of decoding "
-        "(the filtered layers' buffers grow with slack, so allocated can exceed used)."
+        "(the filtered layers' buffers grow with slack, so allocated can exceed used). **peak MiB**: "
+        + ("`torch.cuda.max_memory_allocated` over the trial (weights included)."
+           if str(m.get("device", "cpu")).startswith("cuda") else
+           "the process's peak resident memory over the trial (weights, Python and torch included; "
+           "`VmHWM` after a reset through `/proc/self/clear_refs`).")
     )
     add("")
     if png_name:
@@ -111,9 +175,9 @@ def render(result: dict, png_name: str | None = None, notes: str | None = None, 
         add("")
         add(
             "| context | method | TTFT s | prefill × | ideal | eff. | gain | decode tok/s | decode × | ideal | eff. | "
-            "gain | realized ratio | attn FLOPs skipped | KV MiB | KV vs dense |"
+            "gain | byte ideal | byte eff. | realized ratio | attn FLOPs skipped | KV MiB | KV vs dense | peak MiB |"
         )
-        add("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        add("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for c in sorted((c for c in cells if c["batch"] == b), key=lambda c: (c["length"], _order(c))):
             p, d, sp = c["prefill"], c["decode"], c["stats_prefill"]
             add(
@@ -121,8 +185,10 @@ def render(result: dict, png_name: str | None = None, notes: str | None = None, 
                 f"{_f(p['efficiency'], '.2f')} | {_f(p.get('gain_captured'), '.2f')} | "
                 f"{_f(d.get('tokens_per_s'), '.1f')} | {_f(d['speedup'])} | {_f(d['ideal'])} | "
                 f"{_f(d['efficiency'], '.2f')} | {_f(d.get('gain_captured'), '.2f')} | "
+                f"{_f(d.get('byte_ideal'))} | {_f(d.get('byte_efficiency'), '.2f')} | "
                 f"{_f(sp['ratio'] if sp else None, '.3f')} | {_pct(sp['attention_flops_skipped'] if sp else None)} | "
-                f"{_mib(c['kv_bytes']['peak_allocated'])} | {_f(c['kv_bytes']['peak_allocated_vs_dense'], '.2f')} |"
+                f"{_mib(c['kv_bytes']['peak_allocated'])} | {_f(c['kv_bytes']['peak_allocated_vs_dense'], '.2f')} | "
+                f"{_mib(c.get('peak_memory_bytes'))} |"
             )
     if any(c["prefill"].get("cpu_speedup") is not None for c in cells):
         add("")
@@ -162,6 +228,33 @@ def render(result: dict, png_name: str | None = None, notes: str | None = None, 
                 f"| {c['batch']} | {c['length']} | {extra(p['speedup'])} | {extra(d['speedup'])} | "
                 f"{extra(p.get('cpu_speedup'))} | {extra(d.get('cpu_speedup'))} |"
             )
+    paired = [c for c in cells if c.get("paired")]
+    if paired:
+        add("")
+        add("## Paired measurement (`--paired-steps`)")
+        add("")
+        add(
+            "The grid's rounds alternate whole trials a few times per cell, and on a shared machine their spread is "
+            "several percent. Here the nothing-filtered run and the highest ratio are measured again against dense, "
+            "interleaved at the finest grain: in each cell prefill pairs (alternating which runs first), then decode "
+            "steps, a dense step and a filtered step in turn on two caches in one process, so that load drift hits "
+            "both sides of a pair alike. Extra time: median over the pairs of (method time / dense time − 1), with "
+            "the quartiles of the pairs; speed = 1 / (1 + extra). The overhead and efficiency targets read these "
+            "numbers where they exist."
+        )
+        add("")
+        add("| batch | context | method | prefill: extra (pairs) | IQR | decode: extra (steps) | IQR | decode × | "
+            "decode eff. | prefill, CPU time | decode, CPU time |")
+        add("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for c in sorted(paired, key=lambda c: (c["batch"], c["length"], _order(c))):
+            pp, pd = c["paired"]["prefill"], c["paired"]["decode"]
+            add(
+                f"| {c['batch']} | {c['length']} | {c['label']} | {_pct(pp['extra'])} ({pp['n']}) | "
+                f"{_pct(pp['q25'])} .. {_pct(pp['q75'])} | {_pct(pd['extra'])} ({pd['n']}) | "
+                f"{_pct(pd['q25'])} .. {_pct(pd['q75'])} | {_f(c['decode'].get('paired_speedup'))} | "
+                f"{_f(c['decode'].get('paired_efficiency'), '.2f')} | {_pct(pp['cpu']['extra'])} | "
+                f"{_pct(pd['cpu']['extra'])} |"
+            )
     checks = result.get("kv_checks", [])
     if checks:
         add("")
@@ -175,13 +268,14 @@ def render(result: dict, png_name: str | None = None, notes: str | None = None, 
         )
         add("")
         add(
-            "| batch | context | ratio | dense entries | stored | dropped (reported) | saved MiB measured | "
+            "| batch | context | method | dense entries | held | dropped (reported) | saved MiB measured | "
             "saved MiB reported | saved | exact | allocated MiB dense → filtered |"
         )
         add("|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|")
         for k in checks:
             add(
-                f"| {k['batch']} | {k['length']} | {k['ratio']:g} | {k['dense_entries']} | {k['stored_entries']} | "
+                f"| {k['batch']} | {k['length']} | {k.get('label') or k['ratio']} | {k['dense_entries']} | "
+                f"{k['stored_entries']} | "
                 f"{k['dropped_entries_reported']} | {_mib(k['saved_bytes_measured'])} | "
                 f"{_mib(k['saved_bytes_reported'])} | {_pct(k['saved_fraction'])} | "
                 f"{'yes' if k['exact'] else '**no**'} | "
@@ -224,10 +318,21 @@ def render(result: dict, png_name: str | None = None, notes: str | None = None, 
             add("")
             add(notes.strip())
     add("")
+    lines.extend(gpu_section(result, gpu))
     add("## Reproduce")
     add("")
     add("```")
-    if command:
+    runs = result.get("invocations") or []
+    if len(runs) > 1:  # a grid run in several invocations, merged (tokenfilter.bench.merge)
+        outs = []
+        for r in runs:
+            add(f"{r['command']}")
+            words = (r["command"] or "").split()
+            outs.append(words[words.index("--output") + 1] if "--output" in words else "results/bench")
+        add(f"python -m tokenfilter.bench.merge {' '.join(o + '/results.json' for o in outs)} -o merged.json")
+        add("python -m tokenfilter.bench.report merged.json docs/performance.md --notes docs/performance-notes.md"
+            "   # this page")
+    elif command:
         add(f"{command}{'' if '--write-docs' in command else ' --write-docs'}   # this page")
     add("tokenfilter bench --write-docs                    # the default grid (~10 min on 2 cores)")
     add("tokenfilter bench --full --write-docs             # the whole grid: up to 8192 tokens, batch 1 and 4")
@@ -238,7 +343,7 @@ def render(result: dict, png_name: str | None = None, notes: str | None = None, 
 
 
 def _order(c: dict) -> tuple:
-    return ({"dense": 0, "overhead": 1, "filter": 2}[c["method"]], c["ratio"] or 0)
+    return ({"dense": 0, "overhead": 1, "filter": 2, "kv": 3, "window": 4}[c["method"]], c["ratio"] or 0)
 
 
 def _render_profile(prof: dict) -> list[str]:
@@ -326,15 +431,22 @@ def analysis(result: dict) -> list[str]:
     return out
 
 
-def write_docs(result: dict, md_path: str | Path, notes: str | None = None, command: str | None = None) -> list[Path]:
-    """Write the Markdown and, next to it, the PNG it embeds (``<stem>.png``)."""
+def write_docs(
+    result: dict,
+    md_path: str | Path,
+    notes: str | None = None,
+    command: str | None = None,
+    gpu: dict | None = None,
+) -> list[Path]:
+    """Write the Markdown and, next to it, the PNG it embeds (``<stem>.png``); ``gpu``: a GPU run's results for
+    the GPU section."""
     from tokenfilter.bench.plot import plot_speedup
 
     md_path = Path(md_path)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     png = md_path.with_suffix(".png")
     plot_speedup(result, png)
-    md_path.write_text(render(result, png.name, notes, command))
+    md_path.write_text(render(result, png.name, notes, command, gpu))
     return [md_path, png]
 
 
@@ -343,14 +455,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", type=Path, help="the benchmark's results.json")
     parser.add_argument("output", type=Path, nargs="?", default=Path("docs/performance.md"))
     parser.add_argument("--notes", type=Path, default=None, help="Markdown appended to the Analysis section")
+    parser.add_argument("--gpu", type=Path, default=None, help="a GPU run's results.json, for the GPU section")
     args = parser.parse_args(argv)
-    try:
-        result = json.loads(args.results.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        print(f"error: cannot read {args.results}: {exc}", file=sys.stderr)
-        return 2
+    loaded = []
+    for path in (args.results, args.gpu):
+        try:
+            loaded.append(json.loads(path.read_text()) if path is not None else None)
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"error: cannot read {path}: {exc}", file=sys.stderr)
+            return 2
+    result, gpu = loaded
     notes = args.notes.read_text() if args.notes else None
-    paths = write_docs(result, args.output, notes, result.get("command"))
+    paths = write_docs(result, args.output, notes, result.get("command"), gpu)
     print("wrote " + ", ".join(os.fspath(p) for p in paths))
     return 0
 

@@ -37,6 +37,7 @@ from tokenfilter.algorithm.visibility import Visibility
 from tokenfilter.integration.cache_args import cache_argument
 from tokenfilter.integration.cache_layer import FilteredCacheLayer
 from tokenfilter.integration.families import sliding_window
+from tokenfilter.integration.fused import fused_score
 from tokenfilter.integration.kv_store import RaggedKV
 
 if TYPE_CHECKING:
@@ -109,36 +110,90 @@ def attend(
     return out, pairs
 
 
+LSE_IMPLS = ("cpu-flash", "cuda-efficient", "math")
+
+
+def lse_impl(device: torch.device) -> str:
+    """The ``attend_lse`` kernel for ``device``: ATen's CPU flash kernel on the CPU, the memory-efficient kernel
+    (arbitrary bias, returns the lse) on CUDA, the plain formula elsewhere."""
+    return {"cpu": "cpu-flash", "cuda": "cuda-efficient"}.get(device.type, "math")
+
+
+_FELL_BACK: set[str] = set()
+
+
 def attend_lse(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, scale: float
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    allowed: torch.Tensor,
+    scale: float,
+    impl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked attention that also returns each query's log-sum-exp (to merge with another part).
 
     ``q``: ``[B, Hq, Q, d]``; ``keys, values``: ``[B, H, K, d]`` (query head i reads key head ``i // (Hq/H)``);
     ``allowed``: ``[B, Q, K]``. Returns ``(out [B, Hq, Q, d] float32, lse [B, Hq, Q] float32)``; a query with no
-    allowed key has output 0 and lse ``-inf``. On CPU it runs the flash kernel that public SDPA runs (which
-    returns the lse); elsewhere the plain formula.
+    allowed key has output 0 and lse ``-inf``.
+
+    ``impl`` (default: ``lse_impl(q.device)``): ``cpu-flash``, the flash kernel public SDPA runs on the CPU, which
+    returns the lse; ``cuda-efficient``, the memory-efficient CUDA kernel (``compute_log_sumexp``), falling back to
+    ``math`` (with a warning, once) where it refuses the inputs; ``math``, the formula in float32 (what SDPA's math
+    backend computes). All three give the same numbers to float tolerance; the tests run ``math`` against
+    ``cpu-flash`` on the CPU, so the formula the GPU falls back to is checked on every machine.
     """
+    impl = impl or lse_impl(q.device)
+    if impl not in LSE_IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(LSE_IMPLS)}, got {impl!r}.")
     b, hq, n_q, d = q.shape
     h = keys.shape[1]
     g = hq // h
     qg = q.reshape(b, h, g * n_q, d)  # the g query heads of one key head, stacked along the queries
     mask = allowed[:, None, None].expand(b, 1, g, n_q, allowed.shape[-1]).reshape(b, 1, g * n_q, -1)
-    if q.device.type == "cpu":
+    none = ~allowed.any(-1)  # [B, Q]
+    out = lse = None
+    if impl == "cpu-flash":
         bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qg, keys, values, attn_mask=bias.expand(b, h, -1, -1), scale=scale
-        )
-        out, lse = out.float(), lse.float()
-    else:
+        )[:2]
+    elif impl == "cuda-efficient":
+        try:
+            out, lse = _efficient_lse(qg, keys, values, mask, scale)
+        except RuntimeError as exc:  # a dtype, head size or alignment the kernel does not take
+            if "cuda-efficient" not in _FELL_BACK:
+                _FELL_BACK.add("cuda-efficient")
+                import warnings
+
+                warnings.warn(f"tokenfilter: the CUDA memory-efficient kernel refused an lse attention ({exc}); "
+                              "using the plain formula", stacklevel=2)
+    if out is None:
         s = torch.matmul(qg.float(), keys.float().transpose(-1, -2)) * scale
         s = s.masked_fill(~mask, float("-inf"))
         lse = s.logsumexp(-1)
         p = torch.where(mask, torch.exp(s - lse[..., None]), 0.0)
         out = torch.matmul(p, values.float())
-    none = ~allowed.any(-1)  # [B, Q]
-    lse = lse.reshape(b, hq, n_q).masked_fill(none[:, None, :], float("-inf"))
-    return out.reshape(b, hq, n_q, d), lse
+    out, lse = out.float().reshape(b, hq, n_q, d), lse.float().reshape(b, hq, n_q)
+    lse = lse.masked_fill(none[:, None, :], float("-inf"))
+    out = out.masked_fill(none[:, None, :, None], 0.0)  # whatever a kernel gives a row with no key at all
+    return out, lse
+
+
+def _efficient_lse(
+    qg: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, H, G*Q, d]`` queries over ``[B, H, K, d]`` keys with a bool ``mask`` ``[B, 1, G*Q, K]`` through
+    ``aten._scaled_dot_product_efficient_attention`` (CUDA): the bias is padded to a multiple of 16 keys (the
+    kernel's alignment) and sliced back; its lse comes padded along the queries and is cut to G*Q."""
+    b, h, n, _ = qg.shape
+    k = keys.shape[2]
+    width = -(-k // 16) * 16
+    bias = torch.full((b, 1, n, width), float("-inf"), dtype=qg.dtype, device=qg.device)
+    bias[..., :k].masked_fill_(mask, 0.0)
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+        qg, keys, values, bias[..., :k].expand(b, h, n, k), True, scale=scale
+    )[:2]
+    return out, lse[..., :n]
 
 
 def attend_lse_staircase(
@@ -236,6 +291,7 @@ class FilteredAttention:
         self.vis = Visibility.for_layer(self.cfg, self.window)
         self.fast = self.cfg.path == "fast"
         self.score = SCORES[self.cfg.score]
+        self.score_step = fused_score(self.cfg.score)  # the lean decode paths' fused version, if there is one
 
     def __call__(
         self,
@@ -255,7 +311,9 @@ class FilteredAttention:
         b, t, _ = hidden_states.shape
         d = attn.head_dim
         real = call.real
-        cos, sin = (x.expand(b, -1, -1) for x in position_embeddings)
+        cos, sin = position_embeddings
+        if cos.shape[0] != b:
+            cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
 
         k = attn.k_proj(hidden_states).view(b, t, -1, d)
         if getattr(attn, "k_norm", None) is not None:
@@ -396,6 +454,16 @@ class FilteredAttention:
         eligible.scatter_(1, order, valid & (index >= self.cfg.warmup))
         return scores, eligible
 
+    def _score_one(self, k: torch.Tensor, v: torch.Tensor, state: FilteredCacheLayer) -> torch.Tensor:
+        """Scores ``[B]`` of a lean decode step (one real token per row, every row past warm-up): the fused
+        version of the score where there is one (``integration/fused.py``), else the registry's."""
+        if self.score_step is not None:
+            cfg = self.cfg
+            scores = self.score_step(k, v, state.score_memory, cfg.gamma, cfg.fusion, cfg.lam)
+            if scores is not None:
+                return scores
+        return self.score(k, v, self._score_state(state, None))[:, 0]
+
     def _score_state(self, state: FilteredCacheLayer, valid: torch.Tensor | None) -> ScoreState:
         cfg = self.cfg
         return ScoreState(
@@ -492,7 +560,7 @@ class FilteredAttention:
         cfg, b = self.cfg, h.shape[0]
         k_rot = rope(k, cos, sin)  # [B, 1, H, d]
         index = state.real_seen  # this token's index among its row's real tokens
-        scores = self.score(k if cfg.pre_rope else k_rot, v, self._score_state(state, None))[:, 0]
+        scores = self._score_one(k if cfg.pre_rope else k_rot, v, state)
         state.real_seen = index + 1
         state.min_real_seen += 1
         if cfg.mode == "threshold":
@@ -546,7 +614,7 @@ class FilteredAttention:
         decisions, cache entries and outputs as the general path, with far fewer operators."""
         cfg, b, dim = self.cfg, h.shape[0], h.shape[2]
         k_rot = None if cfg.pre_rope else rope(k, cos, sin)  # else only if the entry is stored (below)
-        scores = self.score(k if cfg.pre_rope else k_rot, v, self._score_state(state, None))[:, 0]
+        scores = self._score_one(k if cfg.pre_rope else k_rot, v, state)
         state.real_seen = state.real_seen + 1
         state.min_real_seen += 1
         if cfg.mode == "threshold":

@@ -64,11 +64,15 @@ class FilterRun:
             return sched, {i: r for i, r in enumerate(sched.ratios) if r > 0}
         start = first_layer(cfg.start_layer, n)
         if isinstance(cfg.threshold, int | float):
-            return None, {i: float(cfg.threshold) for i in range(start, n)}
-        taus = list(cfg.threshold)
-        if len(taus) != n:
-            raise ValueError(f"Give one threshold per layer ({n} for this model), got {len(taus)}.")
-        return None, {i: float(t) for i, t in enumerate(taus) if t is not None}
+            taus = {i: float(cfg.threshold) for i in range(start, n)}
+        else:
+            given = list(cfg.threshold)
+            if len(given) != n:
+                raise ValueError(f"Give one threshold per layer ({n} for this model), got {len(given)}.")
+            taus = {i: float(t) for i, t in enumerate(given) if t is not None}
+        # "score > +inf" never holds: such a layer can filter nothing, so it keeps its own code (no scoring at all),
+        # unless the scores are to be recorded
+        return None, {i: t for i, t in taus.items() if t != float("inf") or cfg.record_decisions}
 
     @property
     def filtered_layers(self) -> list[int]:

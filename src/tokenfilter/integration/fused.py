@@ -1,0 +1,46 @@
+"""Fused decode-step versions of the default score, for the lean decode paths of ``attention.py``.
+
+A decode step scores one token per row, on tensors of a few hundred numbers: what it costs is the number of
+operators launched, not the arithmetic. The registry's ``similarity`` (``algorithm/scores/similarity.py``) is
+written for any number of tokens and padding; for the one case the lean decode paths meet (one real token per row,
+every row past its first token, so the anchors exist) ``similarity_step`` computes the same score and the same
+anchor update in about half the operators: the key and value of all heads as one ``[B, 2, H, d]`` tensor, no
+scan, and the three dot products of the cosine (x.a, x.x, a.a) as one product and one sum over the stacked pair
+(x, a). The fusion over heads is the registry's own ``fuse_stacked``.
+
+The same products are reduced over the same rows, so scores and anchors are bit for bit the registry's
+(``tests/test_engine_fused.py``; ``test_decode_fast_path_scores_are_bitwise_the_general_ones`` end to end).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenfilter.algorithm.scores import fuse_stacked
+
+_EPS2 = 1e-8 * 1e-8  # head_cosine's eps, squared
+
+
+def fused_score(name: str):
+    """The fused decode-step function for the registry score ``name``, or None where there is none."""
+    return similarity_step if name == "similarity" else None
+
+
+def similarity_step(
+    k: torch.Tensor, v: torch.Tensor, memory: dict[str, torch.Tensor], gamma: float, fusion: str, lam: float
+) -> torch.Tensor | None:
+    """The ``similarity`` score of one decode token per row, ``k, v``: ``[B, 1, H, d]`` -> ``[B]`` float32, with
+    the anchors ``memory["anchors"]`` (``[B, 2, H, d]``) advanced past it. Returns None (nothing done) when the
+    anchors are not there yet: the caller then uses the registry's score."""
+    before = memory.get("anchors")
+    if before is None:
+        return None
+    b, _, h, d = k.shape
+    x = torch.cat([k, v], dim=2).view(b, 2, h, d)
+    if x.dtype != torch.float32:
+        x = x.float()
+    memory["anchors"] = gamma * before + (1 - gamma) * x  # ema_scan's one-token update, the same expression
+    pair = torch.stack([x, before])  # [2, B, 2, H, d]: the token and the anchor before its update
+    gram = (pair[:, None] * pair[None]).sum(-1)  # [2, 2, B, 2, H]: x.x, x.a / a.x, a.a
+    cos = gram[0, 1] * (gram[0, 0] * gram[1, 1]).clamp_min(_EPS2).rsqrt()  # [B, 2, H]
+    return fuse_stacked(cos, fusion, lam)

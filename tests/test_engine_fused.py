@@ -1,0 +1,66 @@
+"""The operator-count shortcuts of the decode step compute what the general code computes.
+
+* ``integration/fused.py``: the fused one-token ``similarity`` equals the registry's, bit for bit (scores and
+  anchors), for every fusion and in bf16;
+* a layer whose threshold is ``+inf`` can filter nothing, so it keeps its own code (no scoring), unless the scores
+  are recorded; the logits are the unmodified model's either way.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenfilter import TokenFilter
+from tokenfilter.algorithm.scores import FUSIONS, SCORES, ScoreState
+from tokenfilter.integration.fused import fused_score, similarity_step
+
+from conftest import make_tiny, random_ids
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_similarity_step_is_the_registry_score_bit_for_bit(fusion, batch, dtype):
+    g = torch.Generator().manual_seed(batch)
+    k, v = (torch.randn(batch, 1, 3, 16, generator=g).to(dtype) for _ in range(2))
+    anchors = torch.randn(batch, 2, 3, 16, generator=g)
+    state = ScoreState(valid=None, seen=torch.full((batch,), 5), memory={"anchors": anchors}, gamma=0.9,
+                       fusion=fusion, lam=1.0, generator=g)
+    want = SCORES["similarity"](k, v, state)[:, 0]
+    memory = {"anchors": anchors}
+    got = similarity_step(k, v, memory, 0.9, fusion, 1.0)
+    assert got.dtype == want.dtype == torch.float32 and got.shape == (batch,)
+    assert torch.equal(got, want)
+    assert torch.equal(memory["anchors"], state.memory["anchors"])
+
+
+def test_similarity_step_without_anchors_does_nothing():
+    memory: dict = {}
+    assert similarity_step(torch.ones(1, 1, 2, 4), torch.ones(1, 1, 2, 4), memory, 0.9, "variance", 1.0) is None
+    assert memory == {}
+    assert fused_score("similarity") is similarity_step and fused_score("key-norm") is None
+
+
+def _patched(model) -> list[int]:
+    return [i for i, layer in enumerate(model.model.layers) if "forward" in layer.self_attn.__dict__]
+
+
+def test_infinite_threshold_leaves_the_layers_alone():
+    model = make_tiny("llama")
+    ids = random_ids(2, 20)
+    with torch.no_grad():
+        dense = model(ids).logits
+    taus = [None, float("inf"), 0.5, float("inf")]
+    with TokenFilter(threshold=float("inf"), start_layer=0).apply(model) as run:
+        assert _patched(model) == [] and run.filtered_layers == []
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, dense)
+        assert run.stats.ratio == 0.0
+    with TokenFilter(threshold=taus).apply(model) as run:
+        assert _patched(model) == run.filtered_layers == [2]
+    with TokenFilter(threshold=float("inf"), start_layer=0, record_decisions=True).apply(model) as run:
+        assert _patched(model) == [0, 1, 2, 3]  # the scores are wanted: computed, nothing filtered
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, dense)
+        assert all(torch.isfinite(s).all() for s in run.scores) and not any(d.any() for d in run.decisions)
