@@ -466,12 +466,11 @@ def test_press_budget_rows() -> None:
 def test_matched_sliding_window_holds_the_reference_kv() -> None:
     from tokenfilter.config import TokenFilter
     from tokenfilter.peers.ours import Matched
-    from tokenfilter.study.quality import sliding_window_for
 
     p = _prompts()[0]  # 100 tokens
     m = Matched(reference="kv-window-0.5", held={p.id: 0.5})
     tf = m(p)
-    assert tf == sliding_window_for(0.5, 100) == TokenFilter.sliding_window(recent=47)
+    assert tf == TokenFilter.sliding_window_holding(0.5, 100) == TokenFilter.sliding_window(recent=47)
     assert tf.warmup + tf.recent - 1 == 50  # the engine holds warmup + recent - 1 entries per layer: half of 100
     with pytest.raises(KeyError, match="run it before"):
         m(_prompts()[1])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tiny_lm import save_tiny_lm, tiny_lm
+from tokenfilter import TokenFilter
 from tokenfilter.study import quality
 from tokenfilter.study.quality_report import render
 
@@ -24,8 +25,8 @@ def test_choice_is_most_needle_hits_within_the_perplexity_target():
     assert choice["chosen"] == "d"  # b and d tie on the needle: the lower perplexity wins
 
 
-def test_sliding_window_for_holds_the_asked_share():
-    tf = quality.sliding_window_for(0.5, 1024, warmup=4)
+def test_sliding_window_holding_holds_the_asked_share():
+    tf = TokenFilter.sliding_window_holding(0.5, 1024, warmup=4)
     assert tf.warmup + tf.recent - 1 == 512
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 
 STAGES = ("layers", "select", "heldout", "accuracy", "second")  # the stages of ``tokenfilter study``
 
@@ -37,15 +38,22 @@ def positive_ints(text: str) -> list[int]:
     return values
 
 
-def positive_int(text: str) -> int:
-    """argparse type: one integer >= 1."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return v
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type factory: one integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {v}")
+        return v
+
+    return parse
+
+
+positive_int = int_at_least(1)
 
 
 def usable_cores() -> int:

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from tokenfilter.cli_args import positive_int, positive_ints  # noqa: F401 (positive_ints: also imported from here)
+from tokenfilter.cli_args import int_at_least, positive_int, positive_ints  # noqa: F401 (positive_ints: also imported from here)
 
 DEFAULTS = dict(lengths=[512, 1024, 2048], ratios=[0.3, 0.5, 0.7], batch_sizes=[1], new_tokens=32, repeats=3, warmup=1)
 QUICK = dict(lengths=[128, 256], ratios=[0.5], batch_sizes=[1], new_tokens=8, repeats=2, warmup=1)
@@ -46,14 +46,7 @@ def _ratios(text: str) -> list[float]:
     return values
 
 
-def _non_negative(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
+_non_negative = int_at_least(0)
 
 
 def _modes(text: str) -> list[str]:

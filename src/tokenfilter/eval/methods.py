@@ -9,13 +9,12 @@ budget on prompts of any length."""
 
 from __future__ import annotations
 
-from tokenfilter.config import SlidingWindowShare, TokenFilter
+from tokenfilter.config import PAPER_READING, QUERY_SIDE, SlidingWindowShare, TokenFilter
 
-QUERY_SIDE = {"skip": "attention", "recent": None}
 FILTER_VARIANTS: dict[str, dict] = {
     "token-filter": {},
     "random": {"score": "random"},
-    "paper": {**QUERY_SIDE, "schedule": "tail-linear", "start_layer": None},
+    "paper": PAPER_READING,
     "query-side": QUERY_SIDE,
     "query-side-random": {**QUERY_SIDE, "score": "random"},
     "fusion-mean": {"fusion": "mean"},

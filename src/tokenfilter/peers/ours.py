@@ -5,7 +5,7 @@ prompt (a snapshot taken after the prefill) and at the end of the answer. Our KV
 :func:`kv_held_share`, which reads the engine's KV-held statistic (SPEC "Recent window").
 
 A row may also be a :class:`Matched` sliding window: ``TokenFilter.sliding_window`` sized on each prompt (by the
-study's ``sliding_window_for``) to hold the KV that another of our rows measured on that prompt.
+``TokenFilter.sliding_window_holding``) to hold the KV that another of our rows measured on that prompt.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ class Matched:
     held: dict[str, float] = field(default_factory=dict)
 
     def __call__(self, prompt: SplitPrompt) -> object:
-        from tokenfilter.study.quality import sliding_window_for
+        from tokenfilter.config import TokenFilter
 
         if prompt.id not in self.held:
             raise KeyError(f"No KV held of {self.reference!r} on {prompt.id!r}: run it before its sliding window.")
-        return sliding_window_for(self.held[prompt.id], prompt.tokens, warmup=self.warmup)
+        return TokenFilter.sliding_window_holding(self.held[prompt.id], prompt.tokens, warmup=self.warmup)
 
 
 class _AfterPrefill:

@@ -72,7 +72,6 @@ class QualityConfig:
     needle_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
     select_depths: list[float] = field(default_factory=lambda: [10.0, 45.0, 80.0])
     select_lengths: list[int] = field(default_factory=lambda: [1024, 2048])
-    select_windows: int | None = None  # selection perplexity on the first n even windows (None: all of them)
     heldout_depths: list[float] = field(default_factory=lambda: [0.0, 25.0, 50.0, 75.0, 100.0])
     seeds: int = 3
     stages: list[str] = field(default_factory=lambda: ["select", "heldout"])
@@ -132,6 +131,7 @@ def needle_forced(model, tok, tf: TokenFilter | None, lengths: list[int], depths
     from tokenfilter.longctx.needle import NeedleBuilder
 
     base = NeedleBuilder(tok)
+    cfg = (tf or TokenFilter(ratio=0.0)).replace(record_decisions=True)
     cells = []
     for fact in facts:
         builder = base.for_needle(fact)
@@ -139,7 +139,6 @@ def needle_forced(model, tok, tf: TokenFilter | None, lengths: list[int], depths
         for length in lengths:
             for depth in depths:
                 p = builder.build(length, depth)
-                cfg = (tf or TokenFilter(ratio=0.0)).replace(record_decisions=True)
                 with torch.no_grad(), cfg.apply(model) as run:
                     logits = model(torch.tensor([p.input_ids + answer]), use_cache=False).logits[0].float()
                 n = len(p.input_ids)
@@ -166,7 +165,6 @@ def select(model, tok, ids: torch.Tensor, cfg: QualityConfig, progress: bool,
 
     keep = save or (lambda _out: None)
     r = cfg.budget_ratio
-    ids = ids[: cfg.select_windows] if cfg.select_windows else ids
     settings = {"lengths": cfg.select_lengths, "depths": cfg.select_depths, "windows": int(ids.shape[0]),
                 "window": int(ids.shape[1]), "ratio": r}
     reuse = previous if previous and previous.get("settings") == settings else {}
@@ -206,11 +204,6 @@ def choose(sel: dict, ratio: float, names: list[str] | None = None) -> dict:
                     + ("" if ok else " (no candidate met the target: best of all)")}
 
 
-def sliding_window_for(held: float, length: int, warmup: int = 4, **fields: object) -> TokenFilter:
-    """The sliding window (sinks + recent) that holds ``held`` of the KV of a ``length``-token input."""
-    return TokenFilter.sliding_window_holding(held, length, warmup, **fields)
-
-
 def heldout(model, tok, ids: torch.Tensor, chosen: str, cfg: QualityConfig, progress: bool,
             needle: bool = True, save: Callable[[dict], None] | None = None) -> dict:
     """Held-out comparison; ``save(partial)`` is called after every measurement (long runs keep what they did)."""
@@ -229,7 +222,7 @@ def heldout(model, tok, ids: torch.Tensor, chosen: str, cfg: QualityConfig, prog
         tf = TokenFilter(ratio=ratio, **kwargs)
         twins = [TokenFilter(ratio=ratio, **random_twin(kwargs, s)) for s in range(cfg.seeds)]
         runs["chosen"] = ppl_point(model, ids, tf)
-        window = sliding_window_for(runs["chosen"]["kv_held"], ids.shape[1], **cfg.overrides)
+        window = TokenFilter.sliding_window_holding(runs["chosen"]["kv_held"], ids.shape[1], **cfg.overrides)
         runs["sliding_window"] = ppl_point(model, ids, window)
         runs["random"] = [ppl_point(model, ids, twin) for twin in twins]
         runs["paper"] = ppl_point(model, ids, TokenFilter.paper(ratio=ratio))
@@ -242,7 +235,7 @@ def heldout(model, tok, ids: torch.Tensor, chosen: str, cfg: QualityConfig, prog
         done(out)
         held = {int(n): v["kv_held"] for n, v in runs["chosen"]["needle"]["by_length"].items()}
         runs["sliding_window"]["needle"] = needle_of(
-            lambda n, held=held: sliding_window_for(held[n], n, **cfg.overrides))
+            lambda n, held=held: TokenFilter.sliding_window_holding(held[n], n, **cfg.overrides))
         done(out)
         for s, twin in enumerate(twins):
             runs["random"][s]["needle"] = needle_of(lambda _n, t=twin: t)

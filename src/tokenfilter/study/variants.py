@@ -9,26 +9,25 @@ choice of tokens (the floor that isolates the similarity score from the schedule
 
 from __future__ import annotations
 
-from tokenfilter.config import TokenFilter
+from tokenfilter.config import PAPER_READING, QUERY_SIDE, TokenFilter
 
 PAPER = "paper"
 
-# the SPEC's choices: tail-linear from L // 2, variance fusion, lam 1, gamma 0.9, warm-up 4, pre-RoPE keys, kv drop
-QUERY_SIDE = {"skip": "attention", "recent": None}
-PAPER_KW = {**QUERY_SIDE, "schedule": "tail-linear", "start_layer": None}
+# from the SPEC's choices (PAPER_READING: the query side, tail-linear from L // 2, kv drop; and the field defaults:
+# variance fusion, lam 1, gamma 0.9, warm-up 4, pre-RoPE keys)
 CANDIDATES: dict[str, dict] = {
-    PAPER: PAPER_KW,
-    "kv-keep": {**PAPER_KW, "kv": "keep"},
-    "skip-block": {**PAPER_KW, "skip": "block"},
-    "fusion-mean": {**PAPER_KW, "fusion": "mean"},
-    "fusion-key": {**PAPER_KW, "fusion": "key"},
-    "fusion-value": {**PAPER_KW, "fusion": "value"},
-    "lam-0": {**PAPER_KW, "lam": 0.0},
-    "lam-3": {**PAPER_KW, "lam": 3.0},
-    "gamma-0.5": {**PAPER_KW, "gamma": 0.5},
-    "gamma-0.98": {**PAPER_KW, "gamma": 0.98},
-    "warmup-32": {**PAPER_KW, "warmup": 32},
-    "post-rope": {**PAPER_KW, "pre_rope": False},
+    PAPER: PAPER_READING,
+    "kv-keep": {**PAPER_READING, "kv": "keep"},
+    "skip-block": {**PAPER_READING, "skip": "block"},
+    "fusion-mean": {**PAPER_READING, "fusion": "mean"},
+    "fusion-key": {**PAPER_READING, "fusion": "key"},
+    "fusion-value": {**PAPER_READING, "fusion": "value"},
+    "lam-0": {**PAPER_READING, "lam": 0.0},
+    "lam-3": {**PAPER_READING, "lam": 3.0},
+    "gamma-0.5": {**PAPER_READING, "gamma": 0.5},
+    "gamma-0.98": {**PAPER_READING, "gamma": 0.98},
+    "warmup-32": {**PAPER_READING, "warmup": 32},
+    "post-rope": {**PAPER_READING, "pre_rope": False},
     "tail-from-2": {**QUERY_SIDE, "schedule": "tail-linear", "start_layer": 2},
     "uniform-from-2": {**QUERY_SIDE, "schedule": "uniform", "start_layer": 2},
     "tail-from-2-kv-keep": {**QUERY_SIDE, "schedule": "tail-linear", "start_layer": 2, "kv": "keep"},
