@@ -12,6 +12,7 @@ import torch
 
 from tiny_lm import one_thread
 from tokenfilter import TokenFilter
+from tokenfilter.config import SPEC_SCORE
 from tokenfilter.integration import attention as attention_mod
 from tokenfilter.integration.kv_store import RaggedKV
 
@@ -79,13 +80,14 @@ def test_decode_fast_path_equals_reference(count_fast_decode, family, batch, kv,
 
 
 def test_decode_fast_path_scores_are_bitwise_the_general_ones(count_fast_decode):
-    """kv=keep, one sequence: fast and reference caches hold the same entries, so every score is the same bits."""
+    """kv=keep, one sequence: fast and reference caches hold the same entries, so every score is the same bits
+    (the SPEC's score, the one with a fused decode step)."""
     model = make_tiny("llama")
     ids = random_ids(1, 30)
     mask = torch.ones_like(ids)
     runs = []
     for path in ("fast", "reference"):
-        cfg = TokenFilter(ratio=0.5, skip="attention", kv="keep", path=path, record_decisions=True)
+        cfg = TokenFilter(ratio=0.5, skip="attention", kv="keep", path=path, record_decisions=True, **SPEC_SCORE)
         _, _, run = _generate(model, cfg, ids, mask)
         runs.append(run)
     assert count_fast_decode["n"] > 0

@@ -109,6 +109,22 @@ def test_resume_reuses_finished_rows_and_computes_new_ones(argv, tmp_path, monke
     assert set(_rows(tmp_path / "out")) == {("dense", 0.0), ("token-filter", 0.5), ("random", 0.5)}
 
 
+def test_resume_recomputes_a_row_whose_method_changed(argv, tmp_path, monkeypatch):
+    """A kept row records the filter its method meant; when the method means another filter now (a new library
+    default), resuming computes it again instead of reporting the old configuration under the new name."""
+    from tokenfilter.eval import methods
+
+    with one_thread():
+        assert main(argv) == 0
+    monkeypatch.setitem(methods.FILTER_VARIANTS, "token-filter", {"recent": 32})
+    calls = Calls(monkeypatch)
+    with one_thread():
+        assert main([*argv, "--resume"]) == 0
+    assert calls.seen == [(0.5, "boolq"), (0.5, "winogrande")]  # token-filter again, dense kept
+    assert "recent=32" in json.loads((tmp_path / "out" / ROWS_DIR / "token-filter@0.5.json").read_text())[
+        "fingerprint"]["filter"]
+
+
 def test_threads_default_to_usable_cores_and_start_line_and_quiet_console(argv, monkeypatch, capsys):
     at = argv.index("--threads")
     argv = argv[:at] + argv[at + 2:]  # the default

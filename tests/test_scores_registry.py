@@ -16,13 +16,13 @@ NAMES = sorted(SCORES)
 DRAWS = {"random"}  # scores whose values depend on how the calls split the tokens (the order of the draws)
 
 
-def _state(valid, seed=0, seen=None, b=2):
+def _state(valid, seed=0, seen=None, b=2, fusion="variance"):
     return ScoreState(
         valid=valid,
         seen=torch.zeros(b, dtype=torch.long) if seen is None else seen,
         memory={},
         gamma=0.9,
-        fusion="variance",
+        fusion=fusion,
         lam=1.0,
         generator=torch.Generator().manual_seed(seed),
     )
@@ -50,30 +50,34 @@ def test_score_function_shape_and_determinism(name):
     assert torch.equal(c[valid], a[valid])
 
 
-@pytest.mark.parametrize("name", sorted(set(NAMES) - DRAWS))
-def test_score_state_carries_across_calls(name):
+KEY_FUSED = [("cumulative-mean", "key"), ("cumulative-mean", "key-min"), ("two-horizon", "key")]
+
+
+@pytest.mark.parametrize("name,fusion", [(n, "variance") for n in sorted(set(NAMES) - DRAWS)] + KEY_FUSED)
+def test_score_state_carries_across_calls(name, fusion):
     """Scoring a sequence in two calls (the state kept in ``memory``) gives one call's scores."""
     keys, values = _kv(n=12)
-    whole = SCORES[name](keys, values, _state(None))
-    state = _state(None)
+    whole = SCORES[name](keys, values, _state(None, fusion=fusion))
+    state = _state(None, fusion=fusion)
     first = SCORES[name](keys[:, :5], values[:, :5], state)
     state.seen = torch.full((2,), 5)
     second = SCORES[name](keys[:, 5:], values[:, 5:], state)
     torch.testing.assert_close(torch.cat([first, second], dim=1), whole, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_every_score_through_the_engine(name):
+@pytest.mark.parametrize("name,fusion", [(n, "variance") for n in NAMES] + KEY_FUSED)
+def test_every_score_through_the_engine(name, fusion):
     # not qwen3: its tiny random k-norm (weight 1) gives every key the same norm, so key-norm would rank ties
     model = make_tiny("llama")
     ids, mask = left_pad([random_ids(1, 70, seed=2)[0], random_ids(1, 64, seed=3)[0]])
     # guarantee 1 for scores not bounded by 1: threshold inf filters nothing, bit for bit
     dense = logits(model, ids)
-    with TokenFilter(threshold=float("inf"), score=name).apply(model):
+    with TokenFilter(threshold=float("inf"), score=name, fusion=fusion).apply(model):
         assert torch.equal(logits(model, ids), dense)
     results = {}
     for path in ("fast", "reference"):
-        cfg = TokenFilter(ratio=0.5, score=name, skip="none", recent=4, path=path, record_decisions=True)
+        cfg = TokenFilter(ratio=0.5, score=name, fusion=fusion, skip="none", recent=4, path=path,
+                          record_decisions=True)
         with cfg.apply(model) as run:
             out = logits(model, ids, mask)
             with torch.no_grad():
@@ -94,6 +98,26 @@ def test_unknown_score_names_the_registry():
         TokenFilter(ratio=0.5, score="attention-received")
 
 
+def test_key_fusions_score_the_keys_alone():
+    """Under a fusion of the keys alone the values never change a score, and the cumulative mean keeps the keys'
+    sums only."""
+    keys, values = _kv(n=12)
+    for name, fusion in KEY_FUSED:
+        state = _state(None, fusion=fusion)
+        a = SCORES[name](keys, values, state)
+        b = SCORES[name](keys, torch.randn_like(values), _state(None, fusion=fusion))
+        assert torch.equal(a, b)
+        assert all(m.shape[1] == 1 for m in state.memory.values())  # the keys' anchors and sums only
+    # the keys' anchors and sums are the key half of those kept with the values, bit for bit
+    alone, with_values = _state(None, fusion="key"), _state(None, fusion="mean")
+    SCORES["two-horizon"](keys, values, alone)
+    SCORES["two-horizon"](keys, values, with_values)
+    for name in ("anchors", "sum"):
+        assert torch.equal(alone.memory[name][:, 0], with_values.memory[name][:, 0])
+    both = SCORES["cumulative-mean"](keys, values, _state(None, fusion="mean"))
+    assert not torch.equal(both, SCORES["cumulative-mean"](keys, torch.randn_like(values), _state(None, fusion="mean")))
+
+
 def test_min_fusion_lets_the_most_novel_head_decide():
     from tokenfilter.algorithm.scores import fuse
 
@@ -104,6 +128,8 @@ def test_min_fusion_lets_the_most_novel_head_decide():
     assert (fused <= fuse(s_k, s_v, "mean", 1.0) + 1e-7).all()  # never more redundant than the mean head
     s_k[2, 1] = -1.0  # one head finds token 2 wholly novel
     assert fuse(s_k, s_v, "min", 1.0).argmin() == 2
+    assert torch.equal(fuse(s_k, s_v, "key-min", 1.0), s_k.amin(-1))  # the keys alone: values never count
+    assert fuse(s_k, s_v.neg(), "key-min", 1.0).argmin() == 2
 
 
 def test_two_horizon_is_redundant_only_on_both_horizons():

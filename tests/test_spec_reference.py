@@ -43,8 +43,8 @@ def kv_of(attn, hidden, pos_emb, pre_rope):
 def test_vectorised_equals_loop(tiny, fusion, pre_rope, mode):
     ids, mask = left_pad([random_ids(1, 150, seed=11)[0], random_ids(1, 97, seed=12)[0]])
     extra = dict(threshold=0.0) if mode == "threshold" else dict(ratio=0.4)
-    cfg = TokenFilter(**extra, fusion=fusion, pre_rope=pre_rope, gamma=0.8, lam=0.7, warmup=5,
-                      record_decisions=True)
+    cfg = TokenFilter(**extra, score="similarity", fusion=fusion, pre_rope=pre_rope, gamma=0.8, lam=0.7, warmup=5,
+                      record_decisions=True)  # the SPEC's score, which the loop writes out
     with cfg.apply(tiny) as run:
         seen, handles = capture_layer_inputs(tiny, run.filtered_layers)
         try:

@@ -60,6 +60,20 @@ def test_report_renders_the_tables_and_verdicts(tiny_study):
     assert "### Selection half" in text and "### Held-out half: tiny" in text
     assert "sliding window" in text and "Targets (issue 15), computed:" in text
     assert "needle" in text and ("met" in text or "MISSED" in text)
+    assert "Notes:" not in text
+    noted = render({"models": {"tiny": result}, "notes": ["chosen by hand: see why"], "seconds": 1})
+    assert "Notes:\n\n- chosen by hand: see why\n" in noted
+
+
+def test_study_candidates_pin_the_spec_score():
+    """A KV-side candidate changes the SPEC's score where it says so, never with the library default."""
+    from tokenfilter.config import SPEC_SCORE
+
+    assert {k: quality.CANDIDATES["kv-w64"][k] for k in SPEC_SCORE} == SPEC_SCORE
+    default = TokenFilter(ratio=0.5)
+    chosen = TokenFilter(ratio=0.5, **quality.CANDIDATES["kv-w64-2h-key-g0.95"])
+    assert chosen.replace(recent="auto") == default and chosen.window == default.window  # the study's choice
+    assert TokenFilter(ratio=0.5, **quality.CANDIDATES["kv-w64"]) != default
 
 
 def test_cli_lists_the_candidates_and_refuses_an_unknown_one(capsys):

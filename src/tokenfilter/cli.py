@@ -12,9 +12,9 @@ from pathlib import Path
 from tokenfilter.cli_args import STAGES, names, positive_int, positive_ints, ratios, usable_cores
 
 # eval's methods, spelled here so that --help imports nothing heavy (a test keeps it equal to eval.methods)
-EVAL_METHODS = ("dense", "token-filter", "random", "paper", "query-side", "query-side-random", "fusion-mean",
-                "fusion-key", "fusion-value", "kv-keep", "post-rope", "kv-side", "kv-window", "kv-window-random",
-                "sliding-window", "shortgpt", "shortgpt-calib2")
+EVAL_METHODS = ("dense", "token-filter", "random", "paper", "query-side", "query-side-random", "spec-score",
+                "fusion-mean", "fusion-key", "fusion-value", "kv-keep", "post-rope", "kv-side", "kv-window",
+                "kv-window-random", "sliding-window", "shortgpt", "shortgpt-calib2")
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -156,6 +156,7 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chosen", default=None, help="--kv-side: skip the choice and report this candidate")
     p.add_argument("--needle-lengths", type=positive_ints, default=None,
                    help="--kv-side: held-out needle context lengths (default 1024,2048,4096)")
+    p.add_argument("--no-needle", action="store_true", help="--kv-side: perplexity only on the held-out half")
     p.add_argument("--select-lengths", type=positive_ints, default=None,
                    help="--kv-side: selection needle context lengths (default 1024,2048; answers teacher-forced)")
     p.add_argument("--ppl-windows", type=int, default=None,
@@ -200,6 +201,8 @@ def _run_kv_study(args: argparse.Namespace) -> int:
         cfg.ratios = args.ratios
     if args.needle_lengths:
         cfg.needle_lengths = args.needle_lengths
+    if args.no_needle:
+        cfg.needle_lengths = []
     if args.select_lengths:
         cfg.select_lengths = args.select_lengths
     json_path = args.output / "kv-study.json"

@@ -59,11 +59,18 @@ class RowStore:
         self.folder = None if folder is None else Path(folder) / ROWS_DIR
         self.fingerprint = fingerprint
 
-    def fingerprint_of(self, method: str) -> dict:
-        """The settings one row depends on (the calibration text matters to layer removal only)."""
+    def fingerprint_of(self, method: str, ratio: float | None = None) -> dict:
+        """The settings one row depends on (the calibration text matters to layer removal only), with the filter
+        the method means today: a kept row of a method whose configuration changed since (e.g. a new library
+        default) no longer matches, so it is computed again."""
         if method.startswith(LAYER_REMOVAL_PREFIX):
             return self.fingerprint
-        return {k: v for k, v in self.fingerprint.items() if k not in CALIBRATION_FIELDS}
+        out = {k: v for k, v in self.fingerprint.items() if k not in CALIBRATION_FIELDS}
+        if method != "dense" and ratio is not None:
+            from tokenfilter.eval.methods import filter_for
+
+            out["filter"] = repr(filter_for(method, ratio))
+        return out
 
     def path(self, method: str, ratio: float) -> Path:
         assert self.folder is not None
@@ -78,7 +85,8 @@ class RowStore:
             path = self.path(method, ratio)
             if not path.exists():
                 continue
-            kept, now = json.loads(path.read_text(encoding="utf-8")).get("fingerprint", {}), self.fingerprint_of(method)
+            kept = json.loads(path.read_text(encoding="utf-8")).get("fingerprint", {})
+            now = self.fingerprint_of(method, ratio)
             diffs = [k for k in FINGERPRINT_FIELDS if kept.get(k) != now.get(k)]
             if diffs:
                 there = ", ".join(_describe(k, kept.get(k)) for k in diffs)
@@ -93,9 +101,10 @@ class RowStore:
         if self.folder is None or not self.path(method, ratio).exists():
             return {}
         record = json.loads(self.path(method, ratio).read_text(encoding="utf-8"))
-        return record if record.get("fingerprint") == self.fingerprint_of(method) else {}
+        return record if record.get("fingerprint") == self.fingerprint_of(method, ratio) else {}
 
     def save(self, method: str, ratio: float, record: dict) -> None:
         if self.folder is not None:
-            kept = {**record, "method": method, "target_ratio": ratio, "fingerprint": self.fingerprint_of(method)}
+            fingerprint = self.fingerprint_of(method, ratio)
+            kept = {**record, "method": method, "target_ratio": ratio, "fingerprint": fingerprint}
             write_json_atomic(self.path(method, ratio), kept)

@@ -459,7 +459,7 @@ class FilteredAttention:
         version of the score where there is one (``integration/fused.py``), else the registry's."""
         if self.score_step is not None:
             cfg = self.cfg
-            scores = self.score_step(k, v, state.score_memory, cfg.gamma, cfg.fusion, cfg.lam)
+            scores = self.score_step(k, v, state.score_memory, state.real_seen, cfg.gamma, cfg.fusion, cfg.lam)
             if scores is not None:
                 return scores
         return self.score(k, v, self._score_state(state, None))[:, 0]

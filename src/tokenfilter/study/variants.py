@@ -66,4 +66,4 @@ def single_layer(num_layers: int, layer: int, ratio: float, random: bool = False
     schedule = [0.0] * num_layers
     schedule[layer] = ratio
     extra = {"score": "random", "seed": seed} if random else {}
-    return TokenFilter(schedule=schedule, **QUERY_SIDE, **extra)
+    return TokenFilter(schedule=schedule, **{**QUERY_SIDE, **extra})

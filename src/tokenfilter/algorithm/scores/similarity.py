@@ -19,7 +19,8 @@ import torch
 from tokenfilter.algorithm.anchors import ema_scan
 from tokenfilter.algorithm.scores.state import ScoreState
 
-FUSIONS = ("variance", "mean", "key", "value", "min")
+FUSIONS = ("variance", "mean", "key", "value", "min", "key-min")
+KEY_FUSIONS = ("key", "key-min")  # the fusions that read the key similarities only
 _FEW = 1024  # up to this many similarities, fewer operators beat faster ones
 
 
@@ -59,6 +60,8 @@ def fuse_stacked(s: torch.Tensor, fusion: str, lam: float, eps: float = 1e-6) ->
         return s.mean((-2, -1))
     if fusion == "min":  # the most novel head decides: a token one head needs is kept
         return s.amin(-1).mean(-1)
+    if fusion == "key-min":  # the same on the keys alone
+        return s[..., 0, :].amin(-1)
     if fusion != "variance":
         raise ValueError(f"Unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}.")
     if s.numel() <= _FEW:  # decode: one operator for both statistics
@@ -72,18 +75,25 @@ def fuse_stacked(s: torch.Tensor, fusion: str, lam: float, eps: float = 1e-6) ->
     return (var.flip(-1) * torch.add(mu, sd, alpha=-lam)).sum(-1) / var.sum(-1)
 
 
+def _scored(keys: torch.Tensor, values: torch.Tensor, fusion: str) -> torch.Tensor:
+    """``[B, N, 2, H, d]`` (keys, then values) or, for a fusion of the keys alone (which never reads the value
+    similarities), ``[B, N, 1, H, d]``: the values are left out of the anchors altogether."""
+    return keys[:, :, None] if fusion in KEY_FUSIONS else torch.stack([keys, values], dim=2)
+
+
 def similarity(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> torch.Tensor:
     """The SPEC's score: fused cosine of ``k_t, v_t`` ``[B, N, H, d]`` to the EMA anchors before their update
-    -> ``[B, N]``. Keeps the anchors ``[B, 2, H, d]`` (key, then value) in ``state.memory["anchors"]``."""
-    x = torch.stack([keys, values], dim=2)  # [B, N, 2, H, d]
-    b, n, _, heads, d = x.shape
+    -> ``[B, N]``. Keeps the anchors ``[B, 2, H, d]`` (key, then value; ``[B, 1, H, d]``, the key's, under a fusion
+    of the keys alone) in ``state.memory["anchors"]``."""
+    x = _scored(keys, values, state.fusion)  # [B, N, 2 (or 1: keys), H, d]
+    b, n, parts, heads, d = x.shape
     before = state.memory.get("anchors")
     if before is None:
-        before = torch.zeros(b, 2, heads, d, device=x.device)
+        before = torch.zeros(b, parts, heads, d, device=x.device)
     init = torch.where((state.seen > 0)[:, None, None, None], before, x[:, 0].float())  # A_{-1}; A_0 = x_0
     # the K and V anchors are independent recurrences over features: scan them as 2H heads at once
-    a = ema_scan(x.reshape(b, n, 2 * heads, d), init.reshape(b, 2 * heads, d), state.gamma)
-    a = a.reshape(b, n, 2, heads, d)
+    a = ema_scan(x.reshape(b, n, parts * heads, d), init.reshape(b, parts * heads, d), state.gamma)
+    a = a.reshape(b, n, parts, heads, d)
     prev = torch.cat([init[:, None], a[:, :-1]], dim=1)  # the anchor before each token's update
     state.memory["anchors"] = state.last(a, before)
     return fuse_stacked(head_cosine(x, prev), state.fusion, state.lam).float()
@@ -91,14 +101,15 @@ def similarity(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> t
 
 def cumulative_mean(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> torch.Tensor:
     """Fused cosine to the mean of every earlier real token (the first token: to itself) -> ``[B, N]``.
-    Keeps the running sums ``[B, 2, H, d]`` in ``state.memory["sum"]``."""
-    x = torch.stack([keys, values], dim=2).float()  # [B, N, 2, H, d]
-    b, n, _, heads, d = x.shape
+    Keeps the running sums ``[B, 2, H, d]`` in ``state.memory["sum"]`` (``[B, 1, H, d]``, the keys', under a
+    fusion of the keys alone)."""
+    x = _scored(keys, values, state.fusion).float()
+    b, n, parts, heads, d = x.shape  # [B, N, 2 (or 1: keys), H, d]
     if state.valid is not None:
         x = x * state.valid[:, :, None, None, None]  # padding entries (after the real ones) add nothing
     before = state.memory.get("sum")
     if before is None:
-        before = torch.zeros(b, 2, heads, d, device=x.device)
+        before = torch.zeros(b, parts, heads, d, device=x.device)
     after = before[:, None] + x.cumsum(1)  # the sum after each token
     count = (state.seen[:, None] + torch.arange(n, device=x.device))[:, :, None, None, None]  # tokens before
     prev = torch.where(count > 0, (after - x) / count.clamp(min=1), x)
