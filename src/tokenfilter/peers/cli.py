@@ -112,7 +112,8 @@ OURS_DEFAULT: tuple[str, ...] = ("default", "kv-window", "kv-window-random", "sl
 OURS_FIXED = {
     "default": "the library default, TokenFilter(ratio=r), whatever it is when the command runs",
     "paper": "the paper's reading, TokenFilter.paper(ratio=r)",
-    "kv-window": "KV-side filtering with a 64-token recent window and the SPEC's score (the study's kv-w64, the previous default)",
+    "kv-window": "KV-side filtering with a 64-token recent window and the SPEC's score (the study's kv-w64, the "
+                 "previous default)",
     "kv-window-random": "its random twin (score='random', seed 0)",
     "sliding-window": "TokenFilter.sliding_window sized per prompt to the KV held of the first KV-side row",
 }
