@@ -18,18 +18,9 @@ from __future__ import annotations
 import torch
 
 from tokenfilter.algorithm.scores import fuse_stacked, head_cosine
-from tokenfilter.algorithm.scores.similarity import KEY_FUSIONS
+from tokenfilter.algorithm.scores.similarity import scored_parts
 
 _EPS2 = 1e-8 * 1e-8  # head_cosine's eps, squared
-
-
-def _scored(k: torch.Tensor, v: torch.Tensor, fusion: str) -> torch.Tensor:
-    """One token's ``[B, 1, H, d]`` key and value as ``[B, 2, H, d]``, or its key alone ``[B, 1, H, d]`` under a
-    fusion of the keys alone (the registry's layout of the anchors and sums)."""
-    if fusion in KEY_FUSIONS:
-        return k.reshape(k.shape[0], 1, *k.shape[2:])
-    b, _, h, d = k.shape
-    return torch.cat([k, v], dim=2).view(b, 2, h, d)
 
 
 def fused_score(name: str):
@@ -49,7 +40,7 @@ def similarity_step(
     before = memory.get("anchors")
     if before is None:
         return None
-    x = _scored(k, v, fusion)
+    x = scored_parts(k, v, fusion)[:, 0]  # [B, 2 (or 1: keys), H, d]
     if x.dtype != torch.float32:
         x = x.float()
     memory["anchors"] = gamma * before + (1 - gamma) * x  # ema_scan's one-token update, the same expression
@@ -70,7 +61,7 @@ def cumulative_mean_step(
     if before is None:
         return None
     b = k.shape[0]
-    x = _scored(k, v, fusion).float()
+    x = scored_parts(k, v, fusion)[:, 0].float()
     after = before + x
     prev = (after - x) / seen.clamp(min=1).view(b, 1, 1, 1)  # the registry's (after - x) / count
     memory["sum"] = after

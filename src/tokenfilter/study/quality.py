@@ -28,6 +28,7 @@ from tokenfilter.eval.ppl import wikitext_text, windows
 from tokenfilter.loading import display_name, load_model
 
 KV_SIDE = {"skip": "none", "kv": "drop", **SPEC_SCORE}  # candidates change the SPEC's score, not the default's
+TWO_HORIZON_KEY = {**KV_SIDE, "recent": 64, "score": "two-horizon", "fusion": "key"}  # the second study's family
 # name -> TokenFilter fields (without ratio); every candidate fits the budget at ratio 0.5 (window <= 64)
 CANDIDATES: dict[str, dict] = {
     "kv-w64": {**KV_SIDE, "recent": 64},
@@ -36,15 +37,13 @@ CANDIDATES: dict[str, dict] = {
     "kv-w64-cummean-min": {**KV_SIDE, "recent": 64, "score": "cumulative-mean", "fusion": "min"},
     "kv-w64-cummean-key": {**KV_SIDE, "recent": 64, "score": "cumulative-mean", "fusion": "key"},
     "kv-w64-cummean-keymin": {**KV_SIDE, "recent": 64, "score": "cumulative-mean", "fusion": "key-min"},
-    "kv-w64-2h-key": {**KV_SIDE, "recent": 64, "score": "two-horizon", "fusion": "key"},
-    "kv-w64-2h-key-g0.8": {**KV_SIDE, "recent": 64, "score": "two-horizon", "fusion": "key", "gamma": 0.8},
-    "kv-w64-2h-key-g0.95": {**KV_SIDE, "recent": 64, "score": "two-horizon", "fusion": "key", "gamma": 0.95},
-    "kv-w64-2h-key-wu16": {**KV_SIDE, "recent": 64, "score": "two-horizon", "fusion": "key", "warmup": 16},
-    "kv-w64-2h-key-g0.95-wu16": {**KV_SIDE, "recent": 64, "score": "two-horizon", "fusion": "key", "gamma": 0.95,
-                                 "warmup": 16},
-    "kv-w64-2h-key-from3": {**KV_SIDE, "recent": 64, "score": "two-horizon", "fusion": "key", "start_layer": 3},
-    "kv-w64-2h-key-g0.95-from3": {**KV_SIDE, "recent": 64, "score": "two-horizon", "fusion": "key", "gamma": 0.95,
-                                  "start_layer": 3},
+    "kv-w64-2h-key": TWO_HORIZON_KEY,
+    "kv-w64-2h-key-g0.8": {**TWO_HORIZON_KEY, "gamma": 0.8},
+    "kv-w64-2h-key-g0.95": {**TWO_HORIZON_KEY, "gamma": 0.95},
+    "kv-w64-2h-key-wu16": {**TWO_HORIZON_KEY, "warmup": 16},
+    "kv-w64-2h-key-g0.95-wu16": {**TWO_HORIZON_KEY, "gamma": 0.95, "warmup": 16},
+    "kv-w64-2h-key-from3": {**TWO_HORIZON_KEY, "start_layer": 3},
+    "kv-w64-2h-key-g0.95-from3": {**TWO_HORIZON_KEY, "gamma": 0.95, "start_layer": 3},
     "kv-w64-2h-mean": {**KV_SIDE, "recent": 64, "score": "two-horizon", "fusion": "mean"},
     "kv-w64-key": {**KV_SIDE, "recent": 64, "fusion": "key"},
     "kv-w64-cummean-post": {**KV_SIDE, "recent": 64, "score": "cumulative-mean", "pre_rope": False},

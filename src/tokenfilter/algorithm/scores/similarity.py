@@ -75,7 +75,7 @@ def fuse_stacked(s: torch.Tensor, fusion: str, lam: float, eps: float = 1e-6) ->
     return (var.flip(-1) * torch.add(mu, sd, alpha=-lam)).sum(-1) / var.sum(-1)
 
 
-def _scored(keys: torch.Tensor, values: torch.Tensor, fusion: str) -> torch.Tensor:
+def scored_parts(keys: torch.Tensor, values: torch.Tensor, fusion: str) -> torch.Tensor:
     """``[B, N, 2, H, d]`` (keys, then values) or, for a fusion of the keys alone (which never reads the value
     similarities), ``[B, N, 1, H, d]``: the values are left out of the anchors altogether."""
     return keys[:, :, None] if fusion in KEY_FUSIONS else torch.stack([keys, values], dim=2)
@@ -85,7 +85,7 @@ def similarity(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> t
     """The SPEC's score: fused cosine of ``k_t, v_t`` ``[B, N, H, d]`` to the EMA anchors before their update
     -> ``[B, N]``. Keeps the anchors ``[B, 2, H, d]`` (key, then value; ``[B, 1, H, d]``, the key's, under a fusion
     of the keys alone) in ``state.memory["anchors"]``."""
-    x = _scored(keys, values, state.fusion)  # [B, N, 2 (or 1: keys), H, d]
+    x = scored_parts(keys, values, state.fusion)  # [B, N, 2 (or 1: keys), H, d]
     b, n, parts, heads, d = x.shape
     before = state.memory.get("anchors")
     if before is None:
@@ -103,7 +103,7 @@ def cumulative_mean(keys: torch.Tensor, values: torch.Tensor, state: ScoreState)
     """Fused cosine to the mean of every earlier real token (the first token: to itself) -> ``[B, N]``.
     Keeps the running sums ``[B, 2, H, d]`` in ``state.memory["sum"]`` (``[B, 1, H, d]``, the keys', under a
     fusion of the keys alone)."""
-    x = _scored(keys, values, state.fusion).float()
+    x = scored_parts(keys, values, state.fusion).float()
     b, n, parts, heads, d = x.shape  # [B, N, 2 (or 1: keys), H, d]
     if state.valid is not None:
         x = x * state.valid[:, :, None, None, None]  # padding entries (after the real ones) add nothing
