@@ -9,6 +9,7 @@ import torch
 
 from tiny_lm import save_tiny_lm, tiny_lm
 from tokenfilter import TokenFilter
+from tokenfilter.config import sliding_window_pairs
 from tokenfilter.study import quality
 from tokenfilter.study.quality_report import render
 
@@ -28,6 +29,26 @@ def test_choice_is_most_needle_hits_within_the_perplexity_target():
 def test_sliding_window_holding_holds_the_asked_share():
     tf = TokenFilter.sliding_window_holding(0.5, 1024, warmup=4)
     assert tf.warmup + tf.recent - 1 == 512
+
+
+@pytest.mark.parametrize("length, recent, warmup", [(100, 10, 4), (37, 40, 2), (64, 1, 4)])
+def test_sliding_window_pairs_counts_what_the_engine_computes(length, recent, warmup):
+    model, _ = tiny_lm()
+    tf = TokenFilter.sliding_window(recent=recent, warmup=warmup)
+    with torch.no_grad(), tf.apply(model) as run:
+        model(torch.randint(0, model.config.vocab_size, (1, length)), use_cache=False)
+    expected = sliding_window_pairs(length, recent, warmup) / (length * (length + 1) / 2)
+    assert run.stats.pairs_fraction == pytest.approx(expected, abs=1e-12)
+
+
+def test_sliding_window_pairing_computes_the_asked_share():
+    for pairs in (0.2, 0.58, 0.9):
+        tf = TokenFilter.sliding_window_pairing(pairs, 1024, warmup=4)
+        error = lambda r, p=pairs: abs(sliding_window_pairs(1024, r, 4) / (1024 * 1025 / 2) - p)  # noqa: E731
+        assert error(tf.recent) <= min(error(tf.recent - 1), error(tf.recent + 1))  # one step either way is no closer
+    assert TokenFilter.sliding_window_pairing(1.0, 50).recent >= 50 - 4
+    with pytest.raises(ValueError, match="pairs must be in"):
+        TokenFilter.sliding_window_pairing(0.0, 100)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +73,43 @@ def test_tiny_study_runs_both_halves_and_saves_as_it_goes(tiny_study):
     # the sliding window holds what the chosen configuration holds, up to one entry per layer
     assert abs(runs["sliding_window"]["kv_held"] - runs["chosen"]["kv_held"]) < 2 / 160
     assert len(saved) >= 6 and json.loads(saved[-1])["heldout"]["runs"]["0.5"]["random"][1]["needle"]
+    # the equal-pairs window computes the chosen configuration's share of pairs (its own step apart), holding less
+    pairs = runs["sliding_window_pairs"]
+    assert abs(pairs["pairs"] - runs["chosen"]["pairs"]) < 0.02 and pairs["kv_held"] < runs["sliding_window"]["kv_held"]
+    for length, entry in runs["sliding_window_pairs"]["needle"]["by_length"].items():
+        # sized for the nominal length; the prompts are within the builder's tolerance of it, plus the answer's steps
+        assert abs(entry["pairs"] - runs["chosen"]["needle"]["by_length"][length]["pairs"]) < 0.04
+
+
+def test_heldout_keeps_what_it_measured_and_adds_new_needle_lengths(tiny_study, monkeypatch):
+    result, _ = tiny_study
+    held = result["heldout"]
+    calls = []
+
+    def fake_needle(_model, _tok, make, lengths, *_a):
+        calls.append((lengths, make(lengths[0])))
+        return quality.needle_summary({str(n): {"found": 1.0, "cells": 3, "kv_held": 0.5, "pairs": 0.6}
+                                       for n in lengths})
+
+    monkeypatch.setattr(quality, "ppl_point",
+                        lambda *a: calls.append("ppl") or {"ppl": 1.0, "kv_held": 0.5, "pairs": 0.6})
+    monkeypatch.setattr(quality, "needle_point", fake_needle)
+    cfg = quality.QualityConfig(ratios=[0.5], ppl_window=160, ppl_windows=4, needle_lengths=[200],
+                                heldout_depths=[50.0], seeds=2)
+    ids = torch.zeros(2, 160, dtype=torch.long)
+    again = quality.heldout(None, None, ids, held["chosen"], cfg, False, previous=held)
+    assert calls == [] and again == held  # everything kept
+    cfg.needle_lengths = [200, 300]  # one more length: only it is measured, once per method
+    more = quality.heldout(None, None, ids, held["chosen"], cfg, False, previous=held)
+    assert [c[0] for c in calls] == [[300]] * 6  # dense, chosen, two windows, two random seeds
+    assert calls[2][1].recent + calls[2][1].warmup - 1 == round(0.5 * 300)  # equal KV, sized by the new length
+    assert more["runs"]["0.5"]["chosen"]["needle"]["lengths"] == [200, 300]
+    assert more["runs"]["0.5"]["chosen"]["needle"]["cells"] == 6
+    assert held["runs"]["0.5"]["chosen"]["needle"]["cells"] == 3  # the previous result is not changed
+    calls.clear()
+    cfg.seeds = 3  # other settings: nothing reused
+    quality.heldout(None, None, ids, held["chosen"], cfg, False, previous=held)
+    assert calls.count("ppl") == 1 + 1 + 2 + 3 + 1  # dense, chosen, two windows, three seeds, the paper
 
 
 def test_report_renders_the_tables_and_verdicts(tiny_study):
@@ -124,3 +182,42 @@ def test_selection_keeps_measured_candidates(tiny_study, monkeypatch):
     cfg.select_depths = [10.0]  # other settings: nothing reused
     quality.select(None, None, ids, cfg, False, previous=result["select"])
     assert calls == ["ppl", "needle"] * 3  # dense and both candidates
+
+
+def test_merge_takes_each_stage_from_the_run_that_measured_it(tiny_study, tmp_path, capsys):
+    from tokenfilter.cli import main
+
+    result, _ = tiny_study
+    select_run = {"models": {"tiny": {**{k: v for k, v in result.items() if k != "heldout"}, "seconds": 10}},
+                  "commands": ["study --stages select"], "torch": "x", "threads": 1}
+    held_cfg = {**result["config"], "ratios": [0.5]}
+    heldout_run = {"models": {"tiny": {"heldout": result["heldout"], "config": held_cfg, "model": "tiny",
+                                       "seconds": 5}},
+                   "commands": ["study --stages heldout"], "torch": "x", "threads": 1}
+    merged = quality.merge_results({"a": select_run, "b": heldout_run}, ["a note"])
+    tiny = merged["models"]["tiny"]
+    assert tiny["select"] == result["select"] and tiny["heldout"] == result["heldout"]
+    assert tiny["config"] is held_cfg and tiny["seconds"] == 15 and merged["seconds"] == 15
+    assert merged["commands"] == ["study --stages select", "study --stages heldout"] and merged["notes"] == ["a note"]
+    with pytest.raises(ValueError, match="Both a and b hold the select stage of tiny"):
+        quality.merge_results({"a": select_run, "b": select_run})
+
+    for name, run in (("sel", select_run), ("held", heldout_run)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "kv-study.json").write_text(json.dumps(run), encoding="utf-8")
+    (tmp_path / "notes.txt").write_text("first note\nwrapped.\n\nsecond note\n", encoding="utf-8")
+    doc, results = tmp_path / "study.md", tmp_path / "results.md"
+    results.write_text("# Results\n\n<!-- section:study -->\nold\n<!-- /section:study -->\n", encoding="utf-8")
+    assert main(["study", "--kv-side", "--merge", str(tmp_path / "sel"), str(tmp_path / "held"), "--notes",
+                 str(tmp_path / "notes.txt"), "--output", str(tmp_path / "out"), "--write-docs", str(doc),
+                 "--results-md", str(results)]) == 0
+    summary = results.read_text()
+    assert "old" not in summary and "## How we chose the defaults" in summary and "### tiny" in summary
+    assert f"Reported: `{result['heldout']['chosen']}`" in summary and "Targets" not in summary
+    written = json.loads((tmp_path / "out" / "kv-study.json").read_text(encoding="utf-8"))
+    assert written["notes"] == ["first note wrapped.", "second note"]
+    assert "### Selection half" in doc.read_text() and "### Held-out half: tiny" in doc.read_text()
+    capsys.readouterr()
+    assert main(["study", "--kv-side", "--merge", str(tmp_path / "nothing"), "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "No KV-side study in" in err and "\n" not in err

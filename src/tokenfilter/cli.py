@@ -174,6 +174,13 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--results-md", type=Path, default=None,
                    help="also write the 'how we chose the defaults' section of this results file")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="--kv-side: the model's dtype (bfloat16 is several times faster on CPUs with AMX)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="FOLDER",
+                   help="--kv-side: measure nothing; merge these runs' kv-study.json (e.g. the two halves of a model "
+                        "run apart, or two models) into OUTPUT/kv-study.json and render it")
+    p.add_argument("--notes", type=Path, default=None,
+                   help="--kv-side --merge: a text file of notes for the report (one per paragraph)")
     p.add_argument("--list", action="store_true", help="list the candidates and exit")
 
 
@@ -190,11 +197,14 @@ def _run_kv_study(args: argparse.Namespace) -> int:
         for name, fields in quality.CANDIDATES.items():
             print(f"{name:20s} {fields}")
         return 0
+    if args.merge:
+        return _merge_kv_study(args)
     for name in [*(args.candidates or []), *([args.chosen] if args.chosen else [])]:
         if name not in quality.CANDIDATES:
             raise ValueError(f"Unknown KV-side candidate {name!r}; choose from {', '.join(quality.CANDIDATES)}.")
     cfg = quality.QualityConfig(model=args.model, stages=args.stages or ["select", "heldout"], chosen=args.chosen,
-                                seeds=args.seeds, ppl_window=args.ppl_window, ppl_windows=args.ppl_windows or 16)
+                                seeds=args.seeds, ppl_window=args.ppl_window, ppl_windows=args.ppl_windows or 16,
+                                dtype=args.dtype)
     if args.candidates:
         cfg.candidates = args.candidates
     if args.ratios:
@@ -225,6 +235,42 @@ def _run_kv_study(args: argparse.Namespace) -> int:
     if args.write_docs:
         write_section(args.write_docs, "kv-study", text)
         print(f"wrote the KV-side section of {args.write_docs}")
+    print(f"wrote {json_path}")
+    return 0
+
+
+def _merge_kv_study(args: argparse.Namespace) -> int:
+    """``study --kv-side --merge``: one report from runs made apart (no model is loaded)."""
+    import json
+
+    from tokenfilter.eval.sections import write_section
+    from tokenfilter.study import quality
+    from tokenfilter.study.quality_report import defaults_summary, render
+
+    parts = {}
+    for folder in args.merge:
+        path = folder / "kv-study.json" if folder.is_dir() else folder
+        if not path.is_file():
+            raise FileNotFoundError(f"No KV-side study in {folder}: give a folder that holds a kv-study.json.")
+        parts[str(folder)] = json.loads(path.read_text(encoding="utf-8"))
+    notes = None
+    if args.notes:
+        if not args.notes.is_file():
+            raise FileNotFoundError(f"No notes file {args.notes}: give a text file, one note per paragraph.")
+        text = args.notes.read_text(encoding="utf-8")
+        notes = [" ".join(par.split()) for par in text.split("\n\n") if par.strip()]
+    merged = quality.merge_results(parts, notes)
+    args.output.mkdir(parents=True, exist_ok=True)
+    json_path = args.output / "kv-study.json"
+    json_path.write_text(json.dumps(merged, indent=1, default=str), encoding="utf-8")
+    text = render(merged)
+    print(text)
+    if args.write_docs:
+        write_section(args.write_docs, "kv-study", text)
+        print(f"wrote the KV-side section of {args.write_docs}")
+    if args.results_md:
+        write_section(args.results_md, "study", defaults_summary(merged))
+        print(f"wrote the 'How we chose the defaults' section of {args.results_md}")
     print(f"wrote {json_path}")
     return 0
 

@@ -98,6 +98,25 @@ class TokenFilter:
         recent = max(1, round(held * length) - warmup + 1)
         return cls.sliding_window(recent=recent, warmup=warmup, **kwargs)
 
+    @classmethod
+    def sliding_window_pairing(cls, pairs: float, length: int, warmup: int = 4, **kwargs: object) -> TokenFilter:
+        """The sliding window that computes a share ``pairs`` of the causal attention pairs of a ``length``-token
+        prefill (the window with the closest share; ties to the smaller window): equal attention work, where
+        ``sliding_window_holding`` gives equal KV."""
+        if not 0 < pairs <= 1:
+            raise ValueError(f"pairs must be in (0, 1], got {pairs}.")
+        dense = length * (length + 1) / 2
+        lo, hi = 1, max(1, length)
+        while lo < hi:  # the smallest window computing at least the asked share (the share grows with the window)
+            mid = (lo + hi) // 2
+            if sliding_window_pairs(length, mid, warmup) / dense < pairs:
+                lo = mid + 1
+            else:
+                hi = mid
+        recent = min((r for r in (lo - 1, lo) if r >= 1),
+                     key=lambda r: abs(sliding_window_pairs(length, r, warmup) / dense - pairs))
+        return cls.sliding_window(recent=recent, warmup=warmup, **kwargs)
+
     def __post_init__(self) -> None:
         if self.ratio is not None and self.threshold is not None:
             raise ValueError("Set either ratio or threshold, not both.")
@@ -201,6 +220,14 @@ class SlidingWindowShare:
 
     def for_length(self, length: int) -> TokenFilter:
         return TokenFilter.sliding_window_holding(self.held, length, self.warmup)
+
+
+def sliding_window_pairs(length: int, recent: int, warmup: int) -> int:
+    """Causal (query, key) pairs of a ``length``-token prefill under ``warmup`` sinks and a band of ``recent``
+    tokens: query ``t`` reads its band ``min(t + 1, recent)`` and the sinks older than the band."""
+    band = sum(min(t + 1, recent) for t in range(length))
+    sinks = sum(min(warmup, max(0, t + 1 - recent)) for t in range(length))
+    return band + sinks
 
 
 def for_input(token_filter: TokenFilter | SlidingWindowShare, length: int) -> TokenFilter:

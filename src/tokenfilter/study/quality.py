@@ -88,6 +88,7 @@ class QualityConfig:
     stages: list[str] = field(default_factory=lambda: ["select", "heldout"])
     chosen: str | None = None  # skip the choice (e.g. a reduced run on a second model)
     overrides: dict = field(default_factory=dict)  # TokenFilter fields set on every run (e.g. path="reference")
+    dtype: str = "float32"  # the model's weights and activations (bfloat16 is several times faster on AMX CPUs)
 
 
 # ---- measurements -----------------------------------------------------------------------------------------
@@ -110,27 +111,31 @@ def ppl_point(model, ids: torch.Tensor, tf: TokenFilter | None) -> dict:
 
 def needle_point(model, tok, make: Callable[[int], TokenFilter | None], lengths: list[int], depths: list[float],
                  facts: tuple, progress: bool) -> dict:
-    """Needle hits per length (``make(length)`` gives the filter for inputs of that length) and the KV held."""
+    """Needle hits per length (``make(length)`` gives the filter for inputs of that length), with the KV held and
+    the attention pairs there."""
     from tokenfilter.longctx.runner import run_longctx
 
-    out: dict = {"by_length": {}}
-    hits = []
+    by_length: dict = {}
     for length in lengths:
-        tf = make(length)
-        res = run_longctx(model, tok, {"m": tf}, needle_lengths=[length], needle_depths=depths, needle=facts,
-                          benchmarks=("needle",), progress=False)
+        res = run_longctx(model, tok, {"m": make(length)}, needle_lengths=[length], needle_depths=depths,
+                          needle=facts, benchmarks=("needle",), progress=False)
         entry = res["methods"]["m"]
         cells = [c["score"] for c in entry["needle"]["cells"]]
-        hits += cells
         stats = entry["stats"]
-        out["by_length"][str(length)] = {"found": sum(cells) / len(cells),
-                                         "kv_held": stats["kv_held_fraction"] if stats else 1.0,
-                                         "filter": entry["filter"]}
+        by_length[str(length)] = {"found": sum(cells) / len(cells), "cells": len(cells),
+                                  "kv_held": stats["kv_held_fraction"] if stats else 1.0,
+                                  "pairs": stats["pairs_fraction"] if stats else 1.0,
+                                  "filter": entry["filter"]}
         if progress:
             print(f"  needle {length}: {sum(cells)}/{len(cells)}", flush=True)
-    out["found"] = sum(hits) / len(hits)
-    out["cells"] = len(hits)
-    return out
+    return needle_summary(by_length)
+
+
+def needle_summary(by_length: dict) -> dict:
+    """One method's needle over the lengths it has: hits over all its prompts, and the lengths."""
+    cells = sum(v["cells"] for v in by_length.values())
+    return {"by_length": by_length, "cells": cells, "lengths": [int(n) for n in by_length],
+            "found": sum(v["found"] * v["cells"] for v in by_length.values()) / cells if cells else 0.0}
 
 
 def needle_forced(model, tok, tf: TokenFilter | None, lengths: list[int], depths: list[float], facts: tuple) -> dict:
@@ -216,41 +221,66 @@ def choose(sel: dict, ratio: float, names: list[str] | None = None) -> dict:
 
 
 def heldout(model, tok, ids: torch.Tensor, chosen: str, cfg: QualityConfig, progress: bool,
-            needle: bool = True, save: Callable[[dict], None] | None = None) -> dict:
-    """Held-out comparison; ``save(partial)`` is called after every measurement (long runs keep what they did)."""
+            needle: bool = True, save: Callable[[dict], None] | None = None, previous: dict | None = None) -> dict:
+    """Held-out comparison; ``save(partial)`` is called after every measurement (long runs keep what they did),
+    and the measurements of ``previous`` (same candidate and settings) are kept, not re-run: a stopped run goes on,
+    and a run with more needle lengths measures only the new ones."""
+    import copy
+
     from tokenfilter.longctx.needle import NEEDLES
 
     kwargs = {**CANDIDATES[chosen], **cfg.overrides}
     facts = NEEDLES["heldout"]
-    out: dict = {"chosen": chosen, "dense": ppl_point(model, ids, None), "runs": {}}
+    settings = {"windows": int(ids.shape[0]), "window": int(ids.shape[1]), "depths": cfg.heldout_depths,
+                "seeds": cfg.seeds, "overrides": cfg.overrides, "dtype": cfg.dtype}
+    reuse = previous if previous and previous.get("chosen") == chosen and previous.get("settings") == settings else {}
+    out: dict = copy.deepcopy(reuse) or {"chosen": chosen, "settings": settings, "runs": {}}
     done = save or (lambda _out: None)
+    n = int(ids.shape[1])
 
-    def needle_of(make: Callable[[int], TokenFilter | None]) -> dict:
-        return needle_point(model, tok, make, cfg.needle_lengths, cfg.heldout_depths, facts, progress)
+    def once(into: dict, key: str, measure: Callable[[], dict]) -> dict:
+        if key not in into:
+            into[key] = measure()
+            done(out)
+        return into[key]
 
+    def needle_once(run: dict, make: Callable[[int], TokenFilter | None], require: str = "cells") -> None:
+        """The needle of ``run`` at every asked length, saved after each; a length already measured (with
+        ``require`` recorded) is kept."""
+        for length in cfg.needle_lengths:
+            have = dict(run.get("needle", {}).get("by_length", {}))
+            if require in have.get(str(length), {}):
+                continue
+            have.update(needle_point(model, tok, make, [length], cfg.heldout_depths, facts, progress)["by_length"])
+            run["needle"] = needle_summary({str(k): have[str(k)] for k in sorted(map(int, have))})
+            done(out)
+
+    once(out, "dense", lambda: ppl_point(model, ids, None))
     for ratio in tqdm(cfg.ratios, desc="held-out", disable=not progress):
         runs: dict = out["runs"].setdefault(str(ratio), {})
         tf = TokenFilter(ratio=ratio, **kwargs)
         twins = [TokenFilter(ratio=ratio, **random_twin(kwargs, s)) for s in range(cfg.seeds)]
-        runs["chosen"] = ppl_point(model, ids, tf)
-        window = TokenFilter.sliding_window_holding(runs["chosen"]["kv_held"], ids.shape[1], **cfg.overrides)
-        runs["sliding_window"] = ppl_point(model, ids, window)
-        runs["random"] = [ppl_point(model, ids, twin) for twin in twins]
-        runs["paper"] = ppl_point(model, ids, TokenFilter.paper(ratio=ratio))
-        done(out)
+        chosen_run = once(runs, "chosen", lambda tf=tf: ppl_point(model, ids, tf))
+        once(runs, "sliding_window", lambda c=chosen_run: ppl_point(
+            model, ids, TokenFilter.sliding_window_holding(c["kv_held"], n, **cfg.overrides)))
+        once(runs, "sliding_window_pairs", lambda c=chosen_run: ppl_point(
+            model, ids, TokenFilter.sliding_window_pairing(c["pairs"], n, **cfg.overrides)))
+        randoms = runs.setdefault("random", [])
+        for twin in twins[len(randoms):]:
+            randoms.append(ppl_point(model, ids, twin))
+            done(out)
+        once(runs, "paper", lambda ratio=ratio: ppl_point(model, ids, TokenFilter.paper(ratio=ratio)))
         if not needle or ratio != cfg.budget_ratio:
             continue
-        if "needle" not in out["dense"]:
-            out["dense"]["needle"] = needle_of(lambda _n: None)
-        runs["chosen"]["needle"] = needle_of(lambda _n, tf=tf: tf)
-        done(out)
-        held = {int(n): v["kv_held"] for n, v in runs["chosen"]["needle"]["by_length"].items()}
-        runs["sliding_window"]["needle"] = needle_of(
-            lambda n, held=held: TokenFilter.sliding_window_holding(held[n], n, **cfg.overrides))
-        done(out)
-        for s, twin in enumerate(twins):
-            runs["random"][s]["needle"] = needle_of(lambda _n, t=twin: t)
-            done(out)
+        needle_once(out["dense"], lambda _n: None)
+        needle_once(chosen_run, lambda _n, tf=tf: tf, require="pairs")  # the equal-pairs window is sized by it
+        by_length = chosen_run["needle"]["by_length"]
+        needle_once(runs["sliding_window"], lambda k, b=by_length: TokenFilter.sliding_window_holding(
+            b[str(k)]["kv_held"], k, **cfg.overrides))
+        needle_once(runs["sliding_window_pairs"], lambda k, b=by_length: TokenFilter.sliding_window_pairing(
+            b[str(k)]["pairs"], k, **cfg.overrides))
+        for run, twin in zip(randoms, twins, strict=True):
+            needle_once(run, lambda _n, t=twin: t)
     return out
 
 
@@ -260,7 +290,7 @@ def run_quality(cfg: QualityConfig, progress: bool = True, previous: dict | None
     result = dict(previous or {})
     keep = save or (lambda _r: None)
     t0 = time.time()
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, dtype=cfg.dtype)
     ids = windows(tok, wikitext_text(), cfg.ppl_window, cfg.ppl_windows)
     result["config"] = asdict(cfg)
     result["model"] = display_name(cfg.model)
@@ -279,8 +309,42 @@ def run_quality(cfg: QualityConfig, progress: bool = True, previous: dict | None
             keep(result)
 
         result["heldout"] = heldout(model, tok, ids[1::2], chosen, cfg, progress, bool(cfg.needle_lengths),
-                                    save_heldout)
+                                    save_heldout, result.get("heldout"))
     result["seconds"] = result.get("seconds", 0) + time.time() - t0
     result["torch"] = torch.__version__
     result["threads"] = torch.get_num_threads()
     return result
+
+
+STAGE_KEYS = ("select", "heldout")
+
+
+def merge_results(parts: dict[str, dict], notes: list[str] | None = None) -> dict:
+    """One study from several runs' ``kv-study.json`` (name -> its content), e.g. the selection and the held-out
+    half of a model run apart, or two models: each model's stages come from the run that measured them, the
+    commands are kept in order. Two runs holding the same stage of the same model are refused."""
+    out: dict = {"models": {}, "commands": [], "seconds": 0.0}
+    source: dict[tuple[str, str], str] = {}
+    for name, part in parts.items():
+        for model, res in part.get("models", {}).items():
+            into = out["models"].setdefault(model, {})
+            for stage in STAGE_KEYS:
+                if stage not in res:
+                    continue
+                if (model, stage) in source:
+                    raise ValueError(f"Both {source[model, stage]} and {name} hold the {stage} stage of {model}; "
+                                     "merge only one of them.")
+                source[model, stage] = name
+                into[stage] = res[stage]
+            if "heldout" in res or not any(k not in STAGE_KEYS + ("seconds",) for k in into):
+                # the configuration the report reads (ratios, needle lengths) is the held-out run's
+                into.update({k: v for k, v in res.items() if k not in STAGE_KEYS + ("seconds",)})
+        out["commands"] += [c for c in part.get("commands", []) if c not in out["commands"]]
+        out["torch"], out["threads"] = part.get("torch"), part.get("threads")
+    for model, res in out["models"].items():  # the time of every run that measured a stage of it, once
+        runs = dict.fromkeys(source[model, st] for st in STAGE_KEYS if (model, st) in source)
+        res["seconds"] = sum(parts[r]["models"][model].get("seconds", 0) for r in runs)
+    out["seconds"] = sum(res["seconds"] for res in out["models"].values())
+    if notes:
+        out["notes"] = list(notes)
+    return out

@@ -37,11 +37,28 @@ def select_section(sel: dict, ratio: float) -> list[str]:
     return [*out, ""]
 
 
+def found_over(needle: dict, lengths: list[str]) -> float | None:
+    """Share of prompts found over ``lengths`` (those the method has); None when it has none of them."""
+    per = [needle["by_length"][n] for n in lengths if n in needle["by_length"]]
+    cells = sum(v.get("cells", 1) for v in per)
+    return sum(v["found"] * v.get("cells", 1) for v in per) / cells if cells else None
+
+
+def _span(lengths: list[str]) -> str:
+    return lengths[0] if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
+
+
+WINDOWS = {"sliding_window": "sliding window, equal KV", "sliding_window_pairs": "sliding window, equal pairs"}
+
+
 def heldout_section(held: dict, model: str) -> list[str]:
     dense = held["dense"]["ppl"]
-    out = [f"### Held-out half: {model} (odd WikiText-2 windows, held-out needle facts and depths)", "",
-           f"Chosen: `{held['chosen']}`. Dense PPL {dense:.2f}. Random: mean over seeds (min-max). Sliding window: "
-           "sinks + recent window holding the same KV as the chosen configuration on the same input.", ""]
+    dtype = held.get("settings", {}).get("dtype", "float32")
+    weights = "" if dtype == "float32" else f", {dtype}"
+    out = [f"### Held-out half: {model} (odd WikiText-2 windows, held-out needle facts and depths{weights})", "",
+           f"Chosen: `{held['chosen']}`. Dense PPL {dense:.2f}. Random: mean over seeds (min-max). Sliding windows: "
+           "sinks + recent window sized on the same input to hold the same KV as the chosen configuration (equal "
+           "KV), or to compute the same share of attention pairs (equal pairs).", ""]
     rows = []
     for ratio, runs in held["runs"].items():
         rnd = [r["ppl"] for r in runs["random"]]
@@ -49,34 +66,47 @@ def heldout_section(held: dict, model: str) -> list[str]:
         rows.append([ratio, "chosen", *_ppl_cells(runs["chosen"], dense)])
         rows.append([ratio, f"random x{len(rnd)}", f"{mean:.2f} ({min(rnd):.2f}-{max(rnd):.2f})",
                      f"{mean / dense:.3f}", f"{runs['random'][0]['kv_held']:.3f}", f"{runs['random'][0]['pairs']:.3f}"])
-        rows.append([ratio, "sliding window", *_ppl_cells(runs["sliding_window"], dense)])
+        rows += [[ratio, label, *_ppl_cells(runs[key], dense)] for key, label in WINDOWS.items() if key in runs]
         rows.append([ratio, "paper", *_ppl_cells(runs["paper"], dense)])
     out += _table(["ratio", "method", "PPL", "x dense", "KV held", "pairs"], rows)
     needle = [(ratio, runs) for ratio, runs in held["runs"].items() if "needle" in runs["chosen"]]
     if "needle" in held["dense"] and needle:
-        lengths = list(held["dense"]["needle"]["by_length"])
-        head = ["ratio", "method", "found", "x dense", *(f"{n} tokens" for n in lengths)]
-        base = held["dense"]["needle"]["found"]
-
-        def cells(nd: dict) -> list[str]:
-            per = [f"{nd['by_length'][n]['found']:.2f} (KV {nd['by_length'][n]['kv_held']:.2f})" for n in lengths]
-            return [f"{nd['found']:.2f}", f"{nd['found'] / base:.2f}" if base else "–", *per]
-
-        def row(ratio: str, name: str, run: dict) -> list[str]:
-            if "needle" not in run:  # a run stopped before this measurement
-                return [ratio, name, "not measured", "–", *("–" for _ in lengths)]
-            return [ratio, name, *cells(run["needle"])]
-
-        rows = [["–", "dense", *cells(held["dense"]["needle"])]]
-        for ratio, runs in needle:
-            rows.append(row(ratio, "chosen", runs["chosen"]))
-            rows.append(row(ratio, "sliding window", runs["sliding_window"]))
-            rows += [row(ratio, f"random seed {s}", r) for s, r in enumerate(runs["random"])]
-        cells_n = held["dense"]["needle"]["cells"]
-        out += ["", f"Needle in a haystack, held-out facts ({cells_n} prompts per method; one prompt = "
-                f"{1 / cells_n:.3f}):", "", *_table(head, rows)]
+        out += _needle_table(held["dense"]["needle"], needle)
     out += verdicts(held, model)
     return [*out, ""]
+
+
+def _length_cell(entry: dict) -> str:
+    pairs = f", pairs {entry['pairs']:.2f}" if "pairs" in entry else ""
+    return f"{entry['found']:.2f} (KV {entry['kv_held']:.2f}{pairs})"
+
+
+def _needle_table(dense: dict, needle: list[tuple[str, dict]]) -> list[str]:
+    lengths = list(dense["by_length"])
+    head = ["ratio", "method", "found", "x dense", *(f"{n} tokens" for n in lengths)]
+
+    def cells(nd: dict) -> list[str]:
+        have = [n for n in lengths if n in nd["by_length"]]
+        found = found_over(nd, have)
+        base = found_over(dense, have)
+        span = "" if have == lengths else f" ({_span(have)})"
+        per = [_length_cell(nd["by_length"][n]) if n in nd["by_length"] else "not measured" for n in lengths]
+        return [f"{found:.2f}{span}", f"{found / base:.2f}" if base else "–", *per]
+
+    def row(ratio: str, name: str, run: dict) -> list[str]:
+        if "needle" not in run:  # a run stopped before this measurement
+            return [ratio, name, "not measured", "–", *("–" for _ in lengths)]
+        return [ratio, name, *cells(run["needle"])]
+
+    rows = [["–", "dense", *cells(dense)]]
+    for ratio, runs in needle:
+        rows.append(row(ratio, "chosen", runs["chosen"]))
+        rows += [row(ratio, label, runs[key]) for key, label in WINDOWS.items() if key in runs]
+        rows += [row(ratio, f"random seed {s}", r) for s, r in enumerate(runs["random"])]
+    per_length = dense["by_length"][lengths[0]].get("cells")
+    size = (f"{per_length} prompts per length and method; one prompt = {1 / per_length:.3f}" if per_length
+            else f"{dense['cells']} prompts per method")
+    return ["", f"Needle in a haystack, held-out facts ({size}):", "", *_table(head, rows)]
 
 
 def verdicts(held: dict, model: str) -> list[str]:
@@ -95,28 +125,43 @@ def verdicts(held: dict, model: str) -> list[str]:
         out.append(f"- ratio {ratio}: beats its random twin on PPL by {gap:.2f} against a seed range of {spread:.2f}: "
                    f"{'met' if gap > spread else 'MISSED'}.")
         if "needle" in runs["chosen"] and "needle" in held["dense"]:
-            out += _needle_verdicts(ratio, runs, held["dense"]["needle"]["found"])
+            out += _needle_verdicts(ratio, runs, held["dense"]["needle"])
     return [*out, ""]
 
 
-def _needle_verdicts(ratio: str, runs: dict, base: float) -> list[str]:
-    found = runs["chosen"]["needle"]["found"]
-    rnd = [r["needle"]["found"] for r in runs["random"] if "needle" in r]
+def _needle_verdicts(ratio: str, runs: dict, dense: dict) -> list[str]:
+    """Each comparison over the lengths both sides measured (named when not all of the chosen's)."""
+    chosen = runs["chosen"]["needle"]
+    mine = [n for n in dense["by_length"] if n in chosen["by_length"]]
+    found, base = found_over(chosen, mine), found_over(dense, mine)
     share = found / base if base else float("nan")
-    out = [f"- ratio {ratio}: needle {found:.2f} = {share:.2f} of dense ({base:.2f}), target >= 0.80: "
-           f"{'met' if share >= 0.8 else 'MISSED'}."]
-    if "needle" in runs["sliding_window"]:
-        sw = runs["sliding_window"]["needle"]["found"]
-        out.append(f"- ratio {ratio}: needle against the sliding window at equal KV ({sw:.2f}): "
-                   f"{'more' if found > sw else 'NOT more'}.")
-    else:
-        out.append(f"- ratio {ratio}: needle against the sliding window at equal KV: not measured.")
+    out = [f"- ratio {ratio}: needle ({_span(mine)} tokens) {found:.2f} = {share:.2f} of dense ({base:.2f}), "
+           f"target >= 0.80: {'met' if share >= 0.8 else 'MISSED'}."]
+
+    def common(other: dict) -> tuple[float, float, str]:
+        both = [n for n in mine if n in other["by_length"]]
+        span = "" if both == mine else f" over {_span(both)} tokens"
+        return found_over(chosen, both), found_over(other, both), span
+
+    for key, label in (("sliding_window", "equal KV"), ("sliding_window_pairs", "equal pairs")):
+        if "needle" in runs.get(key, {}):
+            ours, sw, span = common(runs[key]["needle"])
+            out.append(f"- ratio {ratio}: needle against the sliding window at {label}{span}: {ours:.2f} against "
+                       f"{sw:.2f}: {'more' if ours > sw else 'NOT more'}.")
+        elif key == "sliding_window":
+            out.append(f"- ratio {ratio}: needle against the sliding window at equal KV: not measured.")
+    rnd = [r["needle"] for r in runs["random"] if "needle" in r]
     if len(rnd) < 2:
         out.append(f"- ratio {ratio}: needle against its random twin: not measured over seeds.")
-    else:
-        spread = max(rnd) - min(rnd)
-        out.append(f"- ratio {ratio}: needle against its random twin ({', '.join(f'{v:.2f}' for v in rnd)}; range "
-                   f"{spread:.2f}): {'beaten by more than the range' if found - max(rnd) > spread else 'MISSED'}.")
+        return out
+    both = [n for n in mine if all(n in r["by_length"] for r in rnd)]
+    ours = found_over(chosen, both)
+    vals = [found_over(r, both) for r in rnd]
+    spread = max(vals) - min(vals)
+    span = "" if both == mine else f" over {_span(both)} tokens"
+    out.append(f"- ratio {ratio}: needle against its random twin{span} ({ours:.2f} against "
+               f"{', '.join(f'{v:.2f}' for v in vals)}; range {spread:.2f}): "
+               f"{'beaten by more than the range' if ours - max(vals) > spread else 'MISSED'}.")
     return out
 
 
@@ -159,6 +204,31 @@ def render(result: dict) -> str:
     return "\n".join(parts)
 
 
+def defaults_summary(result: dict) -> str:
+    """The "How we chose the defaults" section of ``docs/results.md``: what the KV-side study chose and how it
+    did against the targets, per model (the tables are in ``docs/study.md``)."""
+    from tokenfilter.study.quality import CANDIDATES
+
+    parts = ["## How we chose the defaults", "",
+             "The library default comes from the KV-side study (`tokenfilter study --kv-side`): candidates within the "
+             "KV budget of ratio 0.5 with a 64-token window, chosen on the selection half (even WikiText-2 windows, "
+             "selection needle facts), reported on the held-out half (odd windows, other facts and depths). The "
+             "full tables, the commands and the notes are in [study.md](study.md).", ""]
+    for model, res in result.get("models", {}).items():
+        held = res.get("heldout")
+        if not held:
+            continue
+        chosen = held["chosen"]
+        fields = ", ".join(f"{k}={v!r}" for k, v in CANDIDATES[chosen].items())
+        picked = res.get("select", {}).get("choice", {}).get("chosen")
+        how = ("named for this model's run" if picked is None else
+               "the selection's choice" if picked == chosen
+               else f"not the selection rule's choice `{picked}`: why, in the notes of study.md")
+        parts += [f"### {model}", "", f"Reported: `{chosen}` ({how}; {fields}).", "",
+                  *verdicts(held, model)[2:]]
+    return "\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Re-render the section from its JSON: ``python -m tokenfilter.study.quality_report JSON MARKDOWN``."""
     import argparse
@@ -170,8 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tokenfilter.study.quality_report")
     parser.add_argument("json", type=Path)
     parser.add_argument("markdown", type=Path)
+    parser.add_argument("--results-md", type=Path, default=None,
+                        help="also write the 'How we chose the defaults' section of this results file")
     args = parser.parse_args(argv)
-    write_section(args.markdown, "kv-study", render(json.loads(args.json.read_text(encoding="utf-8"))))
+    result = json.loads(args.json.read_text(encoding="utf-8"))
+    write_section(args.markdown, "kv-study", render(result))
+    if args.results_md:
+        write_section(args.results_md, "study", defaults_summary(result))
     return 0
 
 
