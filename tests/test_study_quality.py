@@ -73,6 +73,7 @@ def test_tiny_study_runs_both_halves_and_saves_as_it_goes(tiny_study):
     # the sliding window holds what the chosen configuration holds, up to one entry per layer
     assert abs(runs["sliding_window"]["kv_held"] - runs["chosen"]["kv_held"]) < 2 / 160
     assert len(saved) >= 6 and json.loads(saved[-1])["heldout"]["runs"]["0.5"]["random"][1]["needle"]
+    assert runs["chosen"]["needle"]["by_length"]["200"]["tokens"] == 200  # within the tiny model's positions
     # the equal-pairs window computes the chosen configuration's share of pairs (its own step apart), holding less
     pairs = runs["sliding_window_pairs"]
     assert abs(pairs["pairs"] - runs["chosen"]["pairs"]) < 0.02 and pairs["kv_held"] < runs["sliding_window"]["kv_held"]

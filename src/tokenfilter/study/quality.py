@@ -123,6 +123,7 @@ def needle_point(model, tok, make: Callable[[int], TokenFilter | None], lengths:
         cells = [c["score"] for c in entry["needle"]["cells"]]
         stats = entry["stats"]
         by_length[str(length)] = {"found": sum(cells) / len(cells), "cells": len(cells),
+                                  "tokens": res["config"]["needle_lengths"][0],  # clipped to the model's positions
                                   "kv_held": stats["kv_held_fraction"] if stats else 1.0,
                                   "pairs": stats["pairs_fraction"] if stats else 1.0,
                                   "filter": entry["filter"]}
@@ -276,9 +277,9 @@ def heldout(model, tok, ids: torch.Tensor, chosen: str, cfg: QualityConfig, prog
         needle_once(chosen_run, lambda _n, tf=tf: tf, require="pairs")  # the equal-pairs window is sized by it
         by_length = chosen_run["needle"]["by_length"]
         needle_once(runs["sliding_window"], lambda k, b=by_length: TokenFilter.sliding_window_holding(
-            b[str(k)]["kv_held"], k, **cfg.overrides))
+            b[str(k)]["kv_held"], b[str(k)].get("tokens", k), **cfg.overrides))
         needle_once(runs["sliding_window_pairs"], lambda k, b=by_length: TokenFilter.sliding_window_pairing(
-            b[str(k)]["pairs"], k, **cfg.overrides))
+            b[str(k)]["pairs"], b[str(k)].get("tokens", k), **cfg.overrides))
         for run, twin in zip(randoms, twins, strict=True):
             needle_once(run, lambda _n, t=twin: t)
     return out

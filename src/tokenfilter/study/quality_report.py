@@ -83,7 +83,8 @@ def _length_cell(entry: dict) -> str:
 
 def _needle_table(dense: dict, needle: list[tuple[str, dict]]) -> list[str]:
     lengths = list(dense["by_length"])
-    head = ["ratio", "method", "found", "x dense", *(f"{n} tokens" for n in lengths)]
+    head = ["ratio", "method", "found", "x dense",
+            *(f"{dense['by_length'][n].get('tokens', n)} tokens" for n in lengths)]  # as clipped to the model
 
     def cells(nd: dict) -> list[str]:
         have = [n for n in lengths if n in nd["by_length"]]
