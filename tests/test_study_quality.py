@@ -102,8 +102,9 @@ def test_heldout_keeps_what_it_measured_and_adds_new_needle_lengths(tiny_study, 
     assert calls == [] and again == held  # everything kept
     cfg.needle_lengths = [200, 300]  # one more length: only it is measured, once per method
     more = quality.heldout(None, None, ids, held["chosen"], cfg, False, previous=held)
-    assert [c[0] for c in calls] == [[300]] * 6  # dense, chosen, two windows, two random seeds
+    assert [c[0] for c in calls] == [[300]] * 6  # dense, chosen, equal KV, two random seeds, equal pairs
     assert calls[2][1].recent + calls[2][1].warmup - 1 == round(0.5 * 300)  # equal KV, sized by the new length
+    assert calls[3][1].score == "random" and calls[5][1].score == "constant"
     assert more["runs"]["0.5"]["chosen"]["needle"]["lengths"] == [200, 300]
     assert more["runs"]["0.5"]["chosen"]["needle"]["cells"] == 6
     assert held["runs"]["0.5"]["chosen"]["needle"]["cells"] == 3  # the previous result is not changed

@@ -278,10 +278,10 @@ def heldout(model, tok, ids: torch.Tensor, chosen: str, cfg: QualityConfig, prog
         by_length = chosen_run["needle"]["by_length"]
         needle_once(runs["sliding_window"], lambda k, b=by_length: TokenFilter.sliding_window_holding(
             b[str(k)]["kv_held"], b[str(k)].get("tokens", k), **cfg.overrides))
+        for run, twin in zip(randoms, twins, strict=True):  # the floor every target is judged against
+            needle_once(run, lambda _n, t=twin: t)
         needle_once(runs["sliding_window_pairs"], lambda k, b=by_length: TokenFilter.sliding_window_pairing(
             b[str(k)]["pairs"], b[str(k)].get("tokens", k), **cfg.overrides))
-        for run, twin in zip(randoms, twins, strict=True):
-            needle_once(run, lambda _n, t=twin: t)
     return out
 
 
