@@ -223,3 +223,16 @@ def test_merge_takes_each_stage_from_the_run_that_measured_it(tiny_study, tmp_pa
     assert main(["study", "--kv-side", "--merge", str(tmp_path / "nothing"), "--output", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "No KV-side study in" in err and "\n" not in err
+
+
+def test_report_of_a_run_stopped_mid_ratio_says_what_is_missing(tiny_study):
+    import copy
+
+    result, _ = tiny_study
+    cut = copy.deepcopy(result)
+    cut["config"]["ratios"] = [0.5, 0.7, 0.9]
+    cut["heldout"]["runs"]["0.7"] = {"chosen": cut["heldout"]["runs"]["0.5"]["chosen"]}  # stopped after one row
+    text = render({"models": {"tiny": cut}, "seconds": 1})
+    assert "held-out ratios asked but not measured: 0.9" in text
+    assert "held-out ratio 0.7 measured in part (not: sliding_window, sliding_window_pairs, paper, random twin)" in text
+    assert "- ratio 0.7: PPL against its random twin: not measured over seeds." in text

@@ -60,16 +60,21 @@ def heldout_section(held: dict, model: str) -> list[str]:
            "sinks + recent window sized on the same input to hold the same KV as the chosen configuration (equal "
            "KV), or to compute the same share of attention pairs (equal pairs).", ""]
     rows = []
-    for ratio, runs in held["runs"].items():
-        rnd = [r["ppl"] for r in runs["random"]]
-        mean = sum(rnd) / len(rnd)
+    for ratio, runs in held["runs"].items():  # a run stopped mid-ratio lacks some rows: they are left out
+        if "chosen" not in runs:
+            continue
         rows.append([ratio, "chosen", *_ppl_cells(runs["chosen"], dense)])
-        rows.append([ratio, f"random x{len(rnd)}", f"{mean:.2f} ({min(rnd):.2f}-{max(rnd):.2f})",
-                     f"{mean / dense:.3f}", f"{runs['random'][0]['kv_held']:.3f}", f"{runs['random'][0]['pairs']:.3f}"])
+        rnd = [r["ppl"] for r in runs.get("random", [])]
+        if rnd:
+            mean = sum(rnd) / len(rnd)
+            rows.append([ratio, f"random x{len(rnd)}", f"{mean:.2f} ({min(rnd):.2f}-{max(rnd):.2f})",
+                         f"{mean / dense:.3f}", f"{runs['random'][0]['kv_held']:.3f}",
+                         f"{runs['random'][0]['pairs']:.3f}"])
         rows += [[ratio, label, *_ppl_cells(runs[key], dense)] for key, label in WINDOWS.items() if key in runs]
-        rows.append([ratio, "paper", *_ppl_cells(runs["paper"], dense)])
+        if "paper" in runs:
+            rows.append([ratio, "paper", *_ppl_cells(runs["paper"], dense)])
     out += _table(["ratio", "method", "PPL", "x dense", "KV held", "pairs"], rows)
-    needle = [(ratio, runs) for ratio, runs in held["runs"].items() if "needle" in runs["chosen"]]
+    needle = [(ratio, runs) for ratio, runs in held["runs"].items() if "needle" in runs.get("chosen", {})]
     if "needle" in held["dense"] and needle:
         out += _needle_table(held["dense"]["needle"], needle)
     out += verdicts(held, model)
@@ -103,7 +108,7 @@ def _needle_table(dense: dict, needle: list[tuple[str, dict]]) -> list[str]:
     for ratio, runs in needle:
         rows.append(row(ratio, "chosen", runs["chosen"]))
         rows += [row(ratio, label, runs[key]) for key, label in WINDOWS.items() if key in runs]
-        rows += [row(ratio, f"random seed {s}", r) for s, r in enumerate(runs["random"])]
+        rows += [row(ratio, f"random seed {s}", r) for s, r in enumerate(runs.get("random", []))]
     per_length = dense["by_length"][lengths[0]].get("cells")
     size = (f"{per_length} prompts per length and method; one prompt = {1 / per_length:.3f}" if per_length
             else f"{dense['cells']} prompts per method")
@@ -115,16 +120,21 @@ def verdicts(held: dict, model: str) -> list[str]:
     dense = held["dense"]["ppl"]
     out = ["Targets (issue 15), computed:", ""]
     for ratio, runs in held["runs"].items():
+        if "chosen" not in runs:
+            continue
         x = runs["chosen"]["ppl"] / dense
         target = ppl_target(model, float(ratio))
         if target:
             verdict = "met" if x <= target else "MISSED"
             out.append(f"- ratio {ratio}: PPL x{x:.3f} dense, target <= x{target}: {verdict}.")
-        rnd = [r["ppl"] for r in runs["random"]]
-        gap = min(rnd) - runs["chosen"]["ppl"]
-        spread = max(rnd) - min(rnd)
-        out.append(f"- ratio {ratio}: beats its random twin on PPL by {gap:.2f} against a seed range of {spread:.2f}: "
-                   f"{'met' if gap > spread else 'MISSED'}.")
+        rnd = [r["ppl"] for r in runs.get("random", [])]
+        if len(rnd) < 2:
+            out.append(f"- ratio {ratio}: PPL against its random twin: not measured over seeds.")
+        else:
+            gap = min(rnd) - runs["chosen"]["ppl"]
+            spread = max(rnd) - min(rnd)
+            out.append(f"- ratio {ratio}: beats its random twin on PPL by {gap:.2f} against a seed range of "
+                       f"{spread:.2f}: {'met' if gap > spread else 'MISSED'}.")
         if "needle" in runs["chosen"] and "needle" in held["dense"]:
             out += _needle_verdicts(ratio, runs, held["dense"]["needle"])
     return [*out, ""]
@@ -151,7 +161,7 @@ def _needle_verdicts(ratio: str, runs: dict, dense: dict) -> list[str]:
                        f"{sw:.2f}: {'more' if ours > sw else 'NOT more'}.")
         elif key == "sliding_window":
             out.append(f"- ratio {ratio}: needle against the sliding window at equal KV: not measured.")
-    rnd = [r["needle"] for r in runs["random"] if "needle" in r]
+    rnd = [r["needle"] for r in runs.get("random", []) if "needle" in r]
     if len(rnd) < 2:
         out.append(f"- ratio {ratio}: needle against its random twin: not measured over seeds.")
         return out
@@ -180,9 +190,15 @@ def _missing(res: dict) -> list[str]:
         if lengths:
             out.append(f"the selection needle ran at {', '.join(map(str, lengths))} tokens only")
     asked = [str(r) for r in res.get("config", {}).get("ratios", [])]
-    done = list(res.get("heldout", {}).get("runs", {}))
-    if [r for r in asked if r not in done]:
-        out.append(f"held-out ratios asked but not measured: {', '.join(r for r in asked if r not in done)}")
+    runs = res.get("heldout", {}).get("runs", {})
+    if [r for r in asked if r not in runs]:
+        out.append(f"held-out ratios asked but not measured: {', '.join(r for r in asked if r not in runs)}")
+    seeds = res.get("config", {}).get("seeds", 0)
+    for ratio, rows in runs.items():
+        lacking = [k for k in ("chosen", *WINDOWS, "paper") if k not in rows]
+        lacking += ["random twin"] if len(rows.get("random", [])) < seeds else []
+        if lacking:
+            out.append(f"held-out ratio {ratio} measured in part (not: {', '.join(lacking)})")
     if not res.get("config", {}).get("needle_lengths"):
         out.append("no needle")
     return out
