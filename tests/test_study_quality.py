@@ -114,6 +114,16 @@ def test_heldout_keeps_what_it_measured_and_adds_new_needle_lengths(tiny_study, 
     assert calls.count("ppl") == 1 + 1 + 2 + 3 + 1  # dense, chosen, two windows, three seeds, the paper
 
 
+def test_a_resumed_run_records_every_ratio_it_holds(tiny_study, monkeypatch):
+    result, _ = tiny_study
+    monkeypatch.setattr(quality, "ppl_point", lambda *a: {"ppl": 1.0, "kv_held": 0.5, "pairs": 0.6})
+    cfg = quality.QualityConfig(model=result["config"]["model"], stages=["heldout"], ratios=[0.7], ppl_window=160,
+                                ppl_windows=4, needle_lengths=[200], heldout_depths=[50.0], seeds=2)
+    more = quality.run_quality(cfg, progress=False, previous=result)
+    assert sorted(more["heldout"]["runs"]) == ["0.5", "0.7"] and more["config"]["ratios"] == [0.5, 0.7]
+    assert result["config"]["ratios"] == [0.5]  # the previous result is not changed
+
+
 def test_report_renders_the_tables_and_verdicts(tiny_study):
     result, _ = tiny_study
     text = render({"models": {"tiny": result}, "commands": ["tokenfilter study --kv-side"], "seconds": 1})

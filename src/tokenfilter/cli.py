@@ -188,10 +188,8 @@ def _run_kv_study(args: argparse.Namespace) -> int:
     """``study --kv-side``: the KV-side quality study, saved after every measurement (``--resume`` reuses it)."""
     import json
 
-    from tokenfilter.eval.sections import write_section
     from tokenfilter.loading import display_name
     from tokenfilter.study import quality
-    from tokenfilter.study.quality_report import render
 
     if args.list:
         for name, fields in quality.CANDIDATES.items():
@@ -230,11 +228,22 @@ def _run_kv_study(args: argparse.Namespace) -> int:
     everything["seconds"] = sum(m.get("seconds", 0) for m in models.values())
     everything["torch"], everything["threads"] = result["torch"], result["threads"]
     save(result)
-    text = render(everything)
+    return _report_kv_study(everything, json_path, args)
+
+
+def _report_kv_study(study: dict, json_path: Path, args: argparse.Namespace) -> int:
+    """Print the KV-side study's report; write it into ``--write-docs`` and its summary into ``--results-md``."""
+    from tokenfilter.eval.sections import write_section
+    from tokenfilter.study.quality_report import defaults_summary, render
+
+    text = render(study)
     print(text)
     if args.write_docs:
         write_section(args.write_docs, "kv-study", text)
         print(f"wrote the KV-side section of {args.write_docs}")
+    if args.results_md:
+        write_section(args.results_md, "study", defaults_summary(study))
+        print(f"wrote the 'How we chose the defaults' section of {args.results_md}")
     print(f"wrote {json_path}")
     return 0
 
@@ -243,9 +252,7 @@ def _merge_kv_study(args: argparse.Namespace) -> int:
     """``study --kv-side --merge``: one report from runs made apart (no model is loaded)."""
     import json
 
-    from tokenfilter.eval.sections import write_section
     from tokenfilter.study import quality
-    from tokenfilter.study.quality_report import defaults_summary, render
 
     parts = {}
     for folder in args.merge:
@@ -263,16 +270,7 @@ def _merge_kv_study(args: argparse.Namespace) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     json_path = args.output / "kv-study.json"
     json_path.write_text(json.dumps(merged, indent=1, default=str), encoding="utf-8")
-    text = render(merged)
-    print(text)
-    if args.write_docs:
-        write_section(args.write_docs, "kv-study", text)
-        print(f"wrote the KV-side section of {args.write_docs}")
-    if args.results_md:
-        write_section(args.results_md, "study", defaults_summary(merged))
-        print(f"wrote the 'How we chose the defaults' section of {args.results_md}")
-    print(f"wrote {json_path}")
-    return 0
+    return _report_kv_study(merged, json_path, args)
 
 
 def _run_study(args: argparse.Namespace) -> int:

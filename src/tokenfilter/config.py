@@ -225,9 +225,16 @@ class SlidingWindowShare:
 def sliding_window_pairs(length: int, recent: int, warmup: int) -> int:
     """Causal (query, key) pairs of a ``length``-token prefill under ``warmup`` sinks and a band of ``recent``
     tokens: query ``t`` reads its band ``min(t + 1, recent)`` and the sinks older than the band."""
-    band = sum(min(t + 1, recent) for t in range(length))
-    sinks = sum(min(warmup, max(0, t + 1 - recent)) for t in range(length))
-    return band + sinks
+    # band: sum over k = 1..length of min(k, recent); sinks: sum over k = 1..length - recent of min(k, warmup)
+    return _sum_capped(length, recent) + _sum_capped(length - recent, warmup)
+
+
+def _sum_capped(n: int, cap: int) -> int:
+    """``sum(min(k, cap) for k in range(1, n + 1))`` in closed form (0 when ``n <= 0``)."""
+    if n <= 0 or cap <= 0:
+        return 0
+    m = min(n, cap)
+    return m * (m + 1) // 2 + (n - m) * cap
 
 
 def for_input(token_filter: TokenFilter | SlidingWindowShare, length: int) -> TokenFilter:

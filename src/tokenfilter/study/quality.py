@@ -134,9 +134,9 @@ def needle_point(model, tok, make: Callable[[int], TokenFilter | None], lengths:
 
 def needle_summary(by_length: dict) -> dict:
     """One method's needle over the lengths it has: hits over all its prompts, and the lengths."""
-    cells = sum(v["cells"] for v in by_length.values())
+    cells = sum(v.get("cells", 1) for v in by_length.values())  # entries of early runs lack "cells": one each
     return {"by_length": by_length, "cells": cells, "lengths": [int(n) for n in by_length],
-            "found": sum(v["found"] * v["cells"] for v in by_length.values()) / cells if cells else 0.0}
+            "found": sum(v["found"] * v.get("cells", 1) for v in by_length.values()) / cells if cells else 0.0}
 
 
 def needle_forced(model, tok, tf: TokenFilter | None, lengths: list[int], depths: list[float], facts: tuple) -> dict:
@@ -311,6 +311,8 @@ def run_quality(cfg: QualityConfig, progress: bool = True, previous: dict | None
 
         result["heldout"] = heldout(model, tok, ids[1::2], chosen, cfg, progress, bool(cfg.needle_lengths),
                                     save_heldout, result.get("heldout"))
+        # a resumed run asked for some ratios; the config says every ratio the held-out half holds
+        result["config"]["ratios"] = sorted({*cfg.ratios, *map(float, result["heldout"]["runs"])})
     result["seconds"] = result.get("seconds", 0) + time.time() - t0
     result["torch"] = torch.__version__
     result["threads"] = torch.get_num_threads()
@@ -326,6 +328,7 @@ def merge_results(parts: dict[str, dict], notes: list[str] | None = None) -> dic
     commands are kept in order. Two runs holding the same stage of the same model are refused."""
     out: dict = {"models": {}, "commands": [], "seconds": 0.0}
     source: dict[tuple[str, str], str] = {}
+    configured: set[str] = set()
     for name, part in parts.items():
         for model, res in part.get("models", {}).items():
             into = out["models"].setdefault(model, {})
@@ -337,9 +340,11 @@ def merge_results(parts: dict[str, dict], notes: list[str] | None = None) -> dic
                                      "merge only one of them.")
                 source[model, stage] = name
                 into[stage] = res[stage]
-            if "heldout" in res or not any(k not in STAGE_KEYS + ("seconds",) for k in into):
-                # the configuration the report reads (ratios, needle lengths) is the held-out run's
+            # the configuration the report reads (ratios, needle lengths) is the held-out run's; a model
+            # without a held-out run takes its first run's
+            if "heldout" in res or model not in configured:
                 into.update({k: v for k, v in res.items() if k not in STAGE_KEYS + ("seconds",)})
+                configured.add(model)
         out["commands"] += [c for c in part.get("commands", []) if c not in out["commands"]]
         out["torch"], out["threads"] = part.get("torch"), part.get("threads")
     for model, res in out["models"].items():  # the time of every run that measured a stage of it, once

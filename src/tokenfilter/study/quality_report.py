@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tokenfilter.study.quality import ppl_target
+from tokenfilter.study.quality import needle_summary, ppl_target
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -39,9 +39,8 @@ def select_section(sel: dict, ratio: float) -> list[str]:
 
 def found_over(needle: dict, lengths: list[str]) -> float | None:
     """Share of prompts found over ``lengths`` (those the method has); None when it has none of them."""
-    per = [needle["by_length"][n] for n in lengths if n in needle["by_length"]]
-    cells = sum(v.get("cells", 1) for v in per)
-    return sum(v["found"] * v.get("cells", 1) for v in per) / cells if cells else None
+    summary = needle_summary({n: needle["by_length"][n] for n in lengths if n in needle["by_length"]})
+    return summary["found"] if summary["cells"] else None
 
 
 def _span(lengths: list[str]) -> str:
