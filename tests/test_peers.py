@@ -408,6 +408,7 @@ def test_reuse_keeps_what_a_killed_peer_script_wrote(tmp_path: Path, monkeypatch
 def test_cli_arguments() -> None:
     import argparse
 
+    from tokenfilter.config import TokenFilter
     from tokenfilter.peers import cli
 
     parser = argparse.ArgumentParser()
@@ -423,11 +424,14 @@ def test_cli_arguments() -> None:
         cli._longbench_tasks(["nope"])
     assert args.ours == list(cli.OURS_DEFAULT) and args.press_budgets is None and args.note == []
     methods = cli.our_methods([0.5])
-    assert list(methods) == ["dense", "token-filter-0.5", "kv-window-0.5", "kv-window-random-0.5",
-                             "sliding-window-0.5"]
-    assert methods["kv-window-0.5"].skip == "none" and methods["kv-window-0.5"].recent == 64
-    assert methods["kv-window-random-0.5"].score == "random"
-    assert methods["sliding-window-0.5"].reference == "kv-window-0.5"
+    assert list(methods) == ["dense", "token-filter-0.5", "token-filter-random-0.5", "sliding-window-0.5"]
+    assert methods["token-filter-0.5"] == TokenFilter(ratio=0.5)
+    assert methods["token-filter-random-0.5"] == TokenFilter(ratio=0.5).replace(score="random", seed=0)
+    assert methods["sliding-window-0.5"].reference == "token-filter-0.5"  # the default is KV-side
+    previous = cli.our_methods([0.5], ["kv-window", "kv-window-random", "sliding-window"])
+    assert previous["kv-window-0.5"].skip == "none" and previous["kv-window-0.5"].recent == 64
+    assert previous["kv-window-random-0.5"].score == "random"
+    assert previous["sliding-window-0.5"].reference == "kv-window-0.5"
 
 
 # ---- our rows: selection, the sliding window at another row's KV held ------------------------------
@@ -448,15 +452,15 @@ def test_our_methods_selection_and_candidates() -> None:
     with pytest.raises(ValueError, match="Unknown --ours"):
         cli.our_methods([0.5], ["kv-nope"])
     with pytest.raises(ValueError, match="needs a KV-side row"):
-        cli.our_methods([0.5], ["default", "sliding-window", "kv-window-random"])
+        cli.our_methods([0.5], ["paper", "sliding-window", "kv-window-random"])
 
 
 def test_press_budget_rows() -> None:
     from tokenfilter.peers import cli
 
     names = list(cli.OURS_DEFAULT)
-    assert cli.press_budget_rows([0.5], names, None) == ["token-filter-0.5", "kv-window-0.5", "kv-window-random-0.5"]
-    assert cli.press_budget_rows([0.3, 0.5], names, ["kv-window"]) == ["kv-window-0.3", "kv-window-0.5"]
+    assert cli.press_budget_rows([0.5], names, None) == ["token-filter-0.5", "token-filter-random-0.5"]
+    assert cli.press_budget_rows([0.3, 0.5], names, ["default"]) == ["token-filter-0.3", "token-filter-0.5"]
     with pytest.raises(ValueError, match="--press-budgets"):
         cli.press_budget_rows([0.5], names, ["sliding-window"])
     with pytest.raises(ValueError, match="--press-budgets"):

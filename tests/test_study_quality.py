@@ -11,7 +11,7 @@ from tiny_lm import save_tiny_lm, tiny_lm
 from tokenfilter import TokenFilter
 from tokenfilter.config import sliding_window_pairs
 from tokenfilter.study import quality
-from tokenfilter.study.quality_report import render
+from tokenfilter.study.quality_report import render, verdicts
 
 
 def _run(d: float, found: float) -> dict:
@@ -114,14 +114,33 @@ def test_heldout_keeps_what_it_measured_and_adds_new_needle_lengths(tiny_study, 
     assert calls.count("ppl") == 1 + 1 + 2 + 3 + 1  # dense, chosen, two windows, three seeds, the paper
 
 
-def test_a_resumed_run_records_every_ratio_it_holds(tiny_study, monkeypatch):
+def test_a_resumed_run_adds_a_ratio_with_the_twin_needle_and_records_it(tiny_study, monkeypatch):
     result, _ = tiny_study
+    made = []
+
+    def fake_needle(_model, _tok, make, lengths, *_a):
+        made.append((lengths, make(lengths[0])))
+        tf = made[-1][1]
+        found = 0.0 if tf is not None and tf.score == "random" else 1.0
+        return quality.needle_summary({str(n): {"found": found, "cells": 3, "kv_held": 0.5, "pairs": 0.6}
+                                       for n in lengths})
+
     monkeypatch.setattr(quality, "ppl_point", lambda *a: {"ppl": 1.0, "kv_held": 0.5, "pairs": 0.6})
+    monkeypatch.setattr(quality, "needle_point", fake_needle)
     cfg = quality.QualityConfig(model=result["config"]["model"], stages=["heldout"], ratios=[0.7], ppl_window=160,
-                                ppl_windows=4, needle_lengths=[200], heldout_depths=[50.0], seeds=2)
+                                ppl_windows=4, needle_lengths=[200], twin_needle_lengths=[120],
+                                heldout_depths=[50.0], seeds=2)
     more = quality.run_quality(cfg, progress=False, previous=result)
     assert sorted(more["heldout"]["runs"]) == ["0.5", "0.7"] and more["config"]["ratios"] == [0.5, 0.7]
     assert result["config"]["ratios"] == [0.5]  # the previous result is not changed
+    # at 0.7 only the chosen configuration and its random twins meet the needle, at the twin lengths (dense too)
+    assert [m[0] for m in made] == [[120]] * 4 and made[0][1] is None and made[1][1].ratio == 0.7
+    runs = more["heldout"]["runs"]["0.7"]
+    assert "needle" in runs["chosen"] and all("needle" in r for r in runs["random"])
+    assert "needle" not in runs["sliding_window"] and more["config"]["needle_lengths"] == [120, 200]
+    text = "\n".join(verdicts(more["heldout"], "tiny"))
+    assert "ratio 0.7: needle (120 tokens) 1.00 = 1.00 of dense (1.00) (no target at this ratio)." in text
+    assert "ratio 0.7: needle against its random twin (1.00 against 0.00, 0.00; range 0.00): beaten" in text
 
 
 def test_report_renders_the_tables_and_verdicts(tiny_study):

@@ -156,6 +156,9 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chosen", default=None, help="--kv-side: skip the choice and report this candidate")
     p.add_argument("--needle-lengths", type=positive_ints, default=None,
                    help="--kv-side: held-out needle context lengths (default 1024,2048,4096)")
+    p.add_argument("--twin-needle-lengths", type=positive_ints, default=None,
+                   help="--kv-side: needle lengths at the held-out ratios other than 0.5, where the chosen "
+                   "configuration meets its random twins only (default 1024)")
     p.add_argument("--no-needle", action="store_true", help="--kv-side: perplexity only on the held-out half")
     p.add_argument("--select-lengths", type=positive_ints, default=None,
                    help="--kv-side: selection needle context lengths (default 1024,2048; answers teacher-forced)")
@@ -209,6 +212,8 @@ def _run_kv_study(args: argparse.Namespace) -> int:
         cfg.ratios = args.ratios
     if args.needle_lengths:
         cfg.needle_lengths = args.needle_lengths
+    if args.twin_needle_lengths:
+        cfg.twin_needle_lengths = args.twin_needle_lengths
     if args.no_needle:
         cfg.needle_lengths = []
     if args.select_lengths:

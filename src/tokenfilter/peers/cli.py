@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"kvpress classes (default {','.join(merge.PRESSES)})")
     p.add_argument("--ratios", type=_floats, default=[0.5], help="our Token Filtering ratios (default 0.5)")
     p.add_argument("--ours", type=_names, default=list(OURS_DEFAULT),
-                   help="our rows besides dense: default, paper, kv-window, kv-window-random, sliding-window, or a "
+                   help="our rows besides dense: default, default-random, paper, kv-window, kv-window-random, "
+                        "sliding-window, or a "
                         "KV-side study candidate (e.g. kv-w64-g0.99) and its -random twin "
                         f"(default {','.join(OURS_DEFAULT)})")
     p.add_argument("--press-budgets", type=_names, default=None,
@@ -108,9 +109,10 @@ def run_peer_script(peer: env.PeerEnv, in_json: Path, out_json: Path) -> dict:
 
 
 # --ours: which of our rows run (dense always does, for the parity check and the plot's origin).
-OURS_DEFAULT: tuple[str, ...] = ("default", "kv-window", "kv-window-random", "sliding-window")
+OURS_DEFAULT: tuple[str, ...] = ("default", "default-random", "sliding-window")
 OURS_FIXED = {
     "default": "the library default, TokenFilter(ratio=r), whatever it is when the command runs",
+    "default-random": "its random twin (score='random', seed 0)",
     "paper": "the paper's reading, TokenFilter.paper(ratio=r)",
     "kv-window": "KV-side filtering with a 64-token recent window and the SPEC's score (the study's kv-w64, the "
                  "previous default)",
@@ -126,46 +128,41 @@ def ours_choices() -> list[str]:
     return [*OURS_FIXED, *CANDIDATES, *(f"{c}-random" for c in CANDIDATES)]
 
 
-def _kv_fields(name: str) -> dict | None:
-    """TokenFilter fields (without ratio) of a KV-side name; None if ``name`` is not KV-side."""
+def _our_filter(name: str, ratio: float) -> object:
+    """The ``TokenFilter`` of a name of ``--ours`` (not dense, not sliding-window) at ``ratio``."""
+    from tokenfilter.config import TokenFilter
     from tokenfilter.study.quality import CANDIDATES, random_twin
 
     base, twin = (name[: -len("-random")], True) if name.endswith("-random") else (name, False)
-    base = "kv-w64" if base == "kv-window" else base
-    if base not in CANDIDATES:
-        return None
-    return random_twin(CANDIDATES[base], 0) if twin else dict(CANDIDATES[base])
+    if base == "paper":
+        return TokenFilter.paper(ratio=ratio)
+    fields = {} if base == "default" else dict(CANDIDATES["kv-w64" if base == "kv-window" else base])
+    return TokenFilter(ratio=ratio, **(random_twin(fields, 0) if twin else fields))
 
 
 def row_name(base: str, ratio: float) -> str:
-    return f"token-filter-{ratio:g}" if base == "default" else f"{base}-{ratio:g}"
+    base = {"default": "token-filter", "default-random": "token-filter-random"}.get(base, base)
+    return f"{base}-{ratio:g}"
 
 
 def our_methods(ratios: list[float], names: list[str] | tuple[str, ...] = OURS_DEFAULT) -> dict[str, object | None]:
     """Our rows: dense, then at each ratio the ``names`` (see :data:`OURS_FIXED`; any KV-side study candidate, e.g.
     ``kv-w64-g0.99``, and its ``-random`` twin). ``sliding-window`` is a :class:`~tokenfilter.peers.ours.Matched`
-    window holding, per prompt, the KV of the first KV-side name in ``names`` (it runs after the others)."""
-    from tokenfilter.config import TokenFilter
+    window holding, per prompt, the KV of the first KV-side row of ``names`` that is not a random twin (it runs
+    after the others)."""
     from tokenfilter.peers.ours import Matched
 
     known = ours_choices()
     unknown = [n for n in names if n not in known and n != "dense"]
     if unknown:
         raise ValueError(f"Unknown --ours name(s) {unknown}; choose from {', '.join(known)}.")
-    kv_side = [n for n in names if _kv_fields(n) is not None and not n.endswith("-random")]
+    filtered = [n for n in names if n not in ("dense", "sliding-window")]
+    kv_side = [n for n in filtered if not n.endswith("-random") and _our_filter(n, 0.5).skip == "none"]
     if "sliding-window" in names and not kv_side:
-        raise ValueError("--ours sliding-window needs a KV-side row to match (e.g. kv-window or a study candidate).")
+        raise ValueError("--ours sliding-window needs a KV-side row to match (e.g. default or a study candidate).")
     methods: dict[str, object | None] = {"dense": None}
     for r in ratios:
-        for n in names:
-            if n in ("dense", "sliding-window"):
-                continue
-            if n == "default":
-                methods[row_name(n, r)] = TokenFilter(ratio=r)
-            elif n == "paper":
-                methods[row_name(n, r)] = TokenFilter.paper(ratio=r)
-            else:
-                methods[row_name(n, r)] = TokenFilter(ratio=r, **_kv_fields(n))
+        methods.update({row_name(n, r): _our_filter(n, r) for n in filtered})
     if "sliding-window" in names:
         for r in ratios:
             methods[row_name("sliding-window", r)] = Matched(reference=row_name(kv_side[0], r))

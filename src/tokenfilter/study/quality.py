@@ -81,6 +81,9 @@ class QualityConfig:
     ppl_window: int = 1024
     ppl_windows: int = 16  # the first n WikiText-2 windows: even -> selection, odd -> held-out
     needle_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
+    # at the held-out ratios other than budget_ratio the needle runs for the chosen configuration and its random
+    # twins only (the issue's target there is the random twin), at these lengths
+    twin_needle_lengths: list[int] = field(default_factory=lambda: [1024])
     select_depths: list[float] = field(default_factory=lambda: [10.0, 45.0, 80.0])
     select_lengths: list[int] = field(default_factory=lambda: [1024, 2048])
     heldout_depths: list[float] = field(default_factory=lambda: [0.0, 25.0, 50.0, 75.0, 100.0])
@@ -245,10 +248,11 @@ def heldout(model, tok, ids: torch.Tensor, chosen: str, cfg: QualityConfig, prog
             done(out)
         return into[key]
 
-    def needle_once(run: dict, make: Callable[[int], TokenFilter | None], require: str = "cells") -> None:
-        """The needle of ``run`` at every asked length, saved after each; a length already measured (with
-        ``require`` recorded) is kept."""
-        for length in cfg.needle_lengths:
+    def needle_once(run: dict, make: Callable[[int], TokenFilter | None], require: str = "cells",
+                    lengths: list[int] = cfg.needle_lengths) -> None:
+        """The needle of ``run`` at every length of ``lengths``, saved after each; a length already measured
+        (with ``require`` recorded) is kept."""
+        for length in lengths:
             have = dict(run.get("needle", {}).get("by_length", {}))
             if require in have.get(str(length), {}):
                 continue
@@ -271,7 +275,14 @@ def heldout(model, tok, ids: torch.Tensor, chosen: str, cfg: QualityConfig, prog
             randoms.append(ppl_point(model, ids, twin))
             done(out)
         once(runs, "paper", lambda ratio=ratio: ppl_point(model, ids, TokenFilter.paper(ratio=ratio)))
-        if not needle or ratio != cfg.budget_ratio:
+        if not needle:
+            continue
+        if ratio != cfg.budget_ratio:
+            twin_lengths = cfg.twin_needle_lengths
+            needle_once(out["dense"], lambda _n: None, lengths=twin_lengths)
+            needle_once(chosen_run, lambda _n, tf=tf: tf, require="pairs", lengths=twin_lengths)
+            for run, twin in zip(randoms, twins, strict=True):
+                needle_once(run, lambda _n, t=twin: t, lengths=twin_lengths)
             continue
         needle_once(out["dense"], lambda _n: None)
         needle_once(chosen_run, lambda _n, tf=tf: tf, require="pairs")  # the equal-pairs window is sized by it
@@ -313,6 +324,9 @@ def run_quality(cfg: QualityConfig, progress: bool = True, previous: dict | None
                                     save_heldout, result.get("heldout"))
         # a resumed run asked for some ratios; the config says every ratio the held-out half holds
         result["config"]["ratios"] = sorted({*cfg.ratios, *map(float, result["heldout"]["runs"])})
+        dense_needle = result["heldout"]["dense"].get("needle", {}).get("by_length", {})
+        if cfg.needle_lengths:
+            result["config"]["needle_lengths"] = sorted({*cfg.needle_lengths, *map(int, dense_needle)})
     result["seconds"] = result.get("seconds", 0) + time.time() - t0
     result["torch"] = torch.__version__
     result["threads"] = torch.get_num_threads()
