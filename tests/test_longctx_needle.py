@@ -210,8 +210,10 @@ def test_runner_end_to_end_tiny(tmp_path: Path) -> None:
     methods: dict = {"dense": None}
     try:
         from tokenfilter import TokenFilter
+        from tokenfilter.config import SlidingWindowShare
 
         methods["ratio=0.3"] = TokenFilter(ratio=0.3)
+        methods["window"] = SlidingWindowShare(held=0.5)  # sized on each prompt
     except ImportError:
         pass
     haystack = tmp_path / "hay"
@@ -247,6 +249,8 @@ def test_runner_end_to_end_tiny(tmp_path: Path) -> None:
         assert (tmp_path / "out" / f"needle_{safe_name(name)}.png").exists()
     if "ratio=0.3" in methods:
         assert result["methods"]["ratio=0.3"]["stats"]["ratio"] > 0
+        window = result["methods"]["window"]["stats"]  # one apply per prompt: 9 needle prompts, 3 tasks x 2
+        assert window["prompts"] == 15 and abs(window["kv_held_fraction"] - 0.5) < 0.1 and window["ratio"] > 0.3
     saved = json.loads((tmp_path / "out" / "longctx.json").read_text())
     assert saved["methods"].keys() == result["methods"].keys()
     assert "| dense |" in summary_table(result)

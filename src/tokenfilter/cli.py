@@ -111,17 +111,20 @@ def _run_longctx(args: argparse.Namespace) -> int:
     """``--tasks longctx``: needle in a haystack + MiniLongBench, dense vs Token Filtering (+ the random floor)."""
     import json
 
-    from tokenfilter.config import TokenFilter
+    from tokenfilter.config import SlidingWindowShare, TokenFilter
+    from tokenfilter.eval.methods import filter_for
     from tokenfilter.loading import load_model
     from tokenfilter.longctx import run_longctx, summary_table
 
     if [t for t in args.tasks if t != "longctx"]:
         raise ValueError("Run --tasks longctx on its own (it is a separate task group).")
-    methods: dict[str, TokenFilter | None] = {"dense": None}
+    methods: dict[str, TokenFilter | SlidingWindowShare | None] = {"dense": None}
     for ratio in args.ratios:
         methods[f"token-filter-{ratio}"] = TokenFilter(ratio=ratio)
         if "random" in args.methods or "all" in args.methods:
             methods[f"random-{ratio}"] = TokenFilter(ratio=ratio, score="random")
+        if "sliding-window" in args.methods or "all" in args.methods:  # sized on each prompt to hold 1 - ratio
+            methods[f"sliding-window-{ratio}"] = filter_for("sliding-window", ratio)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     out_dir = args.output / "longctx"
     extra = {}

@@ -56,7 +56,9 @@ def section_markdown(result: Mapping, command: str, images: list[str]) -> str:
         f"{', '.join(str(n) for n in cfg['needle_lengths'])} tokens, greedy answer, exact match (1 = the needle's "
         f"value appears in the answer). MiniLongBench: the English tasks, {cfg['limit']} sample(s) per task, "
         f"prompts truncated in the middle to {cfg['max_length']} tokens, LongBench's metrics (x100), answers "
-        f"capped at {cfg['max_new_tokens_cap']} new tokens. `random-r` is the random floor at ratio r.",
+        f"capped at {cfg['max_new_tokens_cap']} new tokens. `random-r` is the random floor at ratio r; "
+        "`sliding-window-r` is the sliding-window preset (4 sinks + the most recent tokens, no score) sized on each "
+        "prompt to hold 1 - r of its KV in the filtered layers.",
         "",
         "### Summary",
         "",

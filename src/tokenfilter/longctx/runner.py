@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tokenfilter.config import SlidingWindowShare, for_input
 from tokenfilter.longctx import longbench
 from tokenfilter.longctx.longbench import ENGLISH_TASKS, Sample
 from tokenfilter.longctx.needle import DEFAULT_NEEDLE, Needle, NeedleBuilder, NeedlePrompt, load_haystack_text
@@ -90,6 +91,33 @@ def greedy(
     return tokenizer.decode(new, skip_special_tokens=True)
 
 
+class PerInput:
+    """A method sized on each prompt (a ``SlidingWindowShare``): applied around every answer, its statistics kept
+    per prompt. ``answer`` is ``greedy`` under the filter sized to the prompt's length."""
+
+    def __init__(self, model: object, method: SlidingWindowShare) -> None:
+        self.model, self.method, self.stats = model, method, []
+
+    def answer(self, tokenizer: object, input_ids: Sequence[int], max_new_tokens: int, first_line: bool = False) -> str:
+        with for_input(self.method, len(input_ids)).apply(self.model) as run:
+            out = greedy(self.model, tokenizer, input_ids, max_new_tokens, first_line)
+        self.stats.append(run.stats.as_dict())
+        return out
+
+    def summary(self) -> dict:
+        """The mean over prompts of the realized ratio and the KV held (each prompt holds the same share)."""
+        n = len(self.stats)
+        return {"ratio": sum(s["ratio"] for s in self.stats) / n if n else 0.0, "prompts": n,
+                "kv_held_fraction": sum(s["kv_held_fraction"] for s in self.stats) / n if n else 1.0}
+
+
+def _answerer(model: object, sized: PerInput | None):
+    """``(tokenizer, ids, max_new_tokens, first_line) -> answer``: greedy, under ``sized``'s filter if given."""
+    if sized is not None:
+        return sized.answer
+    return lambda tokenizer, ids, n, first_line=False: greedy(model, tokenizer, ids, n, first_line)
+
+
 def max_positions(model: object) -> int | None:
     config = getattr(model, "config", None)
     return getattr(config, "max_position_embeddings", None) or None
@@ -114,18 +142,21 @@ def run_needle(
     max_new_tokens: int = NEEDLE_MAX_NEW_TOKENS,
     progress: bool = True,
     desc: str = "needle",
+    sized: PerInput | None = None,
 ) -> dict:
     """Greedy answers to needle prompts. ``needle``: the fact of every prompt, or one fact per prompt.
 
     A grid cell (length, depth) scores the mean over the facts planted there; ``mean`` is over all prompts.
+    ``sized``: a method applied per prompt (else the caller has applied one, or none).
     """
+    answer = _answerer(model, sized)
     needles = [needle] * len(prompts) if isinstance(needle, Needle) else list(needle)
     if len(needles) != len(prompts):
         raise ValueError(f"Give one needle per prompt ({len(prompts)}), got {len(needles)}.")
     cells = []
     for p, fact in tqdm(list(zip(prompts, needles, strict=True)), desc=desc, disable=not progress, leave=False):
         t0 = time.perf_counter()
-        output = greedy(model, tokenizer, p.input_ids, max_new_tokens)
+        output = answer(tokenizer, p.input_ids, max_new_tokens)
         cells.append(
             {
                 "length": p.length,
@@ -167,13 +198,15 @@ def run_longbench(
     max_new_tokens_cap: int | None = MAX_NEW_TOKENS_CAP,
     progress: bool = True,
     desc: str = "longbench",
+    sized: PerInput | None = None,
 ) -> dict:
+    answer = _answerer(model, sized)
     flat = [(task, item) for task, items in inputs.items() for item in items]
     per_task: dict[str, dict] = {t: {"metric": ENGLISH_TASKS[t].metric, "samples": []} for t in inputs}
     for task, (sample, ids, new) in tqdm(flat, desc=desc, disable=not progress, leave=False):
         budget = min(new, max_new_tokens_cap) if max_new_tokens_cap else new
         t0 = time.perf_counter()
-        output = greedy(model, tokenizer, ids, budget, first_line=ENGLISH_TASKS[task].first_line)
+        output = answer(tokenizer, ids, budget, ENGLISH_TASKS[task].first_line)
         per_task[task]["samples"].append(
             {
                 "id": sample.id,
@@ -272,17 +305,19 @@ def run_longctx(
     for name, method in bar:
         t0 = time.perf_counter()
         entry: dict = {"filter": _config_dict(method)}
-        ctx = method.apply(model) if method is not None else contextlib.nullcontext()
+        sized = PerInput(model, method) if isinstance(method, SlidingWindowShare) else None
+        ctx = method.apply(model) if method is not None and sized is None else contextlib.nullcontext()
         with ctx as run:
             if prompts:
                 entry["needle"] = run_needle(
-                    model, tokenizer, prompts, prompt_facts, needle_max_new_tokens, progress, f"needle [{name}]"
+                    model, tokenizer, prompts, prompt_facts, needle_max_new_tokens, progress, f"needle [{name}]",
+                    sized,
                 )
             if inputs:
                 entry["longbench"] = run_longbench(
-                    model, tokenizer, inputs, max_new_tokens_cap, progress, f"longbench [{name}]"
+                    model, tokenizer, inputs, max_new_tokens_cap, progress, f"longbench [{name}]", sized
                 )
-            entry["stats"] = run.stats.as_dict() if run is not None else None
+            entry["stats"] = run.stats.as_dict() if run is not None else sized and sized.summary()
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         result["methods"][name] = entry
         if out_dir is not None and prompts:
