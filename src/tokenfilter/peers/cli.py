@@ -42,8 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratios", type=_floats, default=[0.5], help="our Token Filtering ratios (default 0.5)")
     p.add_argument("--ours", type=_names, default=list(OURS_DEFAULT),
                    help="our rows besides dense: default, default-random, paper, kv-window, kv-window-random, "
-                        "sliding-window, or a "
-                        "KV-side study candidate (e.g. kv-w64-g0.99) and its -random twin "
+                        "sliding-window, or a KV-side study candidate (e.g. kv-w64-g0.99) and its -random twin "
                         f"(default {','.join(OURS_DEFAULT)})")
     p.add_argument("--press-budgets", type=_names, default=None,
                    help="the rows of --ours whose KV held the presses match (default: all but sliding-window)")

@@ -248,8 +248,8 @@ def heldout(model, tok, ids: torch.Tensor, chosen: str, cfg: QualityConfig, prog
             done(out)
         return into[key]
 
-    def needle_once(run: dict, make: Callable[[int], TokenFilter | None], require: str = "cells",
-                    lengths: list[int] = cfg.needle_lengths) -> None:
+    def needle_once(run: dict, make: Callable[[int], TokenFilter | None], lengths: list[int],
+                    require: str = "cells") -> None:
         """The needle of ``run`` at every length of ``lengths``, saved after each; a length already measured
         (with ``require`` recorded) is kept."""
         for length in lengths:
@@ -277,22 +277,19 @@ def heldout(model, tok, ids: torch.Tensor, chosen: str, cfg: QualityConfig, prog
         once(runs, "paper", lambda ratio=ratio: ppl_point(model, ids, TokenFilter.paper(ratio=ratio)))
         if not needle:
             continue
-        if ratio != cfg.budget_ratio:
-            twin_lengths = cfg.twin_needle_lengths
-            needle_once(out["dense"], lambda _n: None, lengths=twin_lengths)
-            needle_once(chosen_run, lambda _n, tf=tf: tf, require="pairs", lengths=twin_lengths)
-            for run, twin in zip(randoms, twins, strict=True):
-                needle_once(run, lambda _n, t=twin: t, lengths=twin_lengths)
-            continue
-        needle_once(out["dense"], lambda _n: None)
-        needle_once(chosen_run, lambda _n, tf=tf: tf, require="pairs")  # the equal-pairs window is sized by it
+        windows = ratio == cfg.budget_ratio  # elsewhere the needle meets the random twin only (its target there)
+        lengths = cfg.needle_lengths if windows else cfg.twin_needle_lengths
+        needle_once(out["dense"], lambda _n: None, lengths=lengths)
+        needle_once(chosen_run, lambda _n, tf=tf: tf, require="pairs", lengths=lengths)  # pairs size a window
         by_length = chosen_run["needle"]["by_length"]
-        needle_once(runs["sliding_window"], lambda k, b=by_length: TokenFilter.sliding_window_holding(
-            b[str(k)]["kv_held"], b[str(k)].get("tokens", k), **cfg.overrides))
+        if windows:
+            needle_once(runs["sliding_window"], lambda k, b=by_length: TokenFilter.sliding_window_holding(
+                b[str(k)]["kv_held"], b[str(k)].get("tokens", k), **cfg.overrides), lengths)
         for run, twin in zip(randoms, twins, strict=True):  # the floor every target is judged against
-            needle_once(run, lambda _n, t=twin: t)
-        needle_once(runs["sliding_window_pairs"], lambda k, b=by_length: TokenFilter.sliding_window_pairing(
-            b[str(k)]["pairs"], b[str(k)].get("tokens", k), **cfg.overrides))
+            needle_once(run, lambda _n, t=twin: t, lengths=lengths)
+        if windows:
+            needle_once(runs["sliding_window_pairs"], lambda k, b=by_length: TokenFilter.sliding_window_pairing(
+                b[str(k)]["pairs"], b[str(k)].get("tokens", k), **cfg.overrides), lengths)
     return out
 
 
