@@ -219,12 +219,8 @@ def test_runner_end_to_end_tiny(tmp_path: Path) -> None:
     haystack = tmp_path / "hay"
     haystack.mkdir()
     (haystack / "essay.txt").write_text(filler())
-    result = run_longctx(
-        model,
-        tok,
-        methods,
+    kwargs = dict(
         limit=2,
-        output_dir=tmp_path / "out",
         progress=False,
         needle_lengths=(128, 256, 1000),
         needle_depths=(0, 50, 100),
@@ -235,6 +231,7 @@ def test_runner_end_to_end_tiny(tmp_path: Path) -> None:
         needle_max_new_tokens=4,
         max_new_tokens_cap=4,
     )
+    result = run_longctx(model, tok, methods, output_dir=tmp_path / "out", **kwargs)
     # 1000 is clipped to the model's 400 positions minus the answer's 4 tokens
     assert result["config"]["needle_lengths"] == [128, 256, 396]
     for name in methods:
@@ -254,6 +251,34 @@ def test_runner_end_to_end_tiny(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "out" / "longctx.json").read_text())
     assert saved["methods"].keys() == result["methods"].keys()
     assert "| dense |" in summary_table(result)
+    _resume_keeps_what_matches(tmp_path, tok, model, methods, saved, kwargs)
+
+
+def _resume_keeps_what_matches(tmp_path: Path, tok, model, methods: dict, saved: dict, kwargs: dict) -> None:
+    """A resumed run keeps the saved methods with the same filter on the same prompts, runs the rest, and
+    runs everything again when the prompts differ."""
+    import tokenfilter.longctx.runner as runner
+
+    ran: list[str] = []
+    real = runner._run_method
+
+    def spy(model, tokenizer, method, name, *rest):
+        ran.append(name)
+        return real(model, tokenizer, method, name, *rest)
+
+    partial = {**saved, "methods": {k: v for k, v in saved["methods"].items() if k != "dense"}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "_run_method", spy)
+        again = runner.run_longctx(model, tok, methods, output_dir=tmp_path / "again", previous=partial, **kwargs)
+        assert ran == ["dense"] and sorted(again["reused"]) == sorted(set(methods) - {"dense"})
+        redone = json.loads(json.dumps(again["methods"], default=str))
+        assert all(redone[k] == saved["methods"][k] for k in partial["methods"])  # kept as saved
+        assert redone["dense"]["needle"]["grid"] == saved["methods"]["dense"]["needle"]["grid"]  # dense: greedy
+        assert (tmp_path / "again" / f"needle_{safe_name(next(iter(partial['methods'])))}.png").exists()
+        ran.clear()
+        other = {**kwargs, "needle_depths": (0, 100)}
+        runner.run_longctx(model, tok, {"dense": None}, output_dir=tmp_path / "other", previous=saved, **other)
+        assert ran == ["dense"]  # other prompts: nothing is reused
 
 
 def test_several_facts_per_cell_average_in_the_grid(monkeypatch):

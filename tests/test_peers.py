@@ -396,6 +396,8 @@ def test_reuse_keeps_what_a_killed_peer_script_wrote(tmp_path: Path, monkeypatch
     args = argparse.Namespace(reuse=True, threads=1)
     out = cli._run_presses(args, None, tmp_path, Path("/x/m.gguf"), "m", prompts, jobs)
     assert ran == ["SnapKVPress"] and [r["answer"] for r in out["results"]] == ["kept", "new"]
+    # held in peer_out.json now: the killed run's scratch files are gone
+    assert not (tmp_path / "peer_in.json").exists() and not (tmp_path / "peer_new.json").exists()
     # another model's partial results are not taken
     (tmp_path / "peer_out.json").unlink()
     inputs.write(tmp_path / "peer_in.json", prompts, {"path": "/y", "gguf_file": "m.gguf"}, {"jobs": jobs})
@@ -590,3 +592,14 @@ def test_findings_say_who_wins_and_by_how_much() -> None:
     line, why = report.findings(summ)
     assert why == report.WHY_BEHIND
     assert "at least as good as KnormPress" in line and "behind SnapKVPress by 0.30" in line
+
+
+def test_ours_json_keeps_earlier_rows_outside_the_run(tmp_path: Path) -> None:
+    from tokenfilter.peers import cli
+
+    earlier = {(m, p): {"method": m, "prompt": p, "answer": "old"} for m in ("dense", "tf") for p in ("a", "b")}
+    now = {"model": "m", "element_size": 4, "rows": [{"method": "dense", "prompt": "a", "answer": "new"}]}
+    cli._save_ours(tmp_path, now, earlier)
+    saved = json.loads((tmp_path / "ours.json").read_text())
+    assert saved["model"] == "m" and len(saved["rows"]) == 4
+    assert {(r["method"], r["prompt"]): r["answer"] for r in saved["rows"]}[("dense", "a")] == "new"

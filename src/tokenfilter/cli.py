@@ -132,7 +132,12 @@ def _run_longctx(args: argparse.Namespace) -> int:
         extra["needle_lengths"] = args.needle_lengths
     if args.max_length:
         extra["max_length"] = args.max_length
+    saved = out_dir / "longctx.json"
+    if args.resume and saved.exists():  # the methods it finished on the same prompts are kept
+        extra["previous"] = json.loads(saved.read_text(encoding="utf-8"))
     result = run_longctx(model, tok, methods, limit=args.limit or 1, output_dir=out_dir, **extra)
+    if result.get("reused"):
+        print(f"reused from {saved}: {', '.join(result['reused'])}")
     print(summary_table(result))
     if args.results_md:
         from tokenfilter.longctx.report import write_results_section

@@ -84,7 +84,8 @@ def write_results_section(result: Mapping, results_md: Path, command: str) -> li
         if f.endswith(".png"):
             img_dir.mkdir(parents=True, exist_ok=True)
             dest = img_dir / Path(f).name
-            shutil.copyfile(f, dest)
+            if Path(f).resolve() != dest.resolve():  # --output beside the results: the maps are there already
+                shutil.copyfile(f, dest)
             images.append(f"longctx/{dest.name}")
             written.append(dest)
     write_section(results_md, "longctx", section_markdown(result, command, images))

@@ -252,6 +252,7 @@ def run_longctx(
     needle_max_new_tokens: int = NEEDLE_MAX_NEW_TOKENS,
     max_new_tokens_cap: int | None = MAX_NEW_TOKENS_CAP,
     benchmarks: Sequence[str] = ("needle", "longbench"),
+    previous: Mapping | None = None,
 ) -> dict:
     """Needle in a haystack and MiniLongBench for each method (``None`` = the dense model).
 
@@ -259,7 +260,10 @@ def run_longctx(
     ``max_new_tokens_cap``: caps LongBench's per-task answer lengths (None = LongBench's own);
     ``haystack`` / ``longbench_dir``: local data paths (default ``../shared/data/...``);
     ``needle``: one fact, or several (every cell of the grid is asked once per fact, e.g. ``NEEDLES["heldout"]``).
-    Returns a JSON-able dict; with ``output_dir``, writes ``longctx.json`` and ``needle_<method>.png``.
+    ``previous``: an earlier result (its ``longctx.json``); a method it holds with the same filter, on the same
+    prompts and settings, is kept instead of run again.
+    Returns a JSON-able dict; with ``output_dir``, writes ``longctx.json`` (after every method, so an interrupted
+    run keeps what it finished) and ``needle_<method>.png``.
     """
     unknown = set(benchmarks) - {"needle", "longbench"}
     if unknown:
@@ -301,35 +305,78 @@ def run_longctx(
         "files": [],
     }
     out_dir = Path(output_dir) if output_dir is not None else None
+    kept = reusable_methods(previous, result["config"])
     bar = tqdm(methods.items(), desc="methods", disable=not progress or len(methods) < 2)
     for name, method in bar:
-        t0 = time.perf_counter()
-        entry: dict = {"filter": _config_dict(method)}
-        sized = PerInput(model, method) if isinstance(method, SlidingWindowShare) else None
-        ctx = method.apply(model) if method is not None and sized is None else contextlib.nullcontext()
-        with ctx as run:
-            if prompts:
-                entry["needle"] = run_needle(
-                    model, tokenizer, prompts, prompt_facts, needle_max_new_tokens, progress, f"needle [{name}]",
-                    sized,
-                )
-            if inputs:
-                entry["longbench"] = run_longbench(
-                    model, tokenizer, inputs, max_new_tokens_cap, progress, f"longbench [{name}]", sized
-                )
-            entry["stats"] = run.stats.as_dict() if run is not None else sized and sized.summary()
-        entry["seconds"] = round(time.perf_counter() - t0, 2)
+        if name in kept and kept[name].get("filter") == _config_dict(method):
+            entry = kept[name]
+            result["reused"] = [*result.get("reused", []), name]
+        else:
+            entry = _run_method(model, tokenizer, method, name, prompts, prompt_facts, inputs, progress,
+                                needle_max_new_tokens, max_new_tokens_cap)
         result["methods"][name] = entry
         if out_dir is not None and prompts:
             grid = {int(n): {float(d): v for d, v in row.items()} for n, row in entry["needle"]["grid"].items()}
             png = needle_heatmap(grid, lengths, depths, out_dir / f"needle_{safe_name(name)}.png", f"needle: {name}")
             result["files"].append(str(png))
+        if out_dir is not None:
+            _save(result, out_dir)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / "longctx.json"
-        result["files"].append(str(path))
-        path.write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+        result["files"].append(str(out_dir / "longctx.json"))
+        _save(result, out_dir)
     return result
+
+
+def _run_method(
+    model: object,
+    tokenizer: object,
+    method: object | None,
+    name: str,
+    prompts: Sequence[NeedlePrompt],
+    prompt_facts: Sequence[Needle],
+    inputs: Mapping,
+    progress: bool,
+    needle_max_new_tokens: int,
+    max_new_tokens_cap: int | None,
+) -> dict:
+    """One method's needle and LongBench results, its statistics and seconds."""
+    t0 = time.perf_counter()
+    entry: dict = {"filter": _config_dict(method)}
+    sized = PerInput(model, method) if isinstance(method, SlidingWindowShare) else None
+    ctx = method.apply(model) if method is not None and sized is None else contextlib.nullcontext()
+    with ctx as run:
+        if prompts:
+            entry["needle"] = run_needle(
+                model, tokenizer, prompts, prompt_facts, needle_max_new_tokens, progress, f"needle [{name}]", sized
+            )
+        if inputs:
+            entry["longbench"] = run_longbench(
+                model, tokenizer, inputs, max_new_tokens_cap, progress, f"longbench [{name}]", sized
+            )
+        entry["stats"] = run.stats.as_dict() if run is not None else sized and sized.summary()
+    entry["seconds"] = round(time.perf_counter() - t0, 2)
+    return entry
+
+
+# settings that change what a method's scores mean; the others (threads, timings) may differ on a resume
+_SAME_RUN_KEYS = ("limit", "needle_lengths", "needle_depths", "needles", "needle_max_new_tokens", "max_length",
+                  "max_new_tokens_cap", "tasks", "benchmarks", "max_position_embeddings")
+
+
+def reusable_methods(previous: Mapping | None, config: Mapping) -> dict:
+    """The methods of ``previous`` (an earlier ``run_longctx`` result) measured on the prompts ``config`` describes."""
+    if not previous:
+        return {}
+    old = previous.get("config", {})
+    if any(json.loads(json.dumps(old.get(k), default=str)) != json.loads(json.dumps(config.get(k), default=str))
+           for k in _SAME_RUN_KEYS):
+        return {}
+    return dict(previous.get("methods", {}))
+
+
+def _save(result: Mapping, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "longctx.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
 
 
 def summary_table(result: Mapping) -> str:

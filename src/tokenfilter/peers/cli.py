@@ -299,11 +299,8 @@ def run(args: argparse.Namespace) -> int:
         fresh = {r["prompt"]: r for r in new}
         by_name[name] = [fresh.get(p.id) or done[(name, p.id)] for p in prompts]
         rows += by_name[name]
+        _save_ours(out, {"model": model_name, "element_size": element, "rows": rows}, done)  # after every row
     ours = {"model": model_name, "element_size": element, "rows": rows}
-    # the file also keeps earlier rows outside this selection, so that a narrower run loses nothing for later ones
-    current = {(r["method"], r["prompt"]) for r in rows}
-    kept = [r for key, r in done.items() if key not in current]
-    (out / "ours.json").write_text(json.dumps({**ours, "rows": rows + kept}), encoding="utf-8")
     shape = bud.ModelShape.from_config(config, element)  # float32 unless the weights said otherwise
     del model
     held: dict[str, dict[str, float]] = {}
@@ -356,6 +353,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _save_ours(out: Path, ours: dict, earlier: dict) -> None:
+    """``ours.json``: the rows so far, and the earlier rows outside them (a narrower run loses nothing for later
+    ones; a killed run keeps the rows it finished)."""
+    current = {(r["method"], r["prompt"]) for r in ours["rows"]}
+    kept = [r for key, r in earlier.items() if key not in current]
+    (out / "ours.json").write_text(json.dumps({**ours, "rows": ours["rows"] + kept}), encoding="utf-8")
+
+
 def _interrupted(out: Path, path: Path) -> list[dict]:
     """The results without error in the peer script's own output (``peer_new.json``, written after every job) when
     its input (``peer_in.json``) was for this model: what a killed run leaves."""
@@ -403,6 +408,8 @@ def _run_presses(
     keys = {j["key"] for j in jobs}
     extra = [r for k, r in kept.items() if k not in keys]
     (out / "peer_out.json").write_text(json.dumps({**peer_out, "results": results + extra}), encoding="utf-8")
+    for scratch in ("peer_in.json", "peer_new.json"):  # held in peer_out.json now; only a killed run needs them
+        (out / scratch).unlink(missing_ok=True)
     return peer_out
 
 
