@@ -24,6 +24,19 @@ def test_tail_linear_water_filling(ratio, layers):
     assert sched.start <= layers // 2
 
 
+@pytest.mark.parametrize("ratio", [0.05, 0.3, 0.5, 0.7])
+@pytest.mark.parametrize("layers", [5, 30])
+def test_front_linear_mirrors_the_tail_ramp(ratio, layers):
+    front = resolve("front-linear", ratio, layers, 2, 0.95)
+    tail = resolve("tail-linear", ratio, layers, 2, 0.95)
+    r = front.ratios
+    assert sum(r) / layers == pytest.approx(ratio, abs=1e-9) and max(r) <= 0.95 + 1e-12
+    assert front.start == tail.start and all(x == 0 for x in r[: front.start])
+    ramp = r[front.start :]
+    assert all(a >= b - 1e-12 for a, b in zip(ramp, ramp[1:], strict=False)), "non-increasing ramp"
+    assert ramp == pytest.approx(tail.ratios[tail.start :][::-1])  # the same ramp, the other way round
+
+
 def test_tail_extends_when_the_cap_binds():
     sched = resolve("tail-linear", 0.6, 10, None, 0.95)  # 5 tail layers x 0.95 = 4.75 < 6
     assert sched.start < 5

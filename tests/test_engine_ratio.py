@@ -12,7 +12,7 @@ from conftest import left_pad, make_tiny, random_ids
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 0.7])
-@pytest.mark.parametrize("schedule", ["tail-linear", "uniform"])
+@pytest.mark.parametrize("schedule", ["tail-linear", "front-linear", "uniform"])
 def test_realized_ratio_matches_target(tiny, ratio, schedule):
     ids, mask = left_pad([random_ids(1, n, seed=n)[0] for n in (64, 100, 81)])
     cfg = TokenFilter(ratio=ratio, schedule=schedule, max_layer_ratio=0.95, record_decisions=True)

@@ -165,6 +165,18 @@ def test_study_candidates_pin_the_spec_score():
     assert TokenFilter(ratio=0.5, **quality.CANDIDATES["kv-w64"]) != default
 
 
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7])
+def test_every_candidate_resolves_on_a_model(ratio):
+    """Each candidate is a valid KV-side configuration within the window budget (<= 64), on a 30-layer model."""
+    from tokenfilter.algorithm.schedule import resolve
+
+    for name, kwargs in quality.CANDIDATES.items():
+        tf = TokenFilter(ratio=ratio, **kwargs)
+        assert tf.skip == "none" and tf.recent is not None and tf.recent <= 64, name
+        sched = resolve(tf.schedule, ratio, 30, tf.start_layer, tf.max_layer_ratio)
+        assert sum(sched.ratios) / 30 == pytest.approx(ratio), name
+
+
 def test_cli_lists_the_candidates_and_refuses_an_unknown_one(capsys):
     from tokenfilter.cli import main
 

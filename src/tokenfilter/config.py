@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from tokenfilter.algorithm.schedule import SCHEDULE_ERROR, SCHEDULES
 from tokenfilter.algorithm.scores import FUSIONS, SCORES
 
 if TYPE_CHECKING:
@@ -142,8 +143,8 @@ class TokenFilter:
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}.")
         if self.lam < 0:
             raise ValueError(f"lam must be >= 0, got {self.lam}.")
-        if isinstance(self.schedule, str) and self.schedule not in ("tail-linear", "uniform"):
-            raise ValueError(f"schedule must be 'tail-linear', 'uniform' or a per-layer list, got {self.schedule!r}.")
+        if isinstance(self.schedule, str) and self.schedule not in SCHEDULES:
+            raise ValueError(SCHEDULE_ERROR.format(schedule=self.schedule))
         if not isinstance(self.schedule, str):
             object.__setattr__(self, "schedule", tuple(float(r) for r in self.schedule))
             if self.ratio is not None and abs(sum(self.schedule) / len(self.schedule) - self.ratio) > 1e-6:

@@ -8,6 +8,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+SCHEDULES = ("uniform", "tail-linear", "front-linear")
+SCHEDULE_ERROR = "schedule must be 'uniform', 'tail-linear', 'front-linear' or a per-layer list, got {schedule!r}."
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -26,13 +29,24 @@ def tail_linear(ratio: float, num_layers: int, start: int, cap: float) -> Schedu
 
     If even every tail layer at ``cap`` cannot reach ``ratio``, the start moves one layer earlier at a time.
     """
+    return _ramp(ratio, num_layers, start, cap, rising=True)
+
+
+def front_linear(ratio: float, num_layers: int, start: int, cap: float) -> Schedule:
+    """The mirror of ``tail_linear``: ``r_l = min(cap, c * (L - l))`` from ``start`` on, highest at the first
+    filtered layer and lowest at the last, so the late layers (where retrieval heads are most often found) keep
+    the most of their KV. Same water-filling and start rule."""
+    return _ramp(ratio, num_layers, start, cap, rising=False)
+
+
+def _ramp(ratio: float, num_layers: int, start: int, cap: float, rising: bool) -> Schedule:
     _check_target(ratio, cap)
     if ratio == 0:
         return Schedule((0.0,) * num_layers, start)
     target = ratio * num_layers
     while start > 0 and (num_layers - start) * cap < target - 1e-12:
         start -= 1
-    weights = [max(0, i - start + 1) for i in range(num_layers)]
+    weights = [0 if i < start else (i - start + 1 if rising else num_layers - i) for i in range(num_layers)]
 
     def total(c: float) -> float:
         return sum(min(cap, c * w) for w in weights)
@@ -87,9 +101,11 @@ def resolve(
     if isinstance(schedule, str):
         if schedule == "tail-linear":
             return tail_linear(ratio, num_layers, start, cap)
+        if schedule == "front-linear":
+            return front_linear(ratio, num_layers, start, cap)
         if schedule == "uniform":
             return uniform(ratio, num_layers, start, cap)
-        raise ValueError(f"Unknown schedule {schedule!r}; use 'tail-linear', 'uniform' or a per-layer list.")
+        raise ValueError(SCHEDULE_ERROR.format(schedule=schedule))
     return explicit(schedule, num_layers, cap)
 
 

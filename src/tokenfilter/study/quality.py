@@ -44,6 +44,9 @@ CANDIDATES: dict[str, dict] = {
     "kv-w64-2h-key-g0.95-wu16": {**TWO_HORIZON_KEY, "gamma": 0.95, "warmup": 16},
     "kv-w64-2h-key-from3": {**TWO_HORIZON_KEY, "start_layer": 3},
     "kv-w64-2h-key-g0.95-from3": {**TWO_HORIZON_KEY, "gamma": 0.95, "start_layer": 3},
+    # the layer-schedule axis: PyramidKV's shape (more KV kept low, less high), and its mirror sparing the late layers
+    "kv-w64-2h-key-g0.95-tail": {**TWO_HORIZON_KEY, "gamma": 0.95, "schedule": "tail-linear"},
+    "kv-w64-2h-key-g0.95-front": {**TWO_HORIZON_KEY, "gamma": 0.95, "schedule": "front-linear"},
     "kv-w64-2h-mean": {**KV_SIDE, "recent": 64, "score": "two-horizon", "fusion": "mean"},
     "kv-w64-key": {**KV_SIDE, "recent": 64, "fusion": "key"},
     "kv-w64-cummean-post": {**KV_SIDE, "recent": 64, "score": "cumulative-mean", "pre_rope": False},
