@@ -132,6 +132,7 @@ def test_a_resumed_run_adds_a_ratio_with_the_twin_needle_and_records_it(tiny_stu
                                 heldout_depths=[50.0], seeds=2)
     more = quality.run_quality(cfg, progress=False, previous=result)
     assert sorted(more["heldout"]["runs"]) == ["0.5", "0.7"] and more["config"]["ratios"] == [0.5, 0.7]
+    assert more["config"]["stages"] == [s for s in ("select", "heldout") if s in more]  # what it holds, not asked
     assert result["config"]["ratios"] == [0.5]  # the previous result is not changed
     # at 0.7 only the chosen configuration and its random twins meet the needle, at the twin lengths (dense too)
     assert [m[0] for m in made] == [[120]] * 4 and made[0][1] is None and made[1][1].ratio == 0.7

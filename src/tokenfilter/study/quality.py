@@ -327,6 +327,7 @@ def run_quality(cfg: QualityConfig, progress: bool = True, previous: dict | None
         dense_needle = result["heldout"]["dense"].get("needle", {}).get("by_length", {})
         if cfg.needle_lengths:
             result["config"]["needle_lengths"] = sorted({*cfg.needle_lengths, *map(int, dense_needle)})
+    result["config"]["stages"] = [s for s in STAGE_KEYS if s in result]  # a resumed run may have asked for fewer
     result["seconds"] = result.get("seconds", 0) + time.time() - t0
     result["torch"] = torch.__version__
     result["threads"] = torch.get_num_threads()
