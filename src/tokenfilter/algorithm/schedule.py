@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-SCHEDULES = ("uniform", "tail-linear", "front-linear")
 SCHEDULE_ERROR = "schedule must be 'uniform', 'tail-linear', 'front-linear' or a per-layer list, got {schedule!r}."
 
 
@@ -34,8 +33,8 @@ def tail_linear(ratio: float, num_layers: int, start: int, cap: float) -> Schedu
 
 def front_linear(ratio: float, num_layers: int, start: int, cap: float) -> Schedule:
     """The mirror of ``tail_linear``: ``r_l = min(cap, c * (L - l))`` from ``start`` on, highest at the first
-    filtered layer and lowest at the last, so the late layers (where retrieval heads are most often found) keep
-    the most of their KV. Same water-filling and start rule."""
+    filtered layer and lowest at the last, so the late layers keep the most of their KV. Same water-filling and
+    start rule."""
     return _ramp(ratio, num_layers, start, cap, rising=False)
 
 
@@ -85,6 +84,11 @@ def explicit(ratios: Sequence[float], num_layers: int, cap: float) -> Schedule:
     return Schedule(tuple(float(r) for r in ratios), nonzero[0] if nonzero else num_layers)
 
 
+# the named schedules (a per-layer list is the other kind): name -> (ratio, num_layers, start, cap) -> Schedule
+NAMED = {"uniform": uniform, "tail-linear": tail_linear, "front-linear": front_linear}
+SCHEDULES = tuple(NAMED)
+
+
 def first_layer(start_layer: int | None, num_layers: int) -> int:
     """The first filtered layer: ``start_layer``, or the SPEC's ``L // 2`` when it is None (checked in range)."""
     start = num_layers // 2 if start_layer is None else start_layer
@@ -99,13 +103,9 @@ def resolve(
     """Turn a schedule name (or an explicit list) into per-layer ratios for a model with ``num_layers``."""
     start = first_layer(start_layer, num_layers)
     if isinstance(schedule, str):
-        if schedule == "tail-linear":
-            return tail_linear(ratio, num_layers, start, cap)
-        if schedule == "front-linear":
-            return front_linear(ratio, num_layers, start, cap)
-        if schedule == "uniform":
-            return uniform(ratio, num_layers, start, cap)
-        raise ValueError(SCHEDULE_ERROR.format(schedule=schedule))
+        if schedule not in NAMED:
+            raise ValueError(SCHEDULE_ERROR.format(schedule=schedule))
+        return NAMED[schedule](ratio, num_layers, start, cap)
     return explicit(schedule, num_layers, cap)
 
 

@@ -310,7 +310,7 @@ def run_longctx(
     for name, method in bar:
         if name in kept and kept[name].get("filter") == _config_dict(method):
             entry = kept[name]
-            result["reused"] = [*result.get("reused", []), name]
+            result.setdefault("reused", []).append(name)
         else:
             entry = _run_method(model, tokenizer, method, name, prompts, prompt_facts, inputs, progress,
                                 needle_max_new_tokens, max_new_tokens_cap)
