@@ -26,7 +26,8 @@ def _eager(attn: torch.nn.Module, mask: torch.Tensor, reads: torch.Tensor):
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         s = (q.double() @ k.double().transpose(-1, -2)) * attn.scaling
-        s = s.masked_fill(~mask[:, None], float("-inf"))
+        per_head = mask.repeat_interleave(groups, dim=1) if mask.dim() == 4 else mask[:, None]
+        s = s.masked_fill(~per_head, float("-inf"))
         p = torch.softmax(s, dim=-1).nan_to_num(0.0)
         o = (p @ v.double()).to(q.dtype).transpose(1, 2).reshape(b, t, -1)
         return attn.o_proj(o) * reads[..., None].to(o.dtype), None
@@ -41,13 +42,14 @@ def forward_with_layer_masks(
     reads: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Logits ``[B, T, V]`` of ``model`` on ``ids`` (no padding) with layer l's attention replaced by eager attention
-    under ``masks[l]`` ``[B, T, T]``; ``reads[l]`` ``[B, T]`` zeroes the output of tokens that do not attend."""
+    under ``masks[l]`` ``[B, T, T]`` (or ``[B, H_kv, T, T]``, one mask per KV head); ``reads[l]`` ``[B, T]`` zeroes
+    the output of tokens that do not attend."""
     layers = model.get_decoder().layers
     patched = []
     try:
         for idx, mask in masks.items():
             attn = layers[idx].self_attn
-            r = reads[idx] if reads is not None else torch.ones(mask.shape[:2], dtype=torch.bool)
+            r = reads[idx] if reads is not None else torch.ones(mask.shape[0], mask.shape[-1], dtype=torch.bool)
             attn.forward = _eager(attn, mask, r)
             patched.append(attn)
         with torch.no_grad():

@@ -62,9 +62,10 @@ def logits(model, ids, mask=None, **kw):
         return model(ids, attention_mask=mask, position_ids=pos, **kw).logits
 
 
-def thresholds_that_filter(model, ids, level: float = 0.5) -> list[float | None]:
-    """Per-layer thresholds at a quantile of the observed scores, so that some tokens are really filtered."""
-    with TokenFilter(threshold=2.0, record_decisions=True).apply(model) as run:
+def thresholds_that_filter(model, ids, level: float = 0.5, **kwargs) -> list[float | None]:
+    """Per-layer thresholds at a quantile of the observed scores, so that some tokens are really filtered
+    (``kwargs``: the other fields of the filter whose scores they are)."""
+    with TokenFilter(threshold=2.0, record_decisions=True, **kwargs).apply(model) as run:
         logits(model, ids)
     taus = []
     for s in run.scores:

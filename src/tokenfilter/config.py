@@ -20,6 +20,9 @@ DEFAULT_RECENT = 64  # the recent window of the KV side (issue 15: 64 keeps x1.0
 SPEC_SCORE = {"score": "similarity", "fusion": "variance", "gamma": 0.9, "warmup": 4}
 QUERY_SIDE = {"skip": "attention", "recent": None, **SPEC_SCORE}  # the paper's query-side skip, with no window
 PAPER_READING = {**QUERY_SIDE, "kv": "drop", "schedule": "tail-linear", "start_layer": None}  # TokenFilter.paper
+# fields added after results were recorded (docs/*.json, kept rows): left out of repr() and as_record() while they hold
+# these defaults, so a recorded run still matches the filter it ran and --resume / --reuse keep it
+LATER_FIELDS = {"granularity": "token"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,10 @@ class TokenFilter:
       over heads; values do not vote. The SPEC's score (``similarity``, K and V, variance fusion, gamma 0.9: the
       ``SPEC_SCORE`` fields) keeps the needle in 1 of 18 selection prompts at ratio 0.5, this one in 14 (dense 14).
 
+    ``granularity="head"`` lets each KV head rank and keep its own tokens (the ratio then counts (token, layer, head)
+    entries; each head's score is its own similarity, so no fusion across heads is needed). It is built on the
+    reference path only (``path="reference"``, which masks instead of gathering) and measured in docs/study.md.
+
     ``TokenFilter.paper(...)`` pins the paper's own reading (query side, tail-linear from ``L // 2``, no window)
     so that a default never changes it.
     """
@@ -63,6 +70,7 @@ class TokenFilter:
     recent: int | Literal["auto"] | None = "auto"  # "auto": DEFAULT_RECENT on the KV side, no window otherwise
     pre_rope: bool = True
     score: str = "two-horizon"  # a name in tokenfilter.algorithm.scores.SCORES
+    granularity: Literal["token", "head"] = "token"  # "head": each KV head ranks and keeps its own tokens
     seed: int = 0
     record_decisions: bool = False
     path: Literal["fast", "reference"] = "fast"
@@ -162,6 +170,7 @@ class TokenFilter:
             ("kv", ("drop", "keep")),
             ("score", tuple(SCORES)),
             ("path", ("fast", "reference")),
+            ("granularity", ("token", "head")),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}.")
@@ -179,6 +188,15 @@ class TokenFilter:
                     f'recent (a window of recent keys) needs skip="none" (KV-side filtering), got skip={self.skip!r}.'
                 )
 
+        if self.granularity == "head":
+            if self.skip != "none":
+                raise ValueError(
+                    f'granularity="head" (per-KV-head decisions) needs skip="none" (KV-side filtering), got '
+                    f"skip={self.skip!r}."
+                )
+            if self.path != "reference":
+                raise ValueError('granularity="head" runs on the reference path only: pass path="reference".')
+
     @property
     def window(self) -> int | None:
         """The recent window in effect: ``recent``, with ``"auto"`` resolved (DEFAULT_RECENT on the KV side)."""
@@ -189,6 +207,19 @@ class TokenFilter:
     @property
     def mode(self) -> Literal["ratio", "threshold"]:
         return "ratio" if self.ratio is not None else "threshold"
+
+    def as_record(self) -> dict:
+        """The fields as a JSON-ready dict, as results record the filter they ran (``LATER_FIELDS`` at their
+        defaults left out)."""
+        record = dataclasses.asdict(self)
+        for name, default in LATER_FIELDS.items():
+            if record[name] == default:
+                del record[name]
+        return record
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.as_record().items())
+        return f"{type(self).__name__}({fields})"
 
     def replace(self, **changes: object) -> TokenFilter:
         """A copy with some fields changed (``dataclasses.replace``)."""

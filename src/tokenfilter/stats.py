@@ -70,13 +70,14 @@ def layer_flop_fraction(config: object, seq_len: int) -> float:
 
 @dataclass
 class LayerCounts:
-    """What one layer did, accumulated over calls (real tokens only)."""
+    """What one layer did, accumulated over calls (real tokens only). With per-KV-head decisions a head's entry or
+    pair counts ``1 / H`` of a token's, so ``filtered``, ``pairs`` and ``kv_dropped`` may be fractions."""
 
     tokens: int = 0  # real tokens seen
-    filtered: int = 0  # of those, filtered (skipped their attention, or on the KV side: not kept as keys)
-    pairs: int = 0  # (query, key) pairs actually attended, each once
+    filtered: int | float = 0  # of those, filtered (skipped their attention, or on the KV side: not kept as keys)
+    pairs: int | float = 0  # (query, key) pairs actually attended, each once
     pairs_dense: int = 0  # pairs the unmodified model attends
-    kv_dropped: int = 0  # entries dropped from this layer's cache (when they are dropped: a band delays it)
+    kv_dropped: int | float = 0  # entries dropped from this layer's cache (when they are dropped: a band delays it)
     mlp_skipped: int = 0  # tokens whose MLP was skipped (skip="block")
     qo_skipped: int = 0  # tokens whose Q and O projections were skipped (the query side; not skip="none")
 
@@ -125,7 +126,7 @@ class FilterStats:
         actual = attn_actual + other_actual + head
         entry = fm.kv_entry_bytes(kv_elem_bytes)
         total_filtered = sum(c.filtered for c in layers)
-        kv_dense, kv_saved = tokens * len(layers) * entry, sum(c.kv_dropped for c in layers) * entry
+        kv_dense, kv_saved = tokens * len(layers) * entry, round(sum(c.kv_dropped for c in layers) * entry)
         pairs_dense = sum(c.pairs_dense for c in layers)
         return cls(
             ratio=total_filtered / (tokens * len(layers)) if tokens else 0.0,

@@ -14,6 +14,10 @@ Per call, for one layer:
    output so the residual passes. Reference path: everything is computed over every column and masked by
    ``Visibility.allowed`` instead (same decisions, used to check the fast one).
 
+With per-KV-head decisions (``granularity="head"``, reference path) steps 1-3 and the masks run on rows that are
+(sequence, KV head) pairs holding one head each (``integration/units.py``); only the queries and the output are
+reshaped around the attention.
+
 The fast path has two shortcuts that compute the same thing with less work:
 * a prefill into an empty store whose stored tokens are exactly the queries (query side with ``kv="drop"``,
   or nothing filtered) is plain causal attention over the compacted rows: SDPA with ``is_causal=True``;
@@ -39,6 +43,7 @@ from tokenfilter.integration.cache_layer import FilteredCacheLayer
 from tokenfilter.integration.families import sliding_window
 from tokenfilter.integration.fused import fused_score
 from tokenfilter.integration.kv_store import RaggedKV
+from tokenfilter.integration.units import Units
 
 if TYPE_CHECKING:
     from tokenfilter.integration.run import FilterRun
@@ -289,6 +294,7 @@ class FilteredAttention:
         self.target = target  # ratio of this layer (ratio mode) or its threshold (threshold mode)
         self.window = sliding_window(attn)
         self.vis = Visibility.for_layer(self.cfg, self.window)
+        self.units = Units.for_layer(self.cfg, attn.k_proj.out_features // attn.head_dim)
         self.fast = self.cfg.path == "fast"
         self.score = SCORES[self.cfg.score]
         self.score_step = fused_score(self.cfg.score)  # the lean decode paths' fused version, if there is one
@@ -319,8 +325,11 @@ class FilteredAttention:
         if getattr(attn, "k_norm", None) is not None:
             k = attn.k_norm(k)
         v = attn.v_proj(hidden_states).view(b, t, -1, d)
+        # per-head decisions: one row per (sequence, KV head); everything up to the attention runs on rows
+        units = self.units
+        k, v, real, cos_k, sin_k = units.kv(k), units.kv(v), units.rows(real), units.rows(cos), units.rows(sin)
 
-        state = self._state(cache, b, k.shape[2], d, hidden_states.device)
+        state = self._state(cache, k.shape[0], k.shape[2], d, hidden_states.device)
         if state.columns != call.past:
             raise RuntimeError(
                 f"Layer {self.idx} holds the state of {state.columns} earlier columns but this call continues "
@@ -338,7 +347,7 @@ class FilteredAttention:
         ):
             lean = self._decode_step if state.ring is None else self._decode_step_band
             return lean(hidden_states, k, v, cos, sin, state)
-        k_rot = rope(k, cos, sin)
+        k_rot = rope(k, cos_k, sin_k)
         cols = state.columns + torch.arange(t, device=hidden_states.device)
         idx = state.real_seen[:, None] + real.long().cumsum(-1) - 1  # [B, T] index among the row's real tokens
         scores, eligible = self._score(k if self.cfg.pre_rope else k_rot, v, real, state)
@@ -361,16 +370,17 @@ class FilteredAttention:
             out, pairs, q_sel = self._attend_fast(hidden_states, readers, cols, idx, cos, sin, state, causal, band)
         else:
             out, pairs = self._attend_reference(hidden_states, readers, cols, idx, cos, sin, state)
-        call.keep[self.idx] = (readers, q_sel)
+        token_readers = units.any_unit(readers)
+        call.keep[self.idx] = (token_readers, q_sel)
         # an entry not stored for good is dropped when it leaves the ring (at once without a band)
         dropped = held_before + int((real & ~stored).sum()) - held_after
         self.run.record_layer(
             self.idx,
-            filtered=filtered,
+            filtered=units.per_sequence(filtered),
             pairs=pairs,
             dropped=dropped,
-            qo_skipped=int((real & ~readers).sum()),
-            scores=scores,
+            qo_skipped=int((call.real & ~token_readers).sum()),
+            scores=units.per_sequence(scores),
         )
         return out, None
 
@@ -421,7 +431,7 @@ class FilteredAttention:
         return layer
 
     def _new_layer(self) -> FilteredCacheLayer:
-        return FilteredCacheLayer(ragged=self.fast, ring=self.vis.ring if self.vis.recent else None)
+        return FilteredCacheLayer(ragged=self.fast, ring=self.vis.ring if self.vis.recent else None, units=self.units)
 
     # -- scores and decisions ----------------------------------------------------------------------
     def _score(
@@ -681,19 +691,20 @@ class FilteredAttention:
         sin: torch.Tensor,
         state: FilteredCacheLayer,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every token computed, over every column, masked by the whole rule (``Visibility.allowed``)."""
+        """Every token computed, over every column, masked by the whole rule (``Visibility.allowed``). ``h, cos,
+        sin`` per sequence; ``readers, idx`` and the layer's store per row (``Units``)."""
         b, t, _ = h.shape
-        q = self._queries(h, cos, sin)
+        q = self.units.queries(self._queries(h, cos, sin))  # [rows, Hq / per, T, d]
         keys, values, k_col, k_stored, k_real, k_idx = state.kv.view_all()
-        allowed = self.vis.allowed(cols.expand(b, t), idx, k_col, k_idx, k_real, k_stored)
+        allowed = self.vis.allowed(cols.expand(readers.shape[0], t), idx, k_col, k_idx, k_real, k_stored)
         pairs = (allowed & readers[:, :, None]).sum()
         allowed = allowed | ~allowed.any(-1, keepdim=True)  # rows of padding queries: any finite output
         o = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=allowed[:, None], scale=self.attn.scaling,
             enable_gqa=q.shape[1] != keys.shape[1],
         )
-        o = self.attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
-        return o * readers[..., None].to(o.dtype), pairs
+        o = self.attn.o_proj(self.units.outputs(o).transpose(1, 2).reshape(b, t, -1))
+        return o * self.units.any_unit(readers)[..., None].to(o.dtype), pairs
 
 
 class FilteredMLP:

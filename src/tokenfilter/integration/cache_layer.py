@@ -17,6 +17,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from tokenfilter.integration.kv_store import MaskedKV, RaggedKV, RecentRing
+from tokenfilter.integration.units import Units
 
 
 class FilteredCacheLayer(CacheLayerMixin):
@@ -25,8 +26,11 @@ class FilteredCacheLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, ragged: bool = True, ring: int | None = None) -> None:
+    def __init__(self, ragged: bool = True, ring: int | None = None, units: Units | None = None) -> None:
         super().__init__()
+        # its rows: one per sequence, or one per (sequence, KV head) with per-head decisions; every tensor below
+        # is per row
+        self.units = units or Units()
         self.kv = RaggedKV() if ragged else MaskedKV()
         # KV side: the last ``ring`` real tokens, for the recent band (with their values on the fast path only)
         self.ring = None if ring is None else RecentRing(ring, with_values=ragged)
@@ -60,8 +64,9 @@ class FilteredCacheLayer(CacheLayerMixin):
             self.history = torch.empty(batch, 0, device=device)
             self.history_len = torch.zeros(batch, dtype=torch.long, device=device)
         elif self.real_seen.shape[0] != batch:
+            per = self.units.per
             raise ValueError(
-                f"The cache holds {self.real_seen.shape[0]} sequences but this call has {batch}; "
+                f"The cache holds {self.real_seen.shape[0] // per} sequences but this call has {batch // per}; "
                 "use a new cache for a new batch."
             )
 
@@ -137,12 +142,16 @@ class FilteredCacheLayer(CacheLayerMixin):
         pass
 
     def reset(self) -> None:
-        self.__init__(ragged=isinstance(self.kv, RaggedKV), ring=None if self.ring is None else self.ring.size)
+        self.__init__(
+            ragged=isinstance(self.kv, RaggedKV), ring=None if self.ring is None else self.ring.size, units=self.units
+        )
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("Cropping a Token Filtering cache (assisted/speculative decoding) is not supported.")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep (or reorder, repeat) the sequences ``indices`` ``[N]``: their rows."""
+        indices = self.units.select(indices)
         self.kv.select_batch(indices)
         if self.ring is not None:
             self.ring.select_batch(indices)
@@ -157,5 +166,5 @@ class FilteredCacheLayer(CacheLayerMixin):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.real_seen is not None:
-            n = self.real_seen.shape[0]
+            n = self.real_seen.shape[0] // self.units.per
             self.batch_select_indices(torch.arange(n, device=self.real_seen.device).repeat_interleave(repeats))

@@ -46,6 +46,7 @@ class FilterRun:
         self.layers = decoder_layers(model)
         self.num_layers = len(self.layers)
         self.flops = FlopModel.from_config(model.config)
+        self._units = self.flops.kv_heads if config.granularity == "head" else 1  # decision units per token
         self._windows = [sliding_window(layer.self_attn) for layer in self.layers]
         self.schedule, self.targets = self._targets()
         self.call: CallContext | None = None
@@ -170,8 +171,9 @@ class FilterRun:
     def _after_call(self, module: nn.Module, args: tuple, output: object) -> None:
         if self.call is not None and self.config.record_decisions:
             b, t = self.call.real.shape
-            none = torch.zeros(b, t, dtype=torch.bool, device=self.call.real.device)
-            nan = torch.full((b, t), float("nan"), device=self.call.real.device)
+            shape = (b, t) if self._units == 1 else (b, self._units, t)
+            none = torch.zeros(shape, dtype=torch.bool, device=self.call.real.device)
+            nan = torch.full(shape, float("nan"), device=self.call.real.device)
             self._decisions.append([self._call_decisions.get(i, none) for i in range(self.num_layers)])
             self._scores.append([self._call_scores.get(i, nan) for i in range(self.num_layers)])
         self.call = None
@@ -185,15 +187,21 @@ class FilterRun:
         qo_skipped: int,
         scores: torch.Tensor,
     ) -> None:
-        """One layer's call: decisions ``filtered`` and ``scores`` ``[B, T]``, the pairs attended, the entries
-        dropped from the layer's cache in this call, the tokens that skipped their Q/O projections."""
-        n_filtered = int(filtered.sum())
-        self.record_counts(idx, filtered=n_filtered, pairs=int(pairs), dropped=dropped, qo_skipped=qo_skipped)
+        """One layer's call: decisions ``filtered`` and ``scores`` ``[B, T]`` (``[B, H, T]`` per KV head), the pairs
+        attended and the entries dropped from the layer's cache in this call, the tokens that skipped their Q/O
+        projections. Per KV head, the decisions, pairs and entries are one head's: each counts ``1 / H`` of a
+        token's (the counts may then be fractions)."""
+        n_filtered, n_pairs = int(filtered.sum()), int(pairs)
+        if self._units > 1:
+            n_filtered, n_pairs, dropped = n_filtered / self._units, n_pairs / self._units, dropped / self._units
+        self.record_counts(idx, filtered=n_filtered, pairs=n_pairs, dropped=dropped, qo_skipped=qo_skipped)
         if self.config.record_decisions:
             self._call_decisions[idx] = filtered.detach().clone()
             self._call_scores[idx] = scores.detach().clone()
 
-    def record_counts(self, idx: int, filtered: int, pairs: int, dropped: int, qo_skipped: int) -> None:
+    def record_counts(
+        self, idx: int, filtered: int | float, pairs: int | float, dropped: int | float, qo_skipped: int
+    ) -> None:
         """``record_layer`` for callers that already know the counts as Python ints (the decode fast path)."""
         c = self._counts[idx]
         c.filtered += filtered
@@ -223,12 +231,14 @@ class FilterRun:
 
     @property
     def decisions(self) -> list[torch.Tensor]:
-        """Per layer, ``[batch, seq]`` bool (True = filtered) for the latest sequence (prompt + decoded)."""
+        """Per layer, ``[batch, seq]`` bool (True = filtered; ``[batch, kv_heads, seq]`` with ``granularity="head"``)
+        for the latest sequence (prompt + decoded)."""
         return self._concat(self._decisions)
 
     @property
     def scores(self) -> list[torch.Tensor]:
-        """Per layer, ``[batch, seq]`` float32 scores (NaN for padding and for layers that never filter)."""
+        """Per layer, ``[batch, seq]`` float32 scores (NaN for padding and for layers that never filter; ``[batch,
+        kv_heads, seq]`` with ``granularity="head"``)."""
         return self._concat(self._scores)
 
     def _concat(self, calls: list[list[torch.Tensor]]) -> list[torch.Tensor]:
@@ -236,7 +246,7 @@ class FilterRun:
             raise RuntimeError("Decisions were not recorded: use TokenFilter(..., record_decisions=True).")
         if not calls:
             return []
-        return [torch.cat([call[i] for call in calls], dim=1) for i in range(self.num_layers)]
+        return [torch.cat([call[i] for call in calls], dim=-1) for i in range(self.num_layers)]
 
 
 def _raise_mask() -> None:

@@ -230,7 +230,8 @@ def _config_dict(method: object) -> dict | None:
     if method is None:
         return None
     if dataclasses.is_dataclass(method):
-        return json.loads(json.dumps(dataclasses.asdict(method), default=str))
+        record = method.as_record() if hasattr(method, "as_record") else dataclasses.asdict(method)
+        return json.loads(json.dumps(record, default=str))
     return {"repr": repr(method)}
 
 

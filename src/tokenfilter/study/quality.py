@@ -47,6 +47,8 @@ CANDIDATES: dict[str, dict] = {
     # the layer-schedule axis: PyramidKV's shape (more KV kept low, less high), and its mirror sparing the late layers
     "kv-w64-2h-key-g0.95-tail": {**TWO_HORIZON_KEY, "gamma": 0.95, "schedule": "tail-linear"},
     "kv-w64-2h-key-g0.95-front": {**TWO_HORIZON_KEY, "gamma": 0.95, "schedule": "front-linear"},
+    # the granularity axis: each KV head ranks and keeps its own tokens by its own key's two-horizon cosine
+    "kv-w64-2h-key-g0.95-head": {**TWO_HORIZON_KEY, "gamma": 0.95, "granularity": "head", "path": "reference"},
     "kv-w64-2h-mean": {**KV_SIDE, "recent": 64, "score": "two-horizon", "fusion": "mean"},
     "kv-w64-key": {**KV_SIDE, "recent": 64, "fusion": "key"},
     "kv-w64-cummean-post": {**KV_SIDE, "recent": 64, "score": "cumulative-mean", "pre_rope": False},
@@ -167,7 +169,7 @@ def needle_forced(model, tok, tf: TokenFilter | None, lengths: list[int], depths
                 n = len(p.input_ids)
                 lp = torch.log_softmax(logits[n - 1:n - 1 + len(answer)], -1)
                 target = torch.tensor(answer)
-                kept = [float((~d[0, p.needle_start:p.needle_end]).float().mean()) for d in run.decisions
+                kept = [float((~d[0, ..., p.needle_start:p.needle_end]).float().mean()) for d in run.decisions
                         if d[0].any()]
                 cells.append({"length": length, "depth": depth, "needle": fact.answer,
                               "hit": bool((lp.argmax(-1) == target).all()),
