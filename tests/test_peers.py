@@ -603,3 +603,48 @@ def test_ours_json_keeps_earlier_rows_outside_the_run(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "ours.json").read_text())
     assert saved["model"] == "m" and len(saved["rows"]) == 4
     assert {(r["method"], r["prompt"]): r["answer"] for r in saved["rows"]}[("dense", "a")] == "new"
+
+
+def test_dtype_reaches_both_sides_and_reuse_keeps_dtypes_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from tokenfilter.peers import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert parser.parse_args([]).dtype == "float32"
+    assert parser.parse_args(["--dtype", "bfloat16"]).dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dtype", "float16"])
+    # the JSON's model name: unchanged in float32 (earlier runs still match), marked otherwise
+    assert cli.run_name("m") == "m" and cli.run_name("m", "bfloat16") == "m (bfloat16)"
+
+    prompts = _prompts()[:1]
+    jobs = [{"key": merge.job_key("KnormPress", "tf", prompts[0].id), "prompt": prompts[0].id, "press": "KnormPress",
+             "ratio": 0.5}]
+    specs: list[dict] = []
+
+    def fake(peer: object, in_json: Path, out_json: Path) -> dict:
+        data = json.loads(in_json.read_text())
+        specs.append(data["model"])
+        return {"versions": {}, "results": [{**j, "answer": "new", "error": None} for j in data["jobs"]]}
+
+    monkeypatch.setattr(cli, "run_peer_script", fake)
+    # a float32 run killed after its first job: a bfloat16 run does not take its results
+    inputs.write(tmp_path / "peer_in.json", prompts, {"path": "/x", "gguf_file": "m.gguf"}, {"jobs": jobs})
+    (tmp_path / "peer_new.json").write_text(json.dumps({"results": [{**jobs[0], "answer": "fp32", "error": None}]}))
+    args = argparse.Namespace(reuse=True, threads=1, dtype="bfloat16")
+    out = cli._run_presses(args, None, tmp_path, Path("/x/m.gguf"), cli.run_name("m", "bfloat16"), prompts, jobs)
+    assert [r["answer"] for r in out["results"]] == ["new"] and specs[-1]["dtype"] == "bfloat16"
+    # nor does a float32 run reuse the bfloat16 results now in peer_out.json
+    args.dtype = "float32"
+    out = cli._run_presses(args, None, tmp_path, Path("/x/m.gguf"), cli.run_name("m"), prompts, jobs)
+    assert len(specs) == 2 and specs[-1]["dtype"] == "float32"
+    # a killed bfloat16 run is resumed by a bfloat16 one
+    inputs.write(tmp_path / "peer_in.json", prompts, {"path": "/x", "gguf_file": "m.gguf", "dtype": "bfloat16"},
+                 {"jobs": jobs})
+    (tmp_path / "peer_new.json").write_text(json.dumps({"results": [{**jobs[0], "answer": "bf16", "error": None}]}))
+    (tmp_path / "peer_out.json").unlink()
+    args.dtype = "bfloat16"
+    out = cli._run_presses(args, None, tmp_path, Path("/x/m.gguf"), cli.run_name("m", "bfloat16"), prompts, jobs)
+    assert len(specs) == 2 and [r["answer"] for r in out["results"]] == ["bf16"]

@@ -22,6 +22,15 @@ from tokenfilter.peers import env, inputs, merge, report
 PEER_SCRIPT = Path(__file__).with_name("peer_script.py")
 
 
+DTYPES = ("float32", "bfloat16")
+
+
+def run_name(model_name: str, dtype: str = "float32") -> str:
+    """The name a run's JSON records for its model: with the dtype unless float32, so that ``--reuse`` never mixes
+    rows measured in two dtypes (and float32 runs written before ``--dtype`` existed still match)."""
+    return model_name if dtype == "float32" else f"{model_name} ({dtype})"
+
+
 def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
@@ -59,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", choices=("measured", "nominal"), default="measured",
                    help="our KV held per prompt: from the engine's stats, or 1 - ratio (default measured)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads on both sides (default 1)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weights and activations on both sides (default float32); a bfloat16 run reuses only "
+                        "bfloat16 rows")
     p.add_argument("--reuse", action="store_true",
                    help="keep the rows of an earlier run in --output (same model) and run only the missing ones")
     p.add_argument("--output", type=Path, default=Path("results/peers"), help="folder for the JSON (results/peers)")
@@ -216,12 +228,12 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-def _load(path: Path, need_weights: bool) -> tuple[object | None, object, object]:
+def _load(path: Path, need_weights: bool, dtype: str = "float32") -> tuple[object | None, object, object]:
     """(model or None, tokenizer, config): without ``need_weights`` only the tokenizer and the config load."""
     from tokenfilter.loading import load_model
 
     if need_weights:
-        model, tok = load_model(str(path))
+        model, tok = load_model(str(path), dtype=dtype)
         return model, tok, model.config
     from transformers import AutoConfig, AutoTokenizer
 
@@ -265,6 +277,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     path, model_name = _model_file(args.model)
+    model_name = run_name(model_name, args.dtype)
     methods = our_methods(args.ratios, args.ours)
     budget_rows = press_budget_rows(args.ratios, args.ours, args.press_budgets)
     # --reuse: rows of an earlier run of the same model in --output are kept; only the missing ones run.
@@ -293,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
                     del done[(name, p.id)]
         todo = [p for p in prompts if (name, p.id) not in done]
         if todo and model is None:
-            model, tok, config = _load(path, need_weights=True)
+            model, tok, config = _load(path, need_weights=True, dtype=args.dtype)
             element = next(model.parameters()).element_size()
         new = run_ours(model, tok, {name: method}, todo, progress=log)["rows"] if todo else []
         fresh = {r["prompt"]: r for r in new}
@@ -332,6 +345,7 @@ def run(args: argparse.Namespace) -> int:
         "versions": peer_out.get("versions"),
         "setup_seconds": env.setup_seconds(),
         "threads": args.threads,
+        "dtype": args.dtype,
         "budget_source": (
             "nominal (1 - ratio: a stand-in until the engine's KV-held statistic is wired)"
             if args.budget == "nominal"
@@ -361,15 +375,16 @@ def _save_ours(out: Path, ours: dict, earlier: dict) -> None:
     (out / "ours.json").write_text(json.dumps({**ours, "rows": ours["rows"] + kept}), encoding="utf-8")
 
 
-def _interrupted(out: Path, path: Path) -> list[dict]:
+def _interrupted(out: Path, path: Path, dtype: str = "float32") -> list[dict]:
     """The results without error in the peer script's own output (``peer_new.json``, written after every job) when
-    its input (``peer_in.json``) was for this model: what a killed run leaves."""
+    its input (``peer_in.json``) was for this model in this dtype: what a killed run leaves."""
     spec, new = _read(out / "peer_in.json"), _read(out / "peer_new.json")
     if not spec or not new:
         return []
     model = spec.get("model", {})
     if model.get("path") != str(path.parent if path.suffix == ".gguf" else path) or \
-            model.get("gguf_file") != (path.name if path.suffix == ".gguf" else None):
+            model.get("gguf_file") != (path.name if path.suffix == ".gguf" else None) or \
+            model.get("dtype", "float32") != dtype:
         return []
     return [r for r in new.get("results", []) if not r.get("error") and "key" in r]
 
@@ -387,8 +402,9 @@ def _run_presses(
     old = _read(out / "peer_out.json") if args.reuse else None
     old = old if old and old.get("model") == model_name else {"results": []}
     kept = {r["key"]: r for r in old["results"] if not r.get("error")}
+    dtype = getattr(args, "dtype", "float32")
     if args.reuse:  # a run killed while the peer script ran: the results it had written so far
-        for r in _interrupted(out, path):
+        for r in _interrupted(out, path, dtype):
             kept.setdefault(r["key"], r)
     todo = [j for j in jobs if j["key"] not in kept or kept[j["key"]].get("ratio") != j.get("ratio")]
     new: dict = {"results": [], "versions": old.get("versions")}
@@ -396,6 +412,7 @@ def _run_presses(
         model_spec = {
             "path": str(path.parent if path.suffix == ".gguf" else path),
             "gguf_file": path.name if path.suffix == ".gguf" else None,
+            "dtype": dtype,
             "threads": args.threads,
         }
         needed = {j["prompt"] for j in todo}
