@@ -364,7 +364,7 @@ def test_reuse_runs_only_the_missing_press_jobs(tmp_path: Path, monkeypatch: pyt
         return {"versions": {"kvpress": "0.5.5"}, "results": [{**j, "answer": "new", "error": None} for j in todo]}
 
     monkeypatch.setattr(cli, "run_peer_script", fake)
-    args = argparse.Namespace(reuse=True, threads=1)
+    args = argparse.Namespace(reuse=True, threads=1, dtype="float32")
     out = cli._run_presses(args, None, tmp_path, Path("/x/m.gguf"), "m", prompts, jobs)
     assert ran == ["SnapKVPress", "TOVAPress"]
     assert [r["answer"] for r in out["results"]] == ["old", "new", "new"]
@@ -393,7 +393,7 @@ def test_reuse_keeps_what_a_killed_peer_script_wrote(tmp_path: Path, monkeypatch
         return {"versions": {}, "results": [{**j, "answer": "new", "error": None} for j in todo]}
 
     monkeypatch.setattr(cli, "run_peer_script", fake)
-    args = argparse.Namespace(reuse=True, threads=1)
+    args = argparse.Namespace(reuse=True, threads=1, dtype="float32")
     out = cli._run_presses(args, None, tmp_path, Path("/x/m.gguf"), "m", prompts, jobs)
     assert ran == ["SnapKVPress"] and [r["answer"] for r in out["results"]] == ["kept", "new"]
     # held in peer_out.json now: the killed run's scratch files are gone

@@ -375,16 +375,15 @@ def _save_ours(out: Path, ours: dict, earlier: dict) -> None:
     (out / "ours.json").write_text(json.dumps({**ours, "rows": ours["rows"] + kept}), encoding="utf-8")
 
 
-def _interrupted(out: Path, path: Path, dtype: str = "float32") -> list[dict]:
+def _interrupted(out: Path, model_spec: dict) -> list[dict]:
     """The results without error in the peer script's own output (``peer_new.json``, written after every job) when
-    its input (``peer_in.json``) was for this model in this dtype: what a killed run leaves."""
+    its input (``peer_in.json``) was for the same weights in the same dtype (``model_spec``'s path, gguf_file and
+    dtype; an input without a dtype was float32): what a killed run leaves."""
     spec, new = _read(out / "peer_in.json"), _read(out / "peer_new.json")
     if not spec or not new:
         return []
-    model = spec.get("model", {})
-    if model.get("path") != str(path.parent if path.suffix == ".gguf" else path) or \
-            model.get("gguf_file") != (path.name if path.suffix == ".gguf" else None) or \
-            model.get("dtype", "float32") != dtype:
+    model = {"dtype": "float32", **spec.get("model", {})}
+    if any(model.get(k) != model_spec[k] for k in ("path", "gguf_file", "dtype")):
         return []
     return [r for r in new.get("results", []) if not r.get("error") and "key" in r]
 
@@ -402,19 +401,18 @@ def _run_presses(
     old = _read(out / "peer_out.json") if args.reuse else None
     old = old if old and old.get("model") == model_name else {"results": []}
     kept = {r["key"]: r for r in old["results"] if not r.get("error")}
-    dtype = getattr(args, "dtype", "float32")
+    model_spec = {
+        "path": str(path.parent if path.suffix == ".gguf" else path),
+        "gguf_file": path.name if path.suffix == ".gguf" else None,
+        "dtype": args.dtype,
+        "threads": args.threads,
+    }
     if args.reuse:  # a run killed while the peer script ran: the results it had written so far
-        for r in _interrupted(out, path, dtype):
+        for r in _interrupted(out, model_spec):
             kept.setdefault(r["key"], r)
     todo = [j for j in jobs if j["key"] not in kept or kept[j["key"]].get("ratio") != j.get("ratio")]
     new: dict = {"results": [], "versions": old.get("versions")}
     if todo:
-        model_spec = {
-            "path": str(path.parent if path.suffix == ".gguf" else path),
-            "gguf_file": path.name if path.suffix == ".gguf" else None,
-            "dtype": dtype,
-            "threads": args.threads,
-        }
         needed = {j["prompt"] for j in todo}
         in_json = inputs.write(out / "peer_in.json", [p for p in prompts if p.id in needed], model_spec, {"jobs": todo})
         new = run_peer_script(peer, in_json, out / "peer_new.json")
