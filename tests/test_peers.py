@@ -559,6 +559,24 @@ def test_needle_per_depth() -> None:
     assert "| depth 0 | depth 50 |" in table and "| dense | dense | 1.00 | 0.50 |" in table
 
 
+def test_needle_per_length() -> None:
+    lengths, scores = (100, 100, 200, 200), [1.0, 0.0, 1.0, 1.0]
+    prompts = [SplitPrompt(f"needle/{n}/0/{i}", "needle", "needle", [1] * (n - 10), [2] * 10, "", "", 8, ["42"],
+                           meta={"depth": 0.0, "length": n}) for i, n in enumerate(lengths)]
+    rows = [{"method": "dense", "ratio": None, "prompt": p.id, "answer": "42" if sc else "no", "new_tokens": 2,
+             "score": sc, "seconds": 1.0, "kv_held_share": 1.0, "prefill_pairs": None, "decode_pairs": None}
+            for p, sc in zip(prompts, scores, strict=True)]
+    summ = merge.summarize(merge.merge(prompts, {"rows": rows}, None, [], SHAPE))
+    assert summ[0]["by_length"] == {100: {"score": 0.5, "se": pytest.approx(0.5), "n": 2},
+                                    200: {"score": 1.0, "se": 0.0, "n": 2}}
+    table = report.length_table(summ)
+    assert "| 100 tokens | 200 tokens |" in table and "| dense | dense | 0.50 ± 0.50 | 1.00 ± 0.00 |" in table
+    text = report.section_markdown(summ, [], {}, [])
+    assert "Per context length:" in text and text.index("Per context length:") < text.index("Per depth")
+    one = merge.summarize(merge.merge(prompts[:2], {"rows": rows[:2]}, None, [], SHAPE))
+    assert "Per context length:" not in report.section_markdown(one, [], {}, [])  # one length: the table says it
+
+
 def test_ran_lines_say_what_did_not_run() -> None:
     from tokenfilter.peers import cli
 

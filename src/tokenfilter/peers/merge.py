@@ -66,7 +66,8 @@ def jobs(budgets: Iterable[bud.Budget], presses: Sequence[str], prompts: Mapping
 
 
 def _base(p: SplitPrompt) -> dict:
-    return {"family": p.family, "task": p.task, "prompt": p.id, "tokens": p.tokens, "depth": p.meta.get("depth")}
+    return {"family": p.family, "task": p.task, "prompt": p.id, "tokens": p.tokens, "depth": p.meta.get("depth"),
+            "length": p.meta.get("length")}
 
 
 def _kv(entries: float | None, dense: int, shape: bud.ModelShape) -> dict:
@@ -195,9 +196,12 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
             xs = [scale * r["score"] for r in ok]
             score_, se = _mean(xs), _se(xs)
         depths: dict[float, list[float]] = {}
+        lengths: dict[int, list[float]] = {}
         for r in ok:
             if r.get("depth") is not None:
                 depths.setdefault(r["depth"], []).append(scale * r["score"])
+            if r.get("length") is not None:
+                lengths.setdefault(r["length"], []).append(scale * r["score"])
         ratios = [r["ratio"] for r in ok if r.get("ratio") is not None]
         windows = [r["recent"] for r in ok if r.get("recent") is not None]
         out.append(
@@ -213,6 +217,7 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
                 "se": se,
                 "tasks": tasks,
                 "by_depth": {d: _mean(xs) for d, xs in sorted(depths.items())},
+                "by_length": {n: {"score": _mean(x), "se": _se(x), "n": len(x)} for n, x in sorted(lengths.items())},
                 "ratio": _mean(ratios) if ratios else None,
                 "recent": [min(windows), max(windows)] if windows else None,
                 "kv_bytes": _mean([r["kv_bytes"] for r in ok]),

@@ -223,6 +223,21 @@ def depth_table(summaries: Sequence[Mapping]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
 
 
+def length_table(summaries: Sequence[Mapping]) -> str:
+    """Needle found per context length (tokens; 0-1 ± one standard error), one row per (method, budget)."""
+    rows = sorted((s for s in summaries if s["family"] == "needle" and s.get("by_length")), key=_order)
+    by = [{int(n): v for n, v in s["by_length"].items()} for s in rows]  # JSON keeps the lengths as strings
+    lengths = sorted({n for b in by for n in b})
+    head = ["method", "budget of", *(f"{n} tokens" for n in lengths)]
+    body = [[s["method"], s["config"], *[_score(b.get(n)) for n in lengths]] for s, b in zip(rows, by, strict=True)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+
+
+def _score(cell: Mapping | None) -> str:
+    return "-" if cell is None else f"{cell['score']:.2f} ± {cell['se']:.2f}"
+
+
 def task_table(summaries: Sequence[Mapping]) -> str:
     """LongBench per task (0-100), one row per (method, budget)."""
     lb = sorted((s for s in summaries if s["family"] == "longbench"), key=_order)
@@ -329,8 +344,12 @@ def section_markdown(
         lines += [f"### {title}", "", family_table(summaries, family), ""]
         if family == "longbench":
             lines += ["Per task:", "", task_table(summaries), ""]
-        elif any(x.get("by_depth") for x in summaries if x["family"] == "needle"):
-            lines += ["Per depth (where the needle sits, % of the context):", "", depth_table(summaries), ""]
+        else:
+            needle = [x for x in summaries if x["family"] == "needle"]
+            if any(len(x.get("by_length") or {}) > 1 for x in needle):
+                lines += ["Per context length:", "", length_table(summaries), ""]
+            if any(x.get("by_depth") for x in needle):
+                lines += ["Per depth (where the needle sits, % of the context):", "", depth_table(summaries), ""]
         lines += [f"![peers {family}]({img})" for img in images if family in Path(img).stem] + [""]
     found = findings(summaries)
     if found:
