@@ -353,7 +353,7 @@ def test_reuse_runs_only_the_missing_press_jobs(tmp_path: Path, monkeypatch: pyt
             for p in ("KnormPress", "SnapKVPress", "TOVAPress")]
     old = {"model": "m", "versions": {"kvpress": "0.5.5"}, "results": [
         {**jobs[0], "answer": "old", "error": None},
-        {**jobs[2], "error": "RuntimeError: boom"},  # failed before: runs again
+        {**jobs[2], "error": "RuntimeError: boom"},  # failed before: kept, unless --retry-failed
     ]}
     (tmp_path / "peer_out.json").write_text(json.dumps(old))
     ran: list[str] = []
@@ -364,7 +364,14 @@ def test_reuse_runs_only_the_missing_press_jobs(tmp_path: Path, monkeypatch: pyt
         return {"versions": {"kvpress": "0.5.5"}, "results": [{**j, "answer": "new", "error": None} for j in todo]}
 
     monkeypatch.setattr(cli, "run_peer_script", fake)
-    args = argparse.Namespace(reuse=True, threads=1, dtype="float32")
+    args = argparse.Namespace(reuse=True, threads=1, dtype="float32", retry_failed=False)
+    out = cli._run_presses(args, None, tmp_path, Path("/x/m.gguf"), "m", prompts, jobs)
+    assert ran == ["SnapKVPress"]
+    assert [r.get("answer") for r in out["results"]] == ["old", "new", None]
+    assert out["results"][2]["error"] == "RuntimeError: boom"
+    (tmp_path / "peer_out.json").write_text(json.dumps(old))
+    args.retry_failed = True
+    ran.clear()
     out = cli._run_presses(args, None, tmp_path, Path("/x/m.gguf"), "m", prompts, jobs)
     assert ran == ["SnapKVPress", "TOVAPress"]
     assert [r["answer"] for r in out["results"]] == ["old", "new", "new"]
@@ -393,7 +400,7 @@ def test_reuse_keeps_what_a_killed_peer_script_wrote(tmp_path: Path, monkeypatch
         return {"versions": {}, "results": [{**j, "answer": "new", "error": None} for j in todo]}
 
     monkeypatch.setattr(cli, "run_peer_script", fake)
-    args = argparse.Namespace(reuse=True, threads=1, dtype="float32")
+    args = argparse.Namespace(reuse=True, threads=1, dtype="float32", retry_failed=False)
     out = cli._run_presses(args, None, tmp_path, Path("/x/m.gguf"), "m", prompts, jobs)
     assert ran == ["SnapKVPress"] and [r["answer"] for r in out["results"]] == ["kept", "new"]
     # held in peer_out.json now: the killed run's scratch files are gone
@@ -651,7 +658,7 @@ def test_dtype_reaches_both_sides_and_reuse_keeps_dtypes_apart(tmp_path: Path, m
     # a float32 run killed after its first job: a bfloat16 run does not take its results
     inputs.write(tmp_path / "peer_in.json", prompts, {"path": "/x", "gguf_file": "m.gguf"}, {"jobs": jobs})
     (tmp_path / "peer_new.json").write_text(json.dumps({"results": [{**jobs[0], "answer": "fp32", "error": None}]}))
-    args = argparse.Namespace(reuse=True, threads=1, dtype="bfloat16")
+    args = argparse.Namespace(reuse=True, threads=1, dtype="bfloat16", retry_failed=False)
     out = cli._run_presses(args, None, tmp_path, Path("/x/m.gguf"), cli.run_name("m", "bfloat16"), prompts, jobs)
     assert [r["answer"] for r in out["results"]] == ["new"] and specs[-1]["dtype"] == "bfloat16"
     # nor does a float32 run reuse the bfloat16 results now in peer_out.json

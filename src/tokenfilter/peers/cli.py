@@ -73,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "bfloat16 rows")
     p.add_argument("--reuse", action="store_true",
                    help="keep the rows of an earlier run in --output (same model) and run only the missing ones")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="with --reuse, run again the press jobs that failed before (by default a failure is kept: "
+                        "the same press on the same prompt and versions fails the same way)")
     p.add_argument("--output", type=Path, default=Path("results/peers"), help="folder for the JSON (results/peers)")
     p.add_argument("--results-md", type=Path, default=None, help="write the Peers section of this file")
 
@@ -376,7 +379,7 @@ def _save_ours(out: Path, ours: dict, earlier: dict) -> None:
 
 
 def _interrupted(out: Path, model_spec: dict) -> list[dict]:
-    """The results without error in the peer script's own output (``peer_new.json``, written after every job) when
+    """The results in the peer script's own output (``peer_new.json``, written after every job) when
     its input (``peer_in.json``) was for the same weights in the same dtype (``model_spec``'s path, gguf_file and
     dtype; an input without a dtype was float32): what a killed run leaves."""
     spec, new = _read(out / "peer_in.json"), _read(out / "peer_new.json")
@@ -385,7 +388,7 @@ def _interrupted(out: Path, model_spec: dict) -> list[dict]:
     model = {"dtype": "float32", **spec.get("model", {})}
     if any(model.get(k) != model_spec[k] for k in ("path", "gguf_file", "dtype")):
         return []
-    return [r for r in new.get("results", []) if not r.get("error") and "key" in r]
+    return [r for r in new.get("results", []) if "key" in r]
 
 
 def _run_presses(
@@ -400,7 +403,7 @@ def _run_presses(
     """The peer script's results for ``jobs`` (with ``--reuse``: earlier results of the same job kept)."""
     old = _read(out / "peer_out.json") if args.reuse else None
     old = old if old and old.get("model") == model_name else {"results": []}
-    kept = {r["key"]: r for r in old["results"] if not r.get("error")}
+    kept = {r["key"]: r for r in old["results"]}
     model_spec = {
         "path": str(path.parent if path.suffix == ".gguf" else path),
         "gguf_file": path.name if path.suffix == ".gguf" else None,
@@ -409,15 +412,18 @@ def _run_presses(
     }
     if args.reuse:  # a run killed while the peer script ran: the results it had written so far
         for r in _interrupted(out, model_spec):
-            kept.setdefault(r["key"], r)
-    todo = [j for j in jobs if j["key"] not in kept or kept[j["key"]].get("ratio") != j.get("ratio")]
+            if r["key"] not in kept or kept[r["key"]].get("error"):
+                kept[r["key"]] = r
+    # a failure is kept unless --retry-failed: the same press on the same prompt and versions fails the same way
+    usable = {k: r for k, r in kept.items() if not (args.retry_failed and r.get("error"))}
+    todo = [j for j in jobs if j["key"] not in usable or usable[j["key"]].get("ratio") != j.get("ratio")]
     new: dict = {"results": [], "versions": old.get("versions")}
     if todo:
         needed = {j["prompt"] for j in todo}
         in_json = inputs.write(out / "peer_in.json", [p for p in prompts if p.id in needed], model_spec, {"jobs": todo})
         new = run_peer_script(peer, in_json, out / "peer_new.json")
     fresh = {r["key"]: r for r in new["results"]}
-    results = [fresh.get(j["key"]) or kept[j["key"]] for j in jobs]
+    results = [fresh.get(j["key"]) or usable[j["key"]] for j in jobs]
     peer_out = {"model": model_name, "versions": new.get("versions") or old.get("versions"), "results": results}
     # the file also keeps earlier results outside these jobs (a narrower run loses nothing for later ones)
     keys = {j["key"] for j in jobs}
