@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from tokenfilter.eval.sections import write_section
@@ -212,30 +212,27 @@ def family_table(summaries: Sequence[Mapping], family: str) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def _needle_breakdown(summaries: Sequence[Mapping], key: str, cast: type, head: str, cell: Callable) -> str:
+    """Needle found per value of ``summaries[i][key]`` (a dict that JSON keeps with string keys, hence ``cast``),
+    one row per (method, budget); ``head`` formats a column's title, ``cell`` its entries."""
+    rows = sorted((s for s in summaries if s["family"] == "needle" and s.get(key)), key=_order)
+    by = [{cast(k): v for k, v in s[key].items()} for s in rows]
+    values = sorted({k for b in by for k in b})
+    title = ["method", "budget of", *(head.format(k) for k in values)]
+    body = [[s["method"], s["config"], *[cell(b.get(k)) for k in values]] for s, b in zip(rows, by, strict=True)]
+    lines = ["| " + " | ".join(title) + " |", "|" + "---|" * len(title)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+
+
 def depth_table(summaries: Sequence[Mapping]) -> str:
     """Needle found per depth (% of the context, 0-1), one row per (method, budget)."""
-    rows = sorted((s for s in summaries if s["family"] == "needle" and s.get("by_depth")), key=_order)
-    by = [{float(d): v for d, v in s["by_depth"].items()} for s in rows]  # JSON keeps the depths as strings
-    depths = sorted({d for b in by for d in b})
-    head = ["method", "budget of", *(f"depth {d:g}" for d in depths)]
-    body = [[s["method"], s["config"], *[_num(b.get(d), ".2f") for d in depths]] for s, b in zip(rows, by, strict=True)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+    return _needle_breakdown(summaries, "by_depth", float, "depth {:g}", lambda v: _num(v, ".2f"))
 
 
 def length_table(summaries: Sequence[Mapping]) -> str:
     """Needle found per context length (tokens; 0-1 ± one standard error), one row per (method, budget)."""
-    rows = sorted((s for s in summaries if s["family"] == "needle" and s.get("by_length")), key=_order)
-    by = [{int(n): v for n, v in s["by_length"].items()} for s in rows]  # JSON keeps the lengths as strings
-    lengths = sorted({n for b in by for n in b})
-    head = ["method", "budget of", *(f"{n} tokens" for n in lengths)]
-    body = [[s["method"], s["config"], *[_score(b.get(n)) for n in lengths]] for s, b in zip(rows, by, strict=True)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
-
-
-def _score(cell: Mapping | None) -> str:
-    return "-" if cell is None else f"{cell['score']:.2f} ± {cell['se']:.2f}"
+    return _needle_breakdown(summaries, "by_length", int, "{} tokens",
+                             lambda c: "-" if c is None else f"{c['score']:.2f} ± {c['se']:.2f}")
 
 
 def task_table(summaries: Sequence[Mapping]) -> str:
