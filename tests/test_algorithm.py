@@ -90,21 +90,20 @@ def _assert_quantiles_match(layer, raw: list[list[float]]) -> None:
         hist[r, : len(vals)] = torch.tensor(vals)
     for level in (0.0, 0.3, 0.5, 0.7, 0.95, 1.0):
         want = torch.nanquantile(hist, level, dim=-1, keepdim=True)
-        got = layer.score_quantile(level)
+        got = layer.quantile(level)
         assert torch.equal(got.isnan(), want.isnan())
         torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("ragged", [True, False])
 def test_sorted_score_history_quantile_equals_nanquantile(ragged):
-    """The cache keeps each row's scores sorted so decode reads the quantile without sorting; it must give
+    """``ScoreHistory`` keeps each row's scores sorted so decode reads the quantile without sorting; it must give
     exactly what ``torch.nanquantile`` gives on the unsorted history, for ragged rows (a padded batch: ranks
     computed per row) and equal rows (ranks computed in Python)."""
-    from tokenfilter.integration.cache_layer import FilteredCacheLayer
+    from tokenfilter.algorithm.decisions import ScoreHistory
 
     torch.manual_seed(0)
-    layer = FilteredCacheLayer()
-    layer.init_state(3, 2, 4, torch.device("cpu"))
+    layer = ScoreHistory(3, torch.device("cpu"))
     raw: list[list[float]] = [[], [], []]
     _assert_quantiles_match(layer, raw)  # empty: NaN everywhere
     if ragged:
@@ -113,14 +112,14 @@ def test_sorted_score_history_quantile_equals_nanquantile(ragged):
         eligible = torch.ones(3, 5, dtype=torch.bool)
     for _ in range(2):  # two prefill chunks
         scores = torch.rand(3, 5)
-        layer.add_history(scores, eligible)
+        layer.add(scores, eligible)
         for r in range(3):
             raw[r] += scores[r][eligible[r]].tolist()
         _assert_quantiles_match(layer, raw)
-    assert (layer.history_min == layer.history_max) != ragged
+    assert (layer.shortest == layer.longest) != ragged
     for _ in range(70):  # decode steps: one score inserted per row, ties included, across a buffer growth
         s = torch.rand(3).round(decimals=1)
-        layer.add_history_one(s)
+        layer.add(s[:, None], None)
         for r in range(3):
             raw[r].append(float(s[r]))
         _assert_quantiles_match(layer, raw)

@@ -1,6 +1,7 @@
 """The engine's performance shortcuts (added for the benchmark) compute what the general path computes.
 
-* decode fast path (``FilteredAttention._decode_step``): one token per row, every row real and past warm-up;
+* the lean decode step (the layer path's one-token branch, whose attention is ``FastBackend._attend_one``): one
+  token per row, every row real and past warm-up, on the query side and on the KV side with its band;
 * causal prefill shortcut: a prefill into an empty store whose stored tokens are the queries;
 * ``RaggedKV`` Python mirrors (``max_len``, ``min_len``, ``total``) and its bounded growth.
 """
@@ -13,7 +14,7 @@ import torch
 from tiny_lm import one_thread
 from tokenfilter import TokenFilter
 from tokenfilter.config import SPEC_SCORE
-from tokenfilter.integration import attention as attention_mod
+from tokenfilter.integration.backends import fast as fast_backend
 from tokenfilter.integration.kv_store import RaggedKV
 
 from conftest import left_pad, make_tiny, random_ids
@@ -29,13 +30,13 @@ def _one_thread():
 @pytest.fixture
 def count_fast_decode(monkeypatch):
     calls = {"n": 0}
-    original = attention_mod.FilteredAttention._decode_step
+    original = fast_backend.FastBackend._attend_one
 
     def counted(self, *args, **kwargs):
         calls["n"] += 1
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(attention_mod.FilteredAttention, "_decode_step", counted)
+    monkeypatch.setattr(fast_backend.FastBackend, "_attend_one", counted)
     return calls
 
 
@@ -107,13 +108,13 @@ def test_causal_prefill_shortcut_equals_reference(monkeypatch, kv):
     model = make_tiny("llama")
     ids, mask = _inputs(3)
     seen = []
-    original = attention_mod.attend
+    original = fast_backend.attend
 
     def spy(*args, causal=False, **kwargs):
         seen.append(causal)
         return original(*args, causal=causal, **kwargs)
 
-    monkeypatch.setattr(attention_mod, "attend", spy)
+    monkeypatch.setattr(fast_backend, "attend", spy)
     outs = {}
     for path in ("fast", "reference"):
         # the query side's shortcut

@@ -1,7 +1,7 @@
 """The operator-count shortcuts of the decode step compute what the general code computes.
 
-* ``integration/fused.py``: the fused one-token ``similarity``, ``cumulative-mean`` and ``two-horizon`` equal the
-  registry's, bit for bit (scores and running memories), for every fusion and in bf16;
+* the decode steps registered beside the scores (``Score.step``): the one-token ``similarity``, ``cumulative-mean``
+  and ``two-horizon`` equal the scores, bit for bit (scores and running memories), for every fusion and in bf16;
 * a layer whose threshold is ``+inf`` can filter nothing, so it keeps its own code (no scoring), unless the scores
   are recorded; the logits are the unmodified model's either way.
 """
@@ -13,9 +13,13 @@ import torch
 
 from tokenfilter import TokenFilter
 from tokenfilter.algorithm.scores import FUSIONS, SCORES, ScoreState
-from tokenfilter.integration.fused import fused_score, similarity_step, two_horizon_step
+from tokenfilter.algorithm.scores.similarity import similarity_step, two_horizon_step
 
 from conftest import make_tiny, random_ids
+
+
+def _params(fusion: str) -> dict:
+    return {"gamma": 0.9, "fusion": fusion, "lam": 1.0}
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
@@ -25,11 +29,11 @@ def test_similarity_step_is_the_registry_score_bit_for_bit(fusion, batch, dtype)
     g = torch.Generator().manual_seed(batch)
     k, v = (torch.randn(batch, 1, 3, 16, generator=g).to(dtype) for _ in range(2))
     anchors = torch.randn(batch, 1 if fusion in ("key", "key-min") else 2, 3, 16, generator=g)
-    state = ScoreState(valid=None, seen=torch.full((batch,), 5), memory={"anchors": anchors}, gamma=0.9,
-                       fusion=fusion, lam=1.0, generator=g)
+    state = ScoreState(valid=None, seen=torch.full((batch,), 5), memory={"anchors": anchors}, generator=g,
+                       params=_params(fusion))
     want = SCORES["similarity"](k, v, state)[:, 0]
     memory = {"anchors": anchors}
-    got = similarity_step(k, v, memory, state.seen, 0.9, fusion, 1.0)
+    got = similarity_step(k, v, ScoreState(None, state.seen, memory, params=_params(fusion)))
     assert got.dtype == want.dtype == torch.float32 and got.shape == (batch,)
     assert torch.equal(got, want)
     assert torch.equal(memory["anchors"], state.memory["anchors"])
@@ -46,10 +50,9 @@ def test_mean_steps_are_the_registry_scores_bit_for_bit(name, fusion, batch, dty
     memory = {"anchors": torch.randn(batch, parts, 3, 16, generator=g),
               "sum": torch.randn(batch, parts, 3, 16, generator=g)}
     seen = torch.arange(5, 5 + batch)  # rows at different lengths
-    state = ScoreState(valid=None, seen=seen, memory=dict(memory), gamma=0.9, fusion=fusion, lam=1.0,
-                       generator=g)
+    state = ScoreState(valid=None, seen=seen, memory=dict(memory), generator=g, params=_params(fusion))
     want = SCORES[name](k, v, state)[:, 0]
-    got = fused_score(name)(k, v, memory, seen, 0.9, fusion, 1.0)
+    got = SCORES[name].step(k, v, ScoreState(None, seen, memory, params=_params(fusion)))
     assert got.dtype == want.dtype == torch.float32 and got.shape == (batch,)
     assert torch.equal(got, want)
     assert memory.keys() == state.memory.keys()
@@ -60,11 +63,12 @@ def test_mean_steps_are_the_registry_scores_bit_for_bit(name, fusion, batch, dty
 def test_similarity_step_without_anchors_does_nothing():
     memory: dict = {}
     seen = torch.ones(1, dtype=torch.long)
-    assert similarity_step(torch.ones(1, 1, 2, 4), torch.ones(1, 1, 2, 4), memory, seen, 0.9, "variance", 1.0) is None
+    ones = torch.ones(1, 1, 2, 4)
+    assert similarity_step(ones, ones, ScoreState(None, seen, memory, params=_params("variance"))) is None
     assert memory == {}
-    assert fused_score("similarity") is similarity_step and fused_score("key-norm") is None
+    assert SCORES["similarity"].step is similarity_step and SCORES["key-norm"].step is None
     memory = {"anchors": torch.ones(1, 1, 2, 4)}  # one of the two memories: neither is touched
-    assert two_horizon_step(torch.ones(1, 1, 2, 4), torch.ones(1, 1, 2, 4), memory, seen, 0.9, "key", 1.0) is None
+    assert two_horizon_step(ones, ones, ScoreState(None, seen, memory, params=_params("key"))) is None
     assert torch.equal(memory["anchors"], torch.ones(1, 1, 2, 4)) and list(memory) == ["anchors"]
 
 

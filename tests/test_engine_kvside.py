@@ -362,16 +362,16 @@ def test_use_cache_false_equals_cached(tiny):
 @pytest.mark.parametrize("recent", RECENT)
 @pytest.mark.parametrize("mode", [dict(ratio=0.5), dict(threshold=0.3)], ids=["ratio", "threshold"])
 def test_lean_band_decode_is_taken_and_equals_reference(monkeypatch, recent, mode):
-    from tokenfilter.integration import attention as attention_mod
+    from tokenfilter.integration.backends.fast import FastBackend
 
     calls = {"n": 0}
-    original = attention_mod.FilteredAttention._decode_step_band
+    original = FastBackend._attend_one
 
-    def counted(self, *args, **kwargs):
-        calls["n"] += 1
-        return original(self, *args, **kwargs)
+    def counted(self, r, *args, **kwargs):
+        calls["n"] += r.band is not None  # the lean step with the recent band
+        return original(self, r, *args, **kwargs)
 
-    monkeypatch.setattr(attention_mod.FilteredAttention, "_decode_step_band", counted)
+    monkeypatch.setattr(FastBackend, "_attend_one", counted)
     model = make_tiny("llama")
     ids, mask = left_pad([random_ids(1, 30, seed=3)[0], random_ids(1, 24, seed=4)[0]])
     runs = {}

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from tokenfilter import TokenFilter
-from tokenfilter.integration import attention as attention_mod
-from tokenfilter.integration.attention import attend_lse, lse_impl, merge_lse
+from tokenfilter.integration.backends import fast as fast_backend
+from tokenfilter.integration.backends import kernels
+from tokenfilter.integration.backends.kernels import attend_lse, lse_impl, merge_lse
 
 from conftest import left_pad, make_tiny, random_ids
 
@@ -75,7 +76,7 @@ def test_kv_side_fast_path_with_the_math_kernel_equals_reference(monkeypatch, re
     model = make_tiny("llama")
     ids, mask = left_pad([random_ids(1, 40, seed=2)[0], random_ids(1, 33, seed=3)[0]])
     seen = []
-    original = attention_mod.attend_lse
+    original = kernels.attend_lse
 
     def forced(*args, impl=None, **kwargs):
         seen.append(impl)
@@ -84,7 +85,8 @@ def test_kv_side_fast_path_with_the_math_kernel_equals_reference(monkeypatch, re
     outs = {}
     for path in ("fast", "reference"):
         if path == "fast":
-            monkeypatch.setattr(attention_mod, "attend_lse", forced)
+            for module in (kernels, fast_backend):  # the staircase and band kernels, and the lean decode step
+                monkeypatch.setattr(module, "attend_lse", forced)
         cfg = TokenFilter(ratio=0.5, skip="none", recent=recent, path=path, record_decisions=True)
         with cfg.apply(model) as run, torch.no_grad():
             gen = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,

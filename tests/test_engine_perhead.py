@@ -215,13 +215,31 @@ def test_random_score_per_head_reproduces(tiny):
     "kwargs, message",
     [
         (dict(granularity="head", skip="attention", path="reference"), 'needs skip="none"'),
-        (dict(granularity="head"), 'pass path="reference"'),
         (dict(granularity="layer"), "granularity must be one of token, head"),
     ],
 )
 def test_bad_granularity_is_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TokenFilter(ratio=0.5, **kwargs)
+
+
+def test_fast_backend_falls_back_to_reference_per_head(recwarn):
+    """The fast backend does not run per-KV-head decisions: it says so in one sentence and the layer runs on the
+    reference backend, with the reference backend's results."""
+    from tokenfilter.integration import backends
+
+    backends._WARNED.clear()
+    model = make_tiny("qwen3")
+    ids, mask = left_pad([random_ids(1, 30, seed=3)[0], random_ids(1, 24, seed=4)[0]])
+    runs = []
+    for path in ("fast", "reference"):
+        with TokenFilter(ratio=0.5, **{**HEAD, "path": path}, record_decisions=True).apply(model) as run:
+            out = logits(model, ids, mask)
+        runs.append((out, run.decisions))
+    messages = [str(w.message) for w in recwarn if "tokenfilter:" in str(w.message)]
+    assert len(messages) == 1 and "per-token decisions only" in messages[0] and "reference backend" in messages[0]
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
 
 
 def test_records_of_earlier_runs_still_match():

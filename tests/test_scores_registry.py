@@ -21,10 +21,8 @@ def _state(valid, seed=0, seen=None, b=2, fusion="variance"):
         valid=valid,
         seen=torch.zeros(b, dtype=torch.long) if seen is None else seen,
         memory={},
-        gamma=0.9,
-        fusion=fusion,
-        lam=1.0,
         generator=torch.Generator().manual_seed(seed),
+        params={"gamma": 0.9, "fusion": fusion, "lam": 1.0},
     )
 
 

@@ -49,8 +49,12 @@ class TokenFilter:
       ``SPEC_SCORE`` fields) keeps the needle in 1 of 18 selection prompts at ratio 0.5, this one in 14 (dense 14).
 
     ``granularity="head"`` lets each KV head rank and keep its own tokens (the ratio then counts (token, layer, head)
-    entries; each head's score is its own similarity, so no fusion across heads is needed). It is built on the
-    reference path only (``path="reference"``, which masks instead of gathering) and measured in docs/study.md.
+    entries; each head's score is its own similarity, so no fusion across heads is needed). It runs on the reference
+    attention backend (``path="reference"``, which masks instead of gathering; the fast one falls back to it, with a
+    warning) and is measured in docs/study.md.
+
+    ``path`` names the attention backend (``integration/backends/``): ``"fast"`` computes only what is read,
+    ``"reference"`` masks every column (the definition the tests hold the others to).
 
     ``TokenFilter.paper(...)`` pins the paper's own reading (query side, tail-linear from ``L // 2``, no window)
     so that a default never changes it.
@@ -188,14 +192,11 @@ class TokenFilter:
                     f'recent (a window of recent keys) needs skip="none" (KV-side filtering), got skip={self.skip!r}.'
                 )
 
-        if self.granularity == "head":
-            if self.skip != "none":
-                raise ValueError(
-                    f'granularity="head" (per-KV-head decisions) needs skip="none" (KV-side filtering), got '
-                    f"skip={self.skip!r}."
-                )
-            if self.path != "reference":
-                raise ValueError('granularity="head" runs on the reference path only: pass path="reference".')
+        if self.granularity == "head" and self.skip != "none":
+            raise ValueError(
+                f'granularity="head" (per-KV-head decisions) needs skip="none" (KV-side filtering), got '
+                f"skip={self.skip!r}."
+            )
 
     @property
     def window(self) -> int | None:

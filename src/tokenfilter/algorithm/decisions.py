@@ -1,11 +1,19 @@
-"""Turning scores into decisions (True = filtered). Higher score = more redundant.
+"""Turning scores into decisions (True = filtered); higher score = more redundant.
 
-The decode rule's threshold (each row's running quantile of its past scores) is read from the sorted score
-history the cache keeps: ``FilteredCacheLayer.score_quantile``.
+Two rules (``Rule``), each written once here for prefill and decode:
+
+* threshold: filter the eligible tokens whose score is strictly above the layer's ``tau``;
+* ratio: in prefill, per row, the ``round(ratio * n_real)`` eligible highest scores (``top_ratio``); in decode,
+  a token above its row's running quantile ``1 - ratio`` of the scores seen so far. The quantile is read from
+  ``ScoreHistory``, each row's eligible scores kept sorted (it lives in the layer's cache, with the sequence).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
 import torch
 
 
@@ -22,6 +30,101 @@ def top_ratio(scores: torch.Tensor, eligible: torch.Tensor, n_real: torch.Tensor
     return (rank < k[:, None]) & eligible
 
 
-def above(scores: torch.Tensor, eligible: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
-    """Threshold rule: filter eligible tokens whose score is strictly above ``tau`` (scalar or ``[B, 1]``)."""
-    return eligible & (scores > tau)
+def above(scores: torch.Tensor, eligible: torch.Tensor | None, tau: torch.Tensor | float) -> torch.Tensor:
+    """Threshold rule: filter eligible tokens whose score is strictly above ``tau`` (scalar or ``[B, 1]``);
+    ``eligible`` None: every token is."""
+    return scores > tau if eligible is None else eligible & (scores > tau)
+
+
+class ScoreHistory:
+    """Each row's eligible scores so far, sorted, ``+inf``-padded (``values`` ``[B, N]``, ``lengths`` ``[B]``), so
+    that the decode rule reads a quantile without sorting. Python bounds of the lengths (``longest``, ``shortest``)
+    spare host syncs: equal bounds mean every row holds as many scores."""
+
+    def __init__(self, batch: int, device: torch.device) -> None:
+        self.values = torch.empty(batch, 0, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.longest = 0
+        self.shortest = 0
+
+    def add(self, scores: torch.Tensor, eligible: torch.Tensor | None) -> None:
+        """Add each row's eligible scores ``[B, T]`` (``eligible`` None: one token per row, every one eligible)."""
+        if eligible is None:
+            return self._add_one(scores[:, 0])
+        new_len = self.lengths + eligible.sum(-1)
+        longest, shortest = torch.stack([new_len.max(), new_len.min()]).tolist()
+        self._reserve(longest)
+        bi, ti = eligible.nonzero(as_tuple=True)
+        dest = (self.lengths[:, None] + eligible.long().cumsum(-1) - 1)[bi, ti]
+        self.values[bi, dest] = scores[bi, ti].float()
+        self.values[:, :longest] = self.values[:, :longest].sort(-1).values  # the +inf padding stays last
+        self.lengths = new_len
+        self.longest, self.shortest = longest, shortest
+
+    def _add_one(self, scores: torch.Tensor) -> None:
+        """Insert one score ``[B]`` into every row: a binary search and a shift, no sort and no host sync."""
+        width = self.longest + 1
+        self._reserve(width)
+        h = self.values[:, :width]  # column width - 1 is +inf in every row (longest bounds the lengths)
+        s = scores.float()[:, None]
+        at = torch.searchsorted(self.values, s)  # [B, 1]; the whole (contiguous) rows: the tail is +inf
+        col = torch.arange(width, device=h.device)
+        self.values[:, :width] = torch.where(col < at, h, torch.where(col == at, s, h.roll(1, -1)))
+        self.lengths = self.lengths + 1
+        self.longest += 1
+        self.shortest += 1
+
+    def quantile(self, level: float) -> torch.Tensor:
+        """Per-row quantile ``[B, 1]`` (NaN for an empty row), with the linear interpolation and float32 rank
+        arithmetic of ``torch.nanquantile``."""
+        b = self.values.shape[0]
+        if self.longest == 0:
+            return torch.full((b, 1), float("nan"), device=self.values.device)
+        if self.shortest == self.longest:  # every row holds n scores: the ranks are known here
+            rank = np.float32(level) * np.float32(self.longest - 1)
+            lo, hi = int(np.floor(rank)), int(np.ceil(rank))
+            weight = float(rank - np.float32(lo))
+            return torch.lerp(self.values[:, lo : lo + 1], self.values[:, hi : hi + 1], weight)
+        rank = torch.tensor(level, dtype=torch.float32) * (self.lengths - 1).clamp(min=0).float()
+        lo, hi = rank.floor(), rank.ceil()
+        ends = self.values.gather(1, torch.stack([lo, hi], dim=1).long())  # [B, 2]
+        q = torch.lerp(ends[:, :1], ends[:, 1:], (rank - lo)[:, None])
+        return q.masked_fill((self.lengths == 0)[:, None], float("nan"))
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep (or reorder, repeat) the rows ``index`` ``[N]`` (the Python bounds stay bounds of a subset)."""
+        self.values, self.lengths = self.values[index], self.lengths[index]
+
+    def _reserve(self, need: int) -> None:
+        if need > self.values.shape[1]:
+            grow = max(need, 2 * self.values.shape[1], 64) - self.values.shape[1]
+            pad = torch.full((self.values.shape[0], grow), float("inf"), device=self.values.device)
+            self.values = torch.cat([self.values, pad], dim=1)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One layer's decision rule: ``mode`` ``"ratio"`` (``target`` is the layer's ratio) or ``"threshold"``
+    (``target`` is its tau)."""
+
+    mode: Literal["ratio", "threshold"]
+    target: float
+
+    def decide(
+        self,
+        scores: torch.Tensor,
+        eligible: torch.Tensor | None,
+        real: torch.Tensor,
+        history: ScoreHistory,
+        decoding: bool,
+    ) -> torch.Tensor:
+        """``scores`` ``[B, T]`` (NaN on padding), ``eligible`` ``[B, T]`` (None: every token, one per row),
+        ``real`` ``[B, T]`` -> filtered ``[B, T]`` bool; the ratio rule adds the eligible scores to ``history``."""
+        if self.mode == "threshold":
+            return above(scores, eligible, self.target)
+        if decoding:
+            filtered = above(scores, eligible, history.quantile(1 - self.target))
+        else:
+            filtered = top_ratio(scores, eligible, real.sum(-1), self.target)
+        history.add(scores, eligible)
+        return filtered

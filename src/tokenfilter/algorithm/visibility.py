@@ -1,5 +1,6 @@
 """Who may read whom at one filtered layer (SPEC: "What a filtered token skips", "KV-side filtering",
-"Recent window"), as one small frozen object that the attention executes without knowing option names.
+"Recent window"), as one small frozen object that the attention executes without knowing option names
+(``integration/plan.py`` builds it from the options).
 
 Two position systems: ``col`` is the column of the call sequence (padding included; the model's own sliding
 window counts columns, as the unmodified model does), ``idx`` is the index among the sequence's real tokens
@@ -14,12 +15,8 @@ layer's cache (kept, or any real token with ``kv="keep"``), and only *readers* c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from tokenfilter.config import TokenFilter
 
 
 @dataclass(frozen=True)
@@ -43,17 +40,6 @@ class Visibility:
     recent: int
     sinks: int
     window: int | None
-
-    @classmethod
-    def for_layer(cls, cfg: TokenFilter, window: int | None) -> Visibility:
-        kv_side = cfg.skip == "none"
-        return cls(
-            filtered_reads=kv_side,
-            filtered_stored=cfg.kv == "keep",
-            recent=(cfg.window or 1) if kv_side else 0,
-            sinks=cfg.warmup,
-            window=window,
-        )
 
     @property
     def ring(self) -> int:

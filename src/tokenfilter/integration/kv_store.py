@@ -61,10 +61,14 @@ class RaggedKV:
         store: torch.Tensor,
         real: torch.Tensor | None = None,
         idx: torch.Tensor | None = None,
+        n_store: int | None = None,
     ) -> None:
         """``k, v``: ``[B, H, T, d]``; ``cols``: ``[T]``; ``store``: ``[B, T]`` bool (entries to keep).
-        ``real, idx`` are what the masked layout records; this one keeps only the stored entries."""
+        ``real, idx`` are what the masked layout records; this one keeps only the stored entries. ``n_store``:
+        how many entries ``store`` holds, when the caller knows it (one column then needs no host sync)."""
         b, h, t, d = k.shape
+        if t == 1 and n_store is not None and self.keys is not None:
+            return self.append_one(k[:, :, 0], v[:, :, 0], cols[0], store[:, 0], n_store)
         self._init(b, h, d, k, v)
         start, aligned, before, old_lengths = self.max_len, self.max_len == self.min_len, self.total, self.lengths
         self.lengths = self.lengths + store.sum(-1)
@@ -82,9 +86,11 @@ class RaggedKV:
         self.values[bi, :, di] = v[bi, :, ti]
         self.pos[bi, di] = cols[ti]
 
-    def append_one(self, k: torch.Tensor, v: torch.Tensor, col: int, store: torch.Tensor | None, n_store: int) -> None:
-        """One new column (a decode step). ``k, v``: ``[B, H, d]``; ``store``: ``[B]`` bool, or None when every
-        row stores; ``n_store``: how many rows store (known to the caller, so no host sync is needed here).
+    def append_one(
+        self, k: torch.Tensor, v: torch.Tensor, col: int | torch.Tensor, store: torch.Tensor, n_store: int
+    ) -> None:
+        """One new column (a decode step). ``k, v``: ``[B, H, d]``; ``store``: ``[B]`` bool (read only when some
+        row does not store); ``n_store``: how many rows store (known to the caller, so no host sync is needed).
 
         Rows that do not store get the entry written just past their end, where it is never read (``view``
         and ``lean_view`` stop at each row's length) and the next stored entry overwrites it.
@@ -110,6 +116,11 @@ class RaggedKV:
         else:
             self.lengths = self.lengths + store.long()
             self._mirror()
+
+    @property
+    def empty(self) -> bool:
+        """Nothing stored yet (in any row)."""
+        return self.total == 0
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(keys [B,H,L,d], values, pos [B,L], valid [B,L])`` with L the longest sequence's length."""
@@ -158,6 +169,7 @@ class MaskedKV:
         store: torch.Tensor,
         real: torch.Tensor | None = None,
         idx: torch.Tensor | None = None,
+        n_store: int | None = None,
     ) -> None:
         """``k, v``: ``[B, H, T, d]``; ``cols``: ``[T]``; ``store, real, idx``: ``[B, T]`` (every column is kept;
         ``real`` defaults to ``store`` and ``idx`` to the column)."""
@@ -172,6 +184,11 @@ class MaskedKV:
         self.valid = torch.cat([self.valid, store], dim=1)
         self.real = torch.cat([self.real, real], dim=1)
         self.idx = torch.cat([self.idx, idx], dim=1)
+
+    @property
+    def empty(self) -> bool:
+        """No column written yet."""
+        return self.keys is None
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.keys, self.values, self.cols[None, :].expand_as(self.valid), self.valid

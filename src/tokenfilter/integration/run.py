@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from tokenfilter.algorithm.schedule import Schedule, first_layer, resolve
-from tokenfilter.config import TokenFilter
-from tokenfilter.integration.attention import FilteredAttention, FilteredMLP
+from tokenfilter.integration.attention import FilteredAttention
 from tokenfilter.integration.cache_args import cache_argument
 from tokenfilter.integration.families import decoder_layers, sliding_window
+from tokenfilter.integration.mlp import FilteredMLP
+from tokenfilter.integration.plan import LayerPlan, decision_units, layer_targets
 from tokenfilter.stats import FilterStats, FlopModel, LayerCounts
+
+if TYPE_CHECKING:
+    from tokenfilter.config import TokenFilter
 
 _RUN_ATTR = "_tokenfilter_run"
 
@@ -46,34 +50,15 @@ class FilterRun:
         self.layers = decoder_layers(model)
         self.num_layers = len(self.layers)
         self.flops = FlopModel.from_config(model.config)
-        self._units = self.flops.kv_heads if config.granularity == "head" else 1  # decision units per token
+        self._units = decision_units(config, self.flops.kv_heads)  # decision units per token
         self._windows = [sliding_window(layer.self_attn) for layer in self.layers]
-        self.schedule, self.targets = self._targets()
+        self.schedule, self.targets = layer_targets(config, self.num_layers)
+        self.plans = {i: LayerPlan.build(config, i, self.layers[i].self_attn, t) for i, t in self.targets.items()}
         self.call: CallContext | None = None
         self._handles: list = []
         self._patched: list[nn.Module] = []
         self._generator = torch.Generator().manual_seed(config.seed)
         self.reset_stats()
-
-    # -- which layers filter, and how much -------------------------------------------------------------
-    def _targets(self) -> tuple[Schedule | None, dict[int, float]]:
-        cfg, n = self.config, self.num_layers
-        if not cfg.enabled:
-            return None, {}
-        if cfg.mode == "ratio":
-            sched = resolve(cfg.schedule, cfg.ratio, n, cfg.start_layer, cfg.max_layer_ratio)
-            return sched, {i: r for i, r in enumerate(sched.ratios) if r > 0}
-        start = first_layer(cfg.start_layer, n)
-        if isinstance(cfg.threshold, int | float):
-            taus = {i: float(cfg.threshold) for i in range(start, n)}
-        else:
-            given = list(cfg.threshold)
-            if len(given) != n:
-                raise ValueError(f"Give one threshold per layer ({n} for this model), got {len(given)}.")
-            taus = {i: float(t) for i, t in enumerate(given) if t is not None}
-        # "score > +inf" never holds: such a layer can filter nothing, so it keeps its own code (no scoring at all),
-        # unless the scores are to be recorded
-        return None, {i: t for i, t in taus.items() if t != float("inf") or cfg.record_decisions}
 
     @property
     def filtered_layers(self) -> list[int]:
@@ -85,9 +70,9 @@ class FilterRun:
             raise RuntimeError("Token Filtering is already applied to this model; exit the other `with` block first.")
         try:
             for idx in self.filtered_layers:
-                layer = self.layers[idx]
-                self._patch(layer.self_attn, FilteredAttention(self, idx, layer.self_attn, self.targets[idx]))
-                if self.config.skip == "block":
+                layer, plan = self.layers[idx], self.plans[idx]
+                self._patch(layer.self_attn, FilteredAttention(self, plan, layer.self_attn))
+                if plan.skip_mlp:
                     self._patch(layer.mlp, FilteredMLP(self, idx, layer.mlp))
             decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model
             self._signature = inspect.signature(decoder.forward)
@@ -181,35 +166,30 @@ class FilterRun:
     def record_layer(
         self,
         idx: int,
-        filtered: torch.Tensor,
+        n_filtered: int,
         pairs: torch.Tensor | int,
         dropped: int,
         qo_skipped: int,
-        scores: torch.Tensor,
+        filtered: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
     ) -> None:
-        """One layer's call: decisions ``filtered`` and ``scores`` ``[B, T]`` (``[B, H, T]`` per KV head), the pairs
-        attended and the entries dropped from the layer's cache in this call, the tokens that skipped their Q/O
-        projections. Per KV head, the decisions, pairs and entries are one head's: each counts ``1 / H`` of a
-        token's (the counts may then be fractions)."""
-        n_filtered, n_pairs = int(filtered.sum()), int(pairs)
+        """One layer's call: the decisions that filtered, the pairs attended and the entries dropped from the layer's
+        cache in this call, the tokens that skipped their Q/O projections; with ``record_decisions``, the decisions
+        ``filtered`` and ``scores`` ``[B, T]`` (``[B, H, T]`` per KV head). Per KV head, the decisions, pairs and
+        entries are one head's: each counts ``1 / H`` of a token's (the counts may then be fractions)."""
+        n_pairs = int(pairs)
         if self._units > 1:
             n_filtered, n_pairs, dropped = n_filtered / self._units, n_pairs / self._units, dropped / self._units
-        self.record_counts(idx, filtered=n_filtered, pairs=n_pairs, dropped=dropped, qo_skipped=qo_skipped)
+        c = self._counts[idx]
+        c.filtered += n_filtered
+        c.pairs += n_pairs
+        c.kv_dropped += dropped
+        c.qo_skipped += qo_skipped
+        if self.plans[idx].skip_mlp:
+            c.mlp_skipped += n_filtered
         if self.config.record_decisions:
             self._call_decisions[idx] = filtered.detach().clone()
             self._call_scores[idx] = scores.detach().clone()
-
-    def record_counts(
-        self, idx: int, filtered: int | float, pairs: int | float, dropped: int | float, qo_skipped: int
-    ) -> None:
-        """``record_layer`` for callers that already know the counts as Python ints (the decode fast path)."""
-        c = self._counts[idx]
-        c.filtered += filtered
-        c.pairs += pairs
-        c.kv_dropped += dropped
-        c.qo_skipped += qo_skipped
-        if self.config.skip == "block":
-            c.mlp_skipped += filtered
 
     @property
     def generator(self) -> torch.Generator:

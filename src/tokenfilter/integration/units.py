@@ -10,12 +10,8 @@ reshaped. The ratio, pairs and dropped entries are then counted in (token, head)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from tokenfilter.config import TokenFilter
 
 
 @dataclass(frozen=True)
@@ -23,10 +19,6 @@ class Units:
     """``per``: decision units per token (rows per sequence): 1 (``granularity="token"``), or H, the KV heads."""
 
     per: int = 1
-
-    @classmethod
-    def for_layer(cls, cfg: TokenFilter, kv_heads: int) -> Units:
-        return cls(per=kv_heads if cfg.granularity == "head" else 1)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """A per-sequence tensor ``[B, ...]`` -> per row ``[B * per, ...]`` (each sequence's value repeated)."""

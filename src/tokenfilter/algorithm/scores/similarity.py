@@ -10,6 +10,12 @@
 ``head_cosine`` and ``fuse_stacked`` run once per filtered layer and call, on tensors that are tiny in decode,
 so they are written in as few operators as the maths allows: the fixed cost per operator, not the arithmetic,
 is what the filter adds to a decode step.
+
+Each score comes with its decode step (``*_step``): one token per row, on tensors of a few hundred numbers, where
+the cost is the number of operators launched. The step computes the same products, reduced over the same rows, so
+scores and memories are bit for bit the score's (``tests/test_engine_fused.py``), in about half the operators: the
+key and value of all heads as one tensor, no scan, and the three dot products of the cosine (x.a, x.x, a.a) as one
+product and one sum over the stacked pair (x, a).
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ from __future__ import annotations
 import torch
 
 from tokenfilter.algorithm.anchors import ema_scan
-from tokenfilter.algorithm.scores.state import ScoreState
+from tokenfilter.algorithm.scores.state import Score, ScoreState
 
 FUSIONS = ("variance", "mean", "key", "value", "min", "key-min")
 KEY_FUSIONS = ("key", "key-min")  # the fusions that read the key similarities only
 _FEW = 1024  # up to this many similarities, fewer operators beat faster ones
+_EPS2 = 1e-8 * 1e-8  # head_cosine's eps, squared
+PARAMS = ("gamma", "fusion", "lam")  # the TokenFilter fields these scores read
 
 
 def head_cosine(x: torch.Tensor, anchor: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -85,25 +93,27 @@ def similarity(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> t
     """The SPEC's score: fused cosine of ``k_t, v_t`` ``[B, N, H, d]`` to the EMA anchors before their update
     -> ``[B, N]``. Keeps the anchors ``[B, 2, H, d]`` (key, then value; ``[B, 1, H, d]``, the key's, under a fusion
     of the keys alone) in ``state.memory["anchors"]``."""
-    x = scored_parts(keys, values, state.fusion)  # [B, N, 2 (or 1: keys), H, d]
+    gamma, fusion, lam = (state.params[p] for p in PARAMS)
+    x = scored_parts(keys, values, fusion)  # [B, N, 2 (or 1: keys), H, d]
     b, n, parts, heads, d = x.shape
     before = state.memory.get("anchors")
     if before is None:
         before = torch.zeros(b, parts, heads, d, device=x.device)
     init = torch.where((state.seen > 0)[:, None, None, None], before, x[:, 0].float())  # A_{-1}; A_0 = x_0
     # the K and V anchors are independent recurrences over features: scan them as 2H heads at once
-    a = ema_scan(x.reshape(b, n, parts * heads, d), init.reshape(b, parts * heads, d), state.gamma)
+    a = ema_scan(x.reshape(b, n, parts * heads, d), init.reshape(b, parts * heads, d), gamma)
     a = a.reshape(b, n, parts, heads, d)
     prev = torch.cat([init[:, None], a[:, :-1]], dim=1)  # the anchor before each token's update
     state.memory["anchors"] = state.last(a, before)
-    return fuse_stacked(head_cosine(x, prev), state.fusion, state.lam).float()
+    return fuse_stacked(head_cosine(x, prev), fusion, lam).float()
 
 
 def cumulative_mean(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> torch.Tensor:
     """Fused cosine to the mean of every earlier real token (the first token: to itself) -> ``[B, N]``.
     Keeps the running sums ``[B, 2, H, d]`` in ``state.memory["sum"]`` (``[B, 1, H, d]``, the keys', under a
     fusion of the keys alone)."""
-    x = scored_parts(keys, values, state.fusion).float()
+    fusion, lam = state.params["fusion"], state.params["lam"]
+    x = scored_parts(keys, values, fusion).float()
     b, n, parts, heads, d = x.shape  # [B, N, 2 (or 1: keys), H, d]
     if state.valid is not None:
         x = x * state.valid[:, :, None, None, None]  # padding entries (after the real ones) add nothing
@@ -114,9 +124,55 @@ def cumulative_mean(keys: torch.Tensor, values: torch.Tensor, state: ScoreState)
     count = (state.seen[:, None] + torch.arange(n, device=x.device))[:, :, None, None, None]  # tokens before
     prev = torch.where(count > 0, (after - x) / count.clamp(min=1), x)
     state.memory["sum"] = state.last(after, before)
-    return fuse_stacked(head_cosine(x, prev), state.fusion, state.lam).float()
+    return fuse_stacked(head_cosine(x, prev), fusion, lam).float()
 
 
 def two_horizon(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> torch.Tensor:
     """``min(similarity, cumulative_mean)`` -> ``[B, N]``; keeps both scores' memories (``anchors`` and ``sum``)."""
     return torch.minimum(similarity(keys, values, state), cumulative_mean(keys, values, state))
+
+
+# -- decode steps ------------------------------------------------------------------------------------------------
+def similarity_step(k: torch.Tensor, v: torch.Tensor, state: ScoreState) -> torch.Tensor | None:
+    """``similarity`` of one decode token per row, ``k, v``: ``[B, 1, H, d]`` -> ``[B]`` float32, with the anchors
+    ``memory["anchors"]`` advanced past it. None (nothing done) when the anchors are not there yet."""
+    before = state.memory.get("anchors")
+    if before is None:
+        return None
+    gamma, fusion, lam = (state.params[p] for p in PARAMS)
+    x = scored_parts(k, v, fusion)[:, 0]  # [B, 2 (or 1: keys), H, d]
+    if x.dtype != torch.float32:
+        x = x.float()
+    state.memory["anchors"] = gamma * before + (1 - gamma) * x  # ema_scan's one-token update, the same expression
+    pair = torch.stack([x, before])  # [2, B, 2, H, d]: the token and the anchor before its update
+    gram = (pair[:, None] * pair[None]).sum(-1)  # [2, 2, B, 2, H]: x.x, x.a / a.x, a.a
+    cos = gram[0, 1] * (gram[0, 0] * gram[1, 1]).clamp_min(_EPS2).rsqrt()  # [B, 2, H]
+    return fuse_stacked(cos, fusion, lam)
+
+
+def cumulative_mean_step(k: torch.Tensor, v: torch.Tensor, state: ScoreState) -> torch.Tensor | None:
+    """``cumulative-mean`` of one decode token per row (``state.seen``: ``[B]``, all >= 1) -> ``[B]``, with
+    ``memory["sum"]`` advanced past it: the score's expressions on one token, without its scan. None (nothing
+    done) when the sums are not there yet."""
+    before = state.memory.get("sum")
+    if before is None:
+        return None
+    fusion, lam = state.params["fusion"], state.params["lam"]
+    x = scored_parts(k, v, fusion)[:, 0].float()
+    after = before + x
+    prev = (after - x) / state.seen.clamp(min=1).view(k.shape[0], 1, 1, 1)  # the score's (after - x) / count
+    state.memory["sum"] = after
+    return fuse_stacked(head_cosine(x, prev), fusion, lam).float()
+
+
+def two_horizon_step(k: torch.Tensor, v: torch.Tensor, state: ScoreState) -> torch.Tensor | None:
+    """``two-horizon`` of one decode token per row: the lower of the two steps above."""
+    if state.memory.get("anchors") is None or state.memory.get("sum") is None:
+        return None  # neither memory is touched
+    short = similarity_step(k, v, state)
+    return torch.minimum(short.float(), cumulative_mean_step(k, v, state))
+
+
+SIMILARITY = Score(similarity, similarity_step, PARAMS)
+CUMULATIVE_MEAN = Score(cumulative_mean, cumulative_mean_step, PARAMS)
+TWO_HORIZON = Score(two_horizon, two_horizon_step, PARAMS)

@@ -1,9 +1,10 @@
-"""The one input every score receives besides the keys and values: ``ScoreState``."""
+"""What every score receives besides the keys and values (``ScoreState``), and how a score is registered (``Score``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -19,17 +20,15 @@ class ScoreState:
         seen: ``[B]`` long, real tokens of each row before this call.
         memory: the layer's running tensors (each ``[B, ...]``, float32), kept in its cache between calls and
             reordered with it (beam search); a score owns its keys in it (e.g. ``"anchors"``).
-        gamma, fusion, lam: the configuration's anchor decay and head fusion.
         generator: a seeded CPU generator, for scores that draw.
+        params: the score's own parameters (the ``TokenFilter`` fields its ``Score.params`` names), by name.
     """
 
     valid: torch.Tensor | None
     seen: torch.Tensor
     memory: dict[str, torch.Tensor]
-    gamma: float
-    fusion: str
-    lam: float
-    generator: torch.Generator
+    generator: torch.Generator | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def counts(self) -> torch.Tensor | None:
@@ -51,3 +50,24 @@ class ScoreState:
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, ScoreState], torch.Tensor]
 """``(keys [B, N, H, d], values [B, N, H, d], state) -> scores [B, N]`` float32; higher = more redundant (filtered
 first). Entries past a row's real tokens may hold anything: the engine ignores them."""
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, ScoreState], "torch.Tensor | None"]
+"""A decode step: ``(k [B, 1, H, d], v, state) -> [B] | None`` for one real token per row, every row past its first
+token (``state.valid`` None). Must equal the ``ScoreFn`` bit for bit; None (nothing done, memory untouched) hands
+the token to the ``ScoreFn``."""
+
+
+@dataclass(frozen=True)
+class Score:
+    """A registered score: its function, its optional one-token decode step, and the parameters it reads.
+
+    ``params`` names the ``TokenFilter`` fields passed in ``ScoreState.params`` (e.g. ``("gamma", "fusion")``): a
+    new parameter is a field there and a name here, nothing else. Calling a ``Score`` calls its function.
+    """
+
+    fn: ScoreFn
+    step: StepFn | None = None
+    params: tuple[str, ...] = ()
+
+    def __call__(self, keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> torch.Tensor:
+        return self.fn(keys, values, state)

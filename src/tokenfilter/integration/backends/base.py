@@ -1,0 +1,77 @@
+"""The protocol every attention backend implements, and what one call hands it (``Reading``).
+
+A backend computes one filtered layer's attention for one call, after the layer path (``integration/attention.py``)
+has scored, decided, and written the call's stored entries and recent band. It owns the layout of the stored
+entries (``new_kv``) and says which layers it can run (``supports``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+import torch
+
+from tokenfilter.algorithm.visibility import Visibility
+from tokenfilter.integration.kv_store import MaskedKV, RaggedKV
+from tokenfilter.integration.units import Units
+
+
+class Projections(Protocol):
+    """The layer's own projections, as a backend calls them."""
+
+    scale: float
+
+    def queries(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``h``: ``[B, Q, D]`` -> queries with RoPE ``[B, Hq, Q, d]``."""
+        ...
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """Attention output ``[B, Hq, Q, d]`` -> ``[B, Q, D]`` (the O projection)."""
+        ...
+
+
+@dataclass
+class Reading:
+    """One call of one layer, as the attention reads it. ``h, cos, sin`` are per sequence (``[B, T, D]``,
+    ``[B, T, d]``); ``readers, stored, idx`` per row (``Units``), ``[rows, T]``; ``cols``: ``[T]`` columns.
+
+    ``band``: the recent band's sources (``RecentRing.extend``), or None without a band. ``fresh``: the store was
+    empty before this call. ``lean``: a decode step with one real token per row, past warm-up, every stored entry
+    in the past and in the model's window; ``n_readers`` (Python) is then how many rows read."""
+
+    h: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    readers: torch.Tensor
+    stored: torch.Tensor
+    cols: torch.Tensor
+    idx: torch.Tensor
+    band: tuple[torch.Tensor, ...] | None
+    fresh: bool
+    lean: bool = False
+    n_readers: int = 0
+
+
+QuerySelection = tuple[torch.Tensor, torch.Tensor] | None
+"""``(sel [B, N], valid [B, N])``: the reading tokens gathered to the front of each row (what ``skip="block"``'s MLP
+reuses), or None when the backend computed every token."""
+
+
+class AttentionBackend(Protocol):
+    """``attend`` returns ``(out [B, T, D], pairs, selection)``: the layer's output (0 for a token that does not
+    read), the (query, key) pairs attended (int or 0-d tensor), and the ``QuerySelection``."""
+
+    name: ClassVar[str]
+    lean: ClassVar[bool]  # takes the one-token decode branch of the layer path (``Reading.lean``)
+    ring_values: ClassVar[bool]  # its recent ring keeps keys and values (else flags only, the keys being stored)
+
+    def supports(self, units: Units, vis: Visibility) -> str | None:
+        """None, or one sentence saying what it cannot run."""
+        ...
+
+    def new_kv(self) -> RaggedKV | MaskedKV: ...
+
+    def attend(
+        self, r: Reading, proj: Projections, vis: Visibility, units: Units, kv: RaggedKV | MaskedKV
+    ) -> tuple[torch.Tensor, torch.Tensor | int, QuerySelection]: ...

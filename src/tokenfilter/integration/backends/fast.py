@@ -1,0 +1,109 @@
+"""The fast backend (CPU, and any device SDPA runs on): only the reading tokens are gathered and computed, over
+the stored entries only (``RaggedKV``: each row's kept entries, left-aligned), plus, on the KV side, each query's
+recent band merged by log-sum-exp; the outputs are scattered back (0 for a token that does not read).
+
+Two shortcuts compute the same thing with less work:
+* a prefill into an empty store whose stored tokens are exactly the queries (query side with ``kv="drop"``, or
+  nothing filtered) is plain causal attention over the compacted rows: SDPA with ``is_causal=True``;
+* a lean decode step (``Reading.lean``: one token per row, every stored entry readable) needs no compaction,
+  gathers or scatters, and no mask when every row stores the same number of entries.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from tokenfilter.algorithm.visibility import Visibility
+from tokenfilter.integration.backends.base import Projections, QuerySelection, Reading
+from tokenfilter.integration.backends.kernels import (
+    attend,
+    attend_band,
+    attend_lse,
+    attend_lse_staircase,
+    compact_order,
+    gather_rows,
+    merge_lse,
+)
+from tokenfilter.integration.kv_store import RaggedKV
+from tokenfilter.integration.units import Units
+
+
+class FastBackend:
+    name: ClassVar[str] = "fast"
+    lean: ClassVar[bool] = True
+    ring_values: ClassVar[bool] = True
+
+    def supports(self, units: Units, vis: Visibility) -> str | None:
+        if units.per > 1:
+            return "the fast backend runs per-token decisions only (granularity='head' runs on the reference backend)"
+        return None
+
+    def new_kv(self) -> RaggedKV:
+        return RaggedKV()
+
+    def attend(
+        self, r: Reading, proj: Projections, vis: Visibility, units: Units, kv: RaggedKV
+    ) -> tuple[torch.Tensor, torch.Tensor | int, QuerySelection]:
+        if r.lean:
+            return self._attend_one(r, proj, kv)
+        b, t, dim = r.h.shape
+        sel, q_valid, n = compact_order(r.readers)
+        if n == 0:
+            return r.h.new_zeros(b, t, dim), torch.zeros((), dtype=torch.long), None
+        all_read = n == t and bool(q_valid.all())
+        if all_read:  # nothing to gather
+            hs, cs, ss, q_pos, q_idx = r.h, r.cos, r.sin, r.cols.expand(b, t), r.idx
+        else:
+            hs, cs, ss, q_pos = gather_rows(r.h, sel), gather_rows(r.cos, sel), gather_rows(r.sin, sel), r.cols[sel]
+            q_idx = r.idx.gather(1, sel)
+        q = proj.queries(hs, cs, ss)
+        keys, values, k_pos, k_valid = kv.view()
+        if r.band is None or not bool(r.band[4].any()):  # nothing only the band reads: the stored entries are all
+            # stored == queries when the store was empty and exactly the reading tokens are stored
+            causal = r.fresh and (vis.window is None or t <= vis.window)
+            causal = causal and (vis.stored_are_readers or torch.equal(r.readers, r.stored))
+            o, pairs = attend(q, q_pos, q_valid, keys, values, k_pos, k_valid, proj.scale, vis, causal=causal)
+        else:  # the readers are the call's real tokens, in the order the band's sources list them
+            allowed = k_valid[:, None, :] & vis.in_window(q_pos[:, :, None], k_pos[:, None, :])
+            o_kept, lse_kept = attend_lse_staircase(q, keys, values, allowed, proj.scale)
+            o_band, lse_band, band_pairs = attend_band(q, q_pos, q_idx, q_valid, r.band, proj.scale, vis)
+            o = merge_lse(o_kept, lse_kept, o_band, lse_band).to(q.dtype)
+            pairs = (allowed & q_valid[:, :, None]).sum() + band_pairs
+        o = proj.output(o)
+        if all_read:
+            return o, pairs, None
+        o = o * q_valid[..., None].to(o.dtype)
+        out = r.h.new_zeros(b, t, dim)
+        out.scatter_(1, sel[..., None].expand(-1, -1, dim), o)
+        return out, pairs, (sel, q_valid)
+
+    def _attend_one(self, r: Reading, proj: Projections, kv: RaggedKV) -> tuple[torch.Tensor, int, QuerySelection]:
+        """A lean decode step: each reading row's query over all its stored entries (and its band's live ones,
+        merged by log-sum-exp), no compaction and no mask building; a row that does not read gets 0."""
+        b, _, dim = r.h.shape
+        n = r.n_readers
+        if n == 0:
+            return r.h.new_zeros(b, 1, dim), 0, None
+        q = proj.queries(r.h, r.cos, r.sin)  # [B, Hq, 1, d]
+        keys, values, mask = kv.lean_view()  # every entry is in the past (and in the window)
+        n_live = 0 if r.band is None else int(r.band[4].sum())
+        if n_live == 0:
+            o = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=proj.scale, enable_gqa=q.shape[1] != keys.shape[1]
+            )
+        else:
+            band_keys, band_values, _, _, live = r.band
+            stored = torch.ones(b, 1, keys.shape[2], dtype=torch.bool, device=q.device) if mask is None else mask[:, 0]
+            o_kept, lse_kept = attend_lse(q, keys, values, stored, proj.scale)
+            o_band, lse_band = attend_lse(q, band_keys, band_values, live[:, None, :], proj.scale)
+            o = merge_lse(o_kept, lse_kept, o_band, lse_band).to(q.dtype)
+        out = proj.output(o)
+        if n == b:  # every row attends to all its entries (its own included) and its band's live ones
+            return out, kv.total + n_live, None
+        read = r.readers[:, 0]
+        pairs = int((kv.lengths * read).sum()) + n_live
+        selection = (torch.zeros(b, 1, dtype=torch.long, device=out.device), r.readers)
+        return out * r.readers[..., None].to(out.dtype), pairs, selection

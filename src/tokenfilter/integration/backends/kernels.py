@@ -1,0 +1,238 @@
+"""The attention kernels the backends share: masked attention over stored entries, attention that also returns
+each query's log-sum-exp (to merge disjoint key sets), the staircase and recent-band layouts of the KV side, and
+the compaction of a ragged selection of tokens (flash-attention's varlen idea in a padded tensor).
+
+Shapes: B batch (rows), Hq/H query/key-value heads, Q queries, K keys, d head dim.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from tokenfilter.algorithm.visibility import Visibility
+
+
+def compact_order(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Indices that bring each row's True entries to the front, in order.
+
+    ``mask``: ``[B, T]`` -> ``(order [B, N], valid [B, N], N)`` with N the largest row count.
+    """
+    counts = mask.sum(-1)
+    n = int(counts.max()) if mask.numel() else 0
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :n]
+    valid = torch.arange(n, device=mask.device)[None, :] < counts[:, None]
+    return order, valid, n
+
+
+def gather_rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``x``: ``[B, T, ...]``, ``order``: ``[B, N]`` -> ``[B, N, ...]``."""
+    idx = order.view(*order.shape, *([1] * (x.dim() - 2))).expand(*order.shape, *x.shape[2:])
+    return x.gather(1, idx)
+
+
+def attend(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    q_valid: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    k_pos: torch.Tensor,
+    k_valid: torch.Tensor,
+    scale: float,
+    vis: Visibility,
+    causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over stored entries, causal by original column positions (and the model's own window).
+
+    ``q``: ``[B, Hq, Q, d]``; ``q_pos, q_valid``: ``[B, Q]``; ``keys, values``: ``[B, H, K, d]``;
+    ``k_pos, k_valid``: ``[B, K]``. Returns ``(out [B, Hq, Q, d], pairs)`` where ``pairs`` counts the
+    (valid query, key) pairs attended.
+
+    ``causal=True`` promises that row b's keys are its valid queries, in the same order, left-aligned
+    (``K == Q``) and all within the window: then the mask is plain causal and is not built.
+    """
+    if causal:
+        counts = q_valid.sum(-1)
+        pairs = (counts * (counts + 1) // 2).sum()
+        out = F.scaled_dot_product_attention(
+            q, keys, values, is_causal=True, scale=scale, enable_gqa=q.shape[1] != keys.shape[1]
+        )
+        return out, pairs
+    allowed = k_valid[:, None, :] & vis.in_window(q_pos[:, :, None], k_pos[:, None, :])
+    pairs = (allowed & q_valid[:, :, None]).sum()
+    allowed = allowed | ~allowed.any(-1, keepdim=True)  # rows of padding queries: any finite output
+    out = F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=allowed[:, None], scale=scale, enable_gqa=q.shape[1] != keys.shape[1]
+    )
+    return out, pairs
+
+
+LSE_IMPLS = ("cpu-flash", "cuda-efficient", "math")
+
+
+def lse_impl(device: torch.device) -> str:
+    """The ``attend_lse`` kernel for ``device``: ATen's CPU flash kernel on the CPU, the memory-efficient kernel
+    (arbitrary bias, returns the lse) on CUDA, the plain formula elsewhere."""
+    return {"cpu": "cpu-flash", "cuda": "cuda-efficient"}.get(device.type, "math")
+
+
+_FELL_BACK: set[str] = set()
+
+
+def attend_lse(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    allowed: torch.Tensor,
+    scale: float,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked attention that also returns each query's log-sum-exp (to merge with another part).
+
+    ``q``: ``[B, Hq, Q, d]``; ``keys, values``: ``[B, H, K, d]`` (query head i reads key head ``i // (Hq/H)``);
+    ``allowed``: ``[B, Q, K]``. Returns ``(out [B, Hq, Q, d] float32, lse [B, Hq, Q] float32)``; a query with no
+    allowed key has output 0 and lse ``-inf``.
+
+    ``impl`` (default: ``lse_impl(q.device)``): ``cpu-flash``, the flash kernel public SDPA runs on the CPU, which
+    returns the lse; ``cuda-efficient``, the memory-efficient CUDA kernel (``compute_log_sumexp``), falling back to
+    ``math`` (with a warning, once) where it refuses the inputs; ``math``, the formula in float32 (what SDPA's math
+    backend computes). All three give the same numbers to float tolerance; the tests run ``math`` against
+    ``cpu-flash`` on the CPU, so the formula the GPU falls back to is checked on every machine.
+    """
+    impl = impl or lse_impl(q.device)
+    if impl not in LSE_IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(LSE_IMPLS)}, got {impl!r}.")
+    b, hq, n_q, d = q.shape
+    h = keys.shape[1]
+    g = hq // h
+    qg = q.reshape(b, h, g * n_q, d)  # the g query heads of one key head, stacked along the queries
+    mask = allowed[:, None, None].expand(b, 1, g, n_q, allowed.shape[-1]).reshape(b, 1, g * n_q, -1)
+    none = ~allowed.any(-1)  # [B, Q]
+    out = lse = None
+    if impl == "cpu-flash":
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qg, keys, values, attn_mask=bias.expand(b, h, -1, -1), scale=scale
+        )[:2]
+    elif impl == "cuda-efficient":
+        try:
+            out, lse = _efficient_lse(qg, keys, values, mask, scale)
+        except RuntimeError as exc:  # a dtype, head size or alignment the kernel does not take
+            if "cuda-efficient" not in _FELL_BACK:
+                _FELL_BACK.add("cuda-efficient")
+                warnings.warn(f"tokenfilter: the CUDA memory-efficient kernel refused an lse attention ({exc}); "
+                              "using the plain formula", stacklevel=2)
+    if out is None:
+        s = torch.matmul(qg.float(), keys.float().transpose(-1, -2)) * scale
+        s = s.masked_fill(~mask, float("-inf"))
+        lse = s.logsumexp(-1)
+        p = torch.where(mask, torch.exp(s - lse[..., None]), 0.0)
+        out = torch.matmul(p, values.float())
+    out, lse = out.float().reshape(b, hq, n_q, d), lse.float().reshape(b, hq, n_q)
+    lse = lse.masked_fill(none[:, None, :], float("-inf"))
+    out = out.masked_fill(none[:, None, :, None], 0.0)  # whatever a kernel gives a row with no key at all
+    return out, lse
+
+
+def _efficient_lse(
+    qg: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, H, G*Q, d]`` queries over ``[B, H, K, d]`` keys with a bool ``mask`` ``[B, 1, G*Q, K]`` through
+    ``aten._scaled_dot_product_efficient_attention`` (CUDA): the bias is padded to a multiple of 16 keys (the
+    kernel's alignment) and sliced back; its lse comes padded along the queries and is cut to G*Q."""
+    b, h, n, _ = qg.shape
+    k = keys.shape[2]
+    width = -(-k // 16) * 16
+    bias = torch.full((b, 1, n, width), float("-inf"), dtype=qg.dtype, device=qg.device)
+    bias[..., :k].masked_fill_(mask, 0.0)
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+        qg, keys, values, bias[..., :k].expand(b, h, n, k), True, scale=scale
+    )[:2]
+    return out, lse[..., :n]
+
+
+def attend_lse_staircase(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, scale: float, block: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attend_lse`` for queries and keys both sorted by position, where each query reads a prefix of the keys
+    (a staircase): queries go in blocks of ``block``, each over the key prefix its last query can read, so the
+    keys after a block are never multiplied (about half the products of one rectangle). Same arguments."""
+    n = q.shape[2]
+    if n <= block:
+        return attend_lse(q, keys, values, allowed, scale)
+    outs, lses = [], []
+    for a in range(0, n, block):
+        reach = allowed[:, a : a + block].any(1)  # [B, K]: keys some query of the block reads
+        width = int((reach * torch.arange(1, reach.shape[1] + 1, device=reach.device)).max())
+        o, lse = attend_lse(q[:, :, a : a + block], keys[:, :, :width], values[:, :, :width],
+                            allowed[:, a : a + block, :width], scale)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def attend_band(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    q_idx: torch.Tensor,
+    q_valid: torch.Tensor,
+    band: tuple[torch.Tensor, ...],
+    scale: float,
+    vis: Visibility,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention of each query over the non-stored keys of its recent band only.
+
+    ``q``: ``[B, Hq, N, d]``, ``q_pos, q_idx, q_valid``: ``[B, N]``, the call's real tokens left-aligned;
+    ``band``: ``RecentRing.extend``'s sources, ``(keys [B, H, M + N, d], values, cols [B, M + N], idx, live)``
+    with ``M = vis.recent - 1``: query i reads sources ``i .. i + M``. Returns ``(out [B, Hq, N, d] float32,
+    lse [B, Hq, N] float32, pairs)``.
+
+    The queries go in blocks of R = ``vis.recent``: block c reads the ``2R - 1`` sources that its queries' bands
+    cover, one batched masked attention for all blocks (about 2R products per query, never N).
+    """
+    keys, values, cols, idx, live = band
+    r = vis.recent
+    b, hq, n, d = q.shape
+    h = keys.shape[1]
+    if r == 1:  # each query reads its own key only (if it is not stored): no softmax to speak of
+        ok = live[:, :n] & q_valid & vis.in_window(q_pos, cols[:, :n])
+        g = hq // h
+        own_k, own_v = keys[:, :, :n].repeat_interleave(g, 1), values[:, :, :n].repeat_interleave(g, 1)
+        lse = (q.float() * own_k.float()).sum(-1) * scale  # [B, Hq, N]
+        lse = lse.masked_fill(~ok[:, None], float("-inf"))
+        return own_v.float() * ok[:, None, :, None], lse, ok.sum()
+    blocks, win = -(-n // r), 2 * r - 1
+    extra = blocks * r + r - 1 - keys.shape[2]  # pad the sources so that the last block has its window
+    pad = (0, extra)
+    keys, values = F.pad(keys, (0, 0, *pad)), F.pad(values, (0, 0, *pad))
+    cols, idx, live = F.pad(cols, pad), F.pad(idx, pad), F.pad(live, pad)
+    qp = blocks * r - n
+    q = F.pad(q, (0, 0, 0, qp))
+    q_pos, q_idx, q_valid = F.pad(q_pos, (0, qp)), F.pad(q_idx, (0, qp)), F.pad(q_valid, (0, qp))
+
+    def windows(x: torch.Tensor, dim: int) -> torch.Tensor:  # [.., S, ..] -> [.., blocks, .., win] (a view)
+        return x.unfold(dim, win, r)
+
+    kb = windows(keys, 2).permute(0, 2, 1, 4, 3).reshape(b * blocks, h, win, d)
+    vb = windows(values, 2).permute(0, 2, 1, 4, 3).reshape(b * blocks, h, win, d)
+    qb = q.reshape(b, hq, blocks, r, d).transpose(1, 2).reshape(b * blocks, hq, r, d)
+    ok = windows(live, 1)[:, :, None, :] & q_valid.view(b, blocks, r, 1)  # [B, blocks, R, win]
+    ok &= vis.in_window(q_pos.view(b, blocks, r, 1), windows(cols, 1)[:, :, None, :])
+    ok &= vis.in_band(q_idx.view(b, blocks, r, 1), windows(idx, 1)[:, :, None, :])
+    out, lse = attend_lse(qb, kb, vb, ok.reshape(b * blocks, r, win), scale)
+    out = out.view(b, blocks, hq, r, d).transpose(1, 2).reshape(b, hq, blocks * r, d)[:, :, :n]
+    lse = lse.view(b, blocks, hq, r).transpose(1, 2).reshape(b, hq, blocks * r)[:, :, :n]
+    return out, lse, ok.sum()
+
+
+def merge_lse(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> torch.Tensor:
+    """Softmax attention over the union of two disjoint key sets, from each part's output ``[B, Hq, N, d]``
+    and log-sum-exp ``[B, Hq, N]``. A query with no key in either part gets 0."""
+    m = torch.maximum(lse_a, lse_b).clamp_min(-1e30)[..., None]
+    wa, wb = torch.exp(lse_a[..., None] - m), torch.exp(lse_b[..., None] - m)
+    return (wa * out_a + wb * out_b) / (wa + wb).clamp_min(1e-30)
