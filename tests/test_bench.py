@@ -92,6 +92,7 @@ def test_results_are_valid_json_with_every_cell(result):
                 if d["method"] == "dense" and d["batch"] == c["batch"] and d["length"] == c["length"]
             )
     assert {t["target"] for t in again["targets"]} >= {"KV bytes saved == dropped entries x entry bytes, exactly"}
+    assert all(t["better"] in ("lower", "higher") for t in again["targets"])
     assert again["machine"]["cpu"] and again["machine"]["torch_threads"] >= 1
 
 

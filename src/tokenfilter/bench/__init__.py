@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tokenfilter.bench.runner import BenchConfig, run_bench
+    from tokenfilter.bench.grid import BenchConfig
+    from tokenfilter.bench.runner import run_bench
 
 __all__ = ["BenchConfig", "run_bench"]
 

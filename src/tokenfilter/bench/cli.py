@@ -28,7 +28,7 @@ DEFAULTS = dict(lengths=[512, 1024, 2048], ratios=[0.3, 0.5, 0.7], batch_sizes=[
 QUICK = dict(lengths=[128, 256], ratios=[0.5], batch_sizes=[1], new_tokens=8, repeats=2, warmup=1)
 FULL_LENGTHS = [512, 1024, 2048, 4096, 8192]
 SHAPE_NAMES = ("llama-3-8b", "llama-2-7b", "smollm2-135m")  # tokenfilter.bench.shapes.SHAPES (kept in step by a test)
-MODE_NAMES = ("query", "kv", "sliding-window")  # tokenfilter.bench.runner.MODES
+MODE_NAMES = ("query", "kv", "sliding-window")  # tokenfilter.bench.grid.MODES
 GPU_COMMAND = (
     "tokenfilter bench --shape llama-3-8b --device cuda --dtype bfloat16 --lengths 4096,8192,16384,32768 "
     "--batch-sizes 1,8 --new-tokens 128 --ratios 0.3,0.5,0.7 --modes query,kv,sliding-window --repeats 3 "
@@ -145,7 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from tokenfilter.bench.runner import BenchConfig
+    from tokenfilter.bench.grid import BenchConfig
 
     base = dict(DEFAULTS)
     if getattr(args, "full", False):

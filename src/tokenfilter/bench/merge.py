@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def merge(results: list[dict]) -> dict:
-    from tokenfilter.bench.runner import evaluate_targets
+    from tokenfilter.bench.targets import evaluate_targets
 
     if not results:
         raise ValueError("Give at least one results.json to merge.")

@@ -18,6 +18,7 @@ import statistics
 import torch
 from transformers import DynamicCache
 
+from tokenfilter.bench.trial import Clock
 from tokenfilter.config import TokenFilter
 
 
@@ -49,8 +50,6 @@ def paired_overhead(
 ) -> dict:
     """``{"prefill": ..., "decode": ...}``, each ``{"n", "extra", "q25", "q75", ...}`` for the wall clock and, under
     ``"cpu"``, for process CPU time: ``extra`` is the median over pairs of (filtered time / dense time - 1)."""
-    from tokenfilter.bench.runner import Clock
-
     b, t = ids.shape
     device = ids.device
     mask = torch.ones(b, t + steps + 2, dtype=torch.long, device=device)
