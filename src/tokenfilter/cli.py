@@ -10,11 +10,7 @@ import sys
 from pathlib import Path
 
 from tokenfilter.cli_args import STAGES, names, positive_int, positive_ints, ratios, usable_cores
-
-# eval's methods, spelled here so that --help imports nothing heavy (a test keeps it equal to eval.methods)
-EVAL_METHODS = ("dense", "token-filter", "random", "paper", "query-side", "query-side-random", "spec-score",
-                "fusion-mean", "fusion-key", "fusion-value", "kv-keep", "post-rope", "kv-side", "kv-window",
-                "kv-window-random", "sliding-window", "shortgpt", "shortgpt-calib2")
+from tokenfilter.eval.methods import ALL_METHODS as EVAL_METHODS  # imports nothing heavy: --help stays light
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -120,9 +116,9 @@ def _run_longctx(args: argparse.Namespace) -> int:
         raise ValueError("Run --tasks longctx on its own (it is a separate task group).")
     methods: dict[str, TokenFilter | SlidingWindowShare | None] = {"dense": None}
     for ratio in args.ratios:
-        methods[f"token-filter-{ratio}"] = TokenFilter(ratio=ratio)
+        methods[f"token-filter-{ratio}"] = filter_for("token-filter", ratio)
         if "random" in args.methods or "all" in args.methods:
-            methods[f"random-{ratio}"] = TokenFilter(ratio=ratio, score="random")
+            methods[f"random-{ratio}"] = filter_for("random", ratio)
         if "sliding-window" in args.methods or "all" in args.methods:  # sized on each prompt to hold 1 - ratio
             methods[f"sliding-window-{ratio}"] = filter_for("sliding-window", ratio)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -208,6 +204,9 @@ def _run_kv_study(args: argparse.Namespace) -> int:
         return 0
     if args.merge:
         return _merge_kv_study(args)
+    # an older name (e.g. kv-window) gives the candidate's own name, the one its recorded runs carry
+    args.candidates = args.candidates and [_preset_name(n) for n in args.candidates]
+    args.chosen = args.chosen and _preset_name(args.chosen)
     for name in [*(args.candidates or []), *([args.chosen] if args.chosen else [])]:
         if name not in quality.CANDIDATES:
             raise ValueError(f"Unknown KV-side candidate {name!r}; choose from {', '.join(quality.CANDIDATES)}.")
@@ -242,6 +241,13 @@ def _run_kv_study(args: argparse.Namespace) -> int:
     everything["torch"], everything["threads"] = result["torch"], result["threads"]
     save(result)
     return _report_kv_study(everything, json_path, args)
+
+
+def _preset_name(name: str) -> str:
+    """The canonical name of a named configuration (``name`` itself when it names none)."""
+    from tokenfilter.presets import canonical, is_known
+
+    return canonical(name) if is_known(name) else name
 
 
 def _report_kv_study(study: dict, json_path: Path, args: argparse.Namespace) -> int:

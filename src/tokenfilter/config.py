@@ -10,16 +10,14 @@ from typing import TYPE_CHECKING, Literal
 
 from tokenfilter.algorithm.schedule import SCHEDULE_ERROR, SCHEDULES
 from tokenfilter.algorithm.scores import FUSIONS, SCORES
+from tokenfilter.presets import PAPER_READING, QUERY_SIDE, SPEC_SCORE  # noqa: F401  (named configurations: presets)
+from tokenfilter.presets import sliding_window as sliding_window_fields
 
 if TYPE_CHECKING:
     from tokenfilter.integration.run import FilterRun
 
 
 DEFAULT_RECENT = 64  # the recent window of the KV side (issue 15: 64 keeps x1.06 dense perplexity at ratio 0.5)
-# the SPEC's (paper's) score: EMA-anchor cosine of keys and values, variance-aware fusion over heads
-SPEC_SCORE = {"score": "similarity", "fusion": "variance", "gamma": 0.9, "warmup": 4}
-QUERY_SIDE = {"skip": "attention", "recent": None, **SPEC_SCORE}  # the paper's query-side skip, with no window
-PAPER_READING = {**QUERY_SIDE, "kv": "drop", "schedule": "tail-linear", "start_layer": None}  # TokenFilter.paper
 # fields added after results were recorded (docs/*.json, kept rows): left out of repr() and as_record() while they hold
 # these defaults, so a recorded run still matches the filter it ran and --resume / --reuse keep it
 LATER_FIELDS = {"granularity": "token"}
@@ -93,16 +91,7 @@ class TokenFilter:
         the same engine: every real token past warm-up is filtered at every layer (no score: ``constant`` under
         ``threshold=-inf``; the ratio rule caps below 1), on the KV side, so each query reads the sinks and its
         band only. Prefill and decode read alike, and KV held is ``warmup + recent - 1`` entries per layer."""
-        preset = {
-            "threshold": float("-inf"),
-            "score": "constant",
-            "start_layer": 0,
-            "skip": "none",
-            "kv": "drop",
-            "recent": recent,
-            "warmup": warmup,
-        }
-        return cls(**{**preset, **kwargs})
+        return cls(**{**sliding_window_fields(recent, warmup), **kwargs})
 
     @classmethod
     def sliding_window_holding(cls, held: float, length: int, warmup: int = 4, **kwargs: object) -> TokenFilter:

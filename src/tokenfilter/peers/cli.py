@@ -50,8 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"kvpress classes (default {','.join(merge.PRESSES)})")
     p.add_argument("--ratios", type=_floats, default=[0.5], help="our Token Filtering ratios (default 0.5)")
     p.add_argument("--ours", type=_names, default=list(OURS_DEFAULT),
-                   help="our rows besides dense: default, default-random, paper, kv-window, kv-window-random, "
-                        "sliding-window, or a KV-side study candidate (e.g. kv-w64-g0.99) and its -random twin "
+                   help="our rows besides dense: default, default-random, paper, sliding-window, or a KV-side study "
+                        "candidate (e.g. kv-w64, the previous default, once named kv-window; kv-w64-g0.99) and its "
+                        "-random twin "
                         f"(default {','.join(OURS_DEFAULT)})")
     p.add_argument("--press-budgets", type=_names, default=None,
                    help="the rows of --ours whose KV held the presses match (default: all but sliding-window)")
@@ -128,30 +129,31 @@ OURS_FIXED = {
     "default": "the library default, TokenFilter(ratio=r), whatever it is when the command runs",
     "default-random": "its random twin (score='random', seed 0)",
     "paper": "the paper's reading, TokenFilter.paper(ratio=r)",
-    "kv-window": "KV-side filtering with a 64-token recent window and the SPEC's score (the study's kv-w64, the "
-                 "previous default)",
-    "kv-window-random": "its random twin (score='random', seed 0)",
     "sliding-window": "TokenFilter.sliding_window sized per prompt to the KV held of the first KV-side row",
 }
 
 
 def ours_choices() -> list[str]:
-    """Every name ``--ours`` takes: the fixed ones, each KV-side study candidate and its ``-random`` twin."""
-    from tokenfilter.study.quality import CANDIDATES
+    """Every name ``--ours`` takes: the fixed ones, each KV-side study candidate and its ``-random`` twin, and the
+    older names of these (``presets.ALIASES``, e.g. ``kv-window``)."""
+    from tokenfilter.presets import ALIASES, KV_STUDY, RANDOM_SUFFIX
 
-    return [*OURS_FIXED, *CANDIDATES, *(f"{c}-random" for c in CANDIDATES)]
+    names = [*OURS_FIXED, *(n for c in KV_STUDY for n in (c, f"{c}{RANDOM_SUFFIX}"))]
+    older = [n for a in ALIASES for n in (a, f"{a}{RANDOM_SUFFIX}") if _canonical(n) in map(_canonical, names)]
+    return list(dict.fromkeys([*names, *older]))
+
+
+def _canonical(name: str) -> str:
+    from tokenfilter.presets import canonical
+
+    return canonical(name) if name != "sliding-window" else name
 
 
 def _our_filter(name: str, ratio: float) -> object:
     """The ``TokenFilter`` of a name of ``--ours`` (not dense, not sliding-window) at ``ratio``."""
-    from tokenfilter.config import TokenFilter
-    from tokenfilter.study.quality import CANDIDATES, random_twin
+    from tokenfilter.presets import build
 
-    base, twin = (name[: -len("-random")], True) if name.endswith("-random") else (name, False)
-    if base == "paper":
-        return TokenFilter.paper(ratio=ratio)
-    fields = {} if base == "default" else dict(CANDIDATES["kv-w64" if base == "kv-window" else base])
-    return TokenFilter(ratio=ratio, **(random_twin(fields, 0) if twin else fields))
+    return build(name, ratio)
 
 
 def row_name(base: str, ratio: float) -> str:

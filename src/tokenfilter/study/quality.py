@@ -23,43 +23,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from tokenfilter.config import SPEC_SCORE, TokenFilter
+from tokenfilter import presets
+from tokenfilter.config import TokenFilter
 from tokenfilter.eval.ppl import wikitext_text, windows
 from tokenfilter.loading import display_name, load_model
 
-KV_SIDE = {"skip": "none", "kv": "drop", **SPEC_SCORE}  # candidates change the SPEC's score, not the default's
-TWO_HORIZON_KEY = {**KV_SIDE, "recent": 64, "score": "two-horizon", "fusion": "key"}  # the second study's family
-# name -> TokenFilter fields (without ratio); every candidate fits the budget at ratio 0.5 (window <= 64)
-CANDIDATES: dict[str, dict] = {
-    "kv-w64": {**KV_SIDE, "recent": 64},
-    "kv-w64-g0.99": {**KV_SIDE, "recent": 64, "gamma": 0.99},
-    "kv-w64-cummean": {**KV_SIDE, "recent": 64, "score": "cumulative-mean"},
-    "kv-w64-cummean-min": {**KV_SIDE, "recent": 64, "score": "cumulative-mean", "fusion": "min"},
-    "kv-w64-cummean-key": {**KV_SIDE, "recent": 64, "score": "cumulative-mean", "fusion": "key"},
-    "kv-w64-cummean-keymin": {**KV_SIDE, "recent": 64, "score": "cumulative-mean", "fusion": "key-min"},
-    "kv-w64-2h-key": TWO_HORIZON_KEY,
-    "kv-w64-2h-key-g0.8": {**TWO_HORIZON_KEY, "gamma": 0.8},
-    "kv-w64-2h-key-g0.95": {**TWO_HORIZON_KEY, "gamma": 0.95},
-    "kv-w64-2h-key-wu16": {**TWO_HORIZON_KEY, "warmup": 16},
-    "kv-w64-2h-key-g0.95-wu16": {**TWO_HORIZON_KEY, "gamma": 0.95, "warmup": 16},
-    "kv-w64-2h-key-from3": {**TWO_HORIZON_KEY, "start_layer": 3},
-    "kv-w64-2h-key-g0.95-from3": {**TWO_HORIZON_KEY, "gamma": 0.95, "start_layer": 3},
-    # the layer-schedule axis: PyramidKV's shape (more KV kept low, less high), and its mirror sparing the late layers
-    "kv-w64-2h-key-g0.95-tail": {**TWO_HORIZON_KEY, "gamma": 0.95, "schedule": "tail-linear"},
-    "kv-w64-2h-key-g0.95-front": {**TWO_HORIZON_KEY, "gamma": 0.95, "schedule": "front-linear"},
-    # the granularity axis: each KV head ranks and keeps its own tokens by its own key's two-horizon cosine
-    "kv-w64-2h-key-g0.95-head": {**TWO_HORIZON_KEY, "gamma": 0.95, "granularity": "head", "path": "reference"},
-    "kv-w64-2h-mean": {**KV_SIDE, "recent": 64, "score": "two-horizon", "fusion": "mean"},
-    "kv-w64-key": {**KV_SIDE, "recent": 64, "fusion": "key"},
-    "kv-w64-cummean-post": {**KV_SIDE, "recent": 64, "score": "cumulative-mean", "pre_rope": False},
-    "kv-w64-2h": {**KV_SIDE, "recent": 64, "score": "two-horizon"},
-    "kv-w64-2h-g0.99": {**KV_SIDE, "recent": 64, "score": "two-horizon", "gamma": 0.99},
-    "kv-w64-min": {**KV_SIDE, "recent": 64, "fusion": "min"},
-    "kv-w64-keynorm": {**KV_SIDE, "recent": 64, "score": "key-norm"},
-    "kv-w64-valnorm": {**KV_SIDE, "recent": 64, "score": "value-norm"},
-    "kv-w32": {**KV_SIDE, "recent": 32},
-    "kv-w64-from0": {**KV_SIDE, "recent": 64, "start_layer": 0},
-}
+# name -> TokenFilter fields (without ratio): a view of tokenfilter.presets; every candidate fits the budget at
+# ratio 0.5 (window <= 64)
+CANDIDATES: dict[str, dict] = {name: presets.fields(name) for name in presets.KV_STUDY}
 PPL_TARGET = {0.3: 1.03, 0.5: 1.08, 0.7: 1.20}  # x dense, SmolLM2-135M (issue 15)
 PPL_TARGET_BY_MODEL = {"qwen2.5-coder-1.5b": {0.5: 1.03}}  # other models' targets (issue 15)
 
@@ -74,7 +45,7 @@ def ppl_target(model: str, ratio: float) -> float | None:
 
 
 def random_twin(kwargs: dict, seed: int) -> dict:
-    return {**kwargs, "score": "random", "seed": seed}
+    return presets.random_twin(kwargs, seed)
 
 
 @dataclass

@@ -9,30 +9,22 @@ choice of tokens (the floor that isolates the similarity score from the schedule
 
 from __future__ import annotations
 
-from tokenfilter.config import PAPER_READING, QUERY_SIDE, TokenFilter
+from typing import TYPE_CHECKING
+
+from tokenfilter import presets
+from tokenfilter.presets import QUERY_SIDE
+
+if TYPE_CHECKING:
+    from tokenfilter.config import TokenFilter
 
 PAPER = "paper"
 
-# from the SPEC's choices (PAPER_READING: the query side, tail-linear from L // 2, kv drop; and the field defaults:
-# variance fusion, lam 1, gamma 0.9, warm-up 4, pre-RoPE keys)
-CANDIDATES: dict[str, dict] = {
-    PAPER: PAPER_READING,
-    "kv-keep": {**PAPER_READING, "kv": "keep"},
-    "skip-block": {**PAPER_READING, "skip": "block"},
-    "fusion-mean": {**PAPER_READING, "fusion": "mean"},
-    "fusion-key": {**PAPER_READING, "fusion": "key"},
-    "fusion-value": {**PAPER_READING, "fusion": "value"},
-    "lam-0": {**PAPER_READING, "lam": 0.0},
-    "lam-3": {**PAPER_READING, "lam": 3.0},
-    "gamma-0.5": {**PAPER_READING, "gamma": 0.5},
-    "gamma-0.98": {**PAPER_READING, "gamma": 0.98},
-    "warmup-32": {**PAPER_READING, "warmup": 32},
-    "post-rope": {**PAPER_READING, "pre_rope": False},
-    "tail-from-2": {**QUERY_SIDE, "schedule": "tail-linear", "start_layer": 2},
-    "uniform-from-2": {**QUERY_SIDE, "schedule": "uniform", "start_layer": 2},
-    "tail-from-2-kv-keep": {**QUERY_SIDE, "schedule": "tail-linear", "start_layer": 2, "kv": "keep"},
-    "uniform-from-2-kv-keep": {**QUERY_SIDE, "schedule": "uniform", "start_layer": 2, "kv": "keep"},
-}
+# the candidates, by the names the study records (docs/study.md); their fields are in tokenfilter.presets
+# ("uniform-from-2" and "uniform-from-2-kv-keep" are older names of its query-side rows)
+NAMES = ("paper", "kv-keep", "skip-block", "fusion-mean", "fusion-key", "fusion-value", "lam-0", "lam-3", "gamma-0.5",
+         "gamma-0.98", "warmup-32", "post-rope", "tail-from-2", "uniform-from-2", "tail-from-2-kv-keep",
+         "uniform-from-2-kv-keep")
+CANDIDATES: dict[str, dict] = {name: presets.fields(name) for name in NAMES}
 # the random floor for every distinct schedule / cache policy among the candidates
 RANDOM_OF = (PAPER, "kv-keep", "tail-from-2", "uniform-from-2", "tail-from-2-kv-keep", "uniform-from-2-kv-keep")
 
@@ -51,18 +43,22 @@ def kwargs_of(name: str, seed: int = 0) -> dict:
         base = name.removeprefix("random@")
         if base not in CANDIDATES:
             raise ValueError(f"Unknown study candidate {base!r}; choose from {', '.join(CANDIDATES)}.")
-        return {**CANDIDATES[base], "score": "random", "seed": seed}
+        return presets.random_twin(CANDIDATES[base], seed)
     if name not in CANDIDATES:
         raise ValueError(f"Unknown study candidate {name!r}; choose from {', '.join(all_names())}.")
     return dict(CANDIDATES[name])
 
 
 def filter_of(name: str, ratio: float, seed: int = 0) -> TokenFilter:
+    from tokenfilter.config import TokenFilter
+
     return TokenFilter(ratio=ratio, **kwargs_of(name, seed))
 
 
 def single_layer(num_layers: int, layer: int, ratio: float, random: bool = False, seed: int = 0) -> TokenFilter:
     """Filter ``ratio`` of the tokens at one layer only (the per-layer sensitivity probe)."""
+    from tokenfilter.config import TokenFilter
+
     schedule = [0.0] * num_layers
     schedule[layer] = ratio
     extra = {"score": "random", "seed": seed} if random else {}
