@@ -46,6 +46,8 @@ def on_test_device(x):
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# the engine's attention backends; the equivalence tests run over all
+BACKENDS = ["fast", "reference"]
 _COMMON = dict(
     vocab_size=128,
     hidden_size=64,
@@ -107,6 +109,29 @@ def left_pad(seqs: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, t
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def assert_ran_and_kept_everything(run, real: torch.Tensor | None = None) -> None:
+    """A "nothing filtered" run in which the filtered path really ran: some layers were patched, each of them
+    computed every (query, key) pair of the unmodified model itself (the counts of an unpatched layer come from
+    the decoder's hook, those of a patched one from its own attention: a patched layer whose attention never ran
+    would count none), and nothing was filtered or dropped. With ``record_decisions``: every real token
+    (``real`` ``[B, T]``; default: all) has a finite score at every patched layer and no decision is True."""
+    assert run.filtered_layers, "no layer was patched: the filtered path did not run"
+    stats = run.stats
+    assert stats.ratio == 0.0 and stats.kv_held_fraction == 1.0 and stats.pairs_fraction == 1.0
+    for layer in run.filtered_layers:
+        counts = stats.layers[layer]
+        assert counts.tokens > 0 and counts.pairs == counts.pairs_dense > 0 and counts.filtered == 0
+    if not run.config.record_decisions:
+        return
+    for layer in run.filtered_layers:
+        scores, decisions = run.scores[layer], run.decisions[layer]
+        r = torch.ones(scores.shape[0], scores.shape[-1], dtype=torch.bool) if real is None else real.bool()
+        if scores.dim() == 3:  # per KV head: [B, H, T]
+            r = r[:, None].expand_as(scores)
+        assert torch.isfinite(scores[r]).all() and scores[~r].isnan().all(), f"layer {layer} was not scored"
+        assert not decisions.any()
 
 
 # -- the command-line tests' tiny model folder and text file ----------------------------------------------

@@ -10,7 +10,7 @@ from masked_eager import forward_with_layer_masks
 from test_engine_equivalence import logits, thresholds_that_filter
 from tokenfilter import TokenFilter
 
-from conftest import left_pad, make_tiny, random_ids
+from conftest import BACKENDS, assert_ran_and_kept_everything, left_pad, make_tiny, random_ids
 
 RECENT = [None, 4, 8]
 
@@ -41,28 +41,57 @@ def held_after(filtered: torch.Tensor, recent: int | None) -> int:
 
 
 # -- 1. nothing filtered: the unmodified model, bit for bit --------------------------------------------------
+# ratio=0 patches no layer (the unmodified code runs: guarantee 1 as stated). The KV-side path itself runs under a
+# finite threshold above every score (the score is a cosine: <= 1), and under threshold=inf with the scores
+# recorded (such a layer is patched only to record them); it computes scores, keeps every token, and its attention
+# (each query over its stored keys, the band adding none) gives the unmodified model's bits (measured: exact on
+# the CPU in float32, fast and reference paths, prefill and generate).
+def nothing_filtered_kv_side(recent, path):
+    kv = dict(skip="none", recent=recent, path=path)
+    return (TokenFilter(threshold=1.5, **kv), TokenFilter(threshold=1.5, record_decisions=True, **kv),
+            TokenFilter(threshold=float("inf"), record_decisions=True, **kv))
+
+
+def greedy(model, ids, n):
+    """Greedy ``generate``: the tokens and every step's logits ``[B, n, V]`` (the decode steps' own outputs)."""
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("path", BACKENDS)
 @pytest.mark.parametrize("recent", [None, 4])
-def test_nothing_filtered_is_bit_identical(tiny, recent):
+def test_nothing_filtered_is_bit_identical(tiny, recent, path):
     ids = random_ids(2, 36)
     dense = logits(tiny, ids)
-    with torch.no_grad():
-        dense_gen = tiny.generate(ids[:, :12], max_new_tokens=8, do_sample=False)
-    for cfg in (TokenFilter(ratio=0.0, skip="none", recent=recent),
-                TokenFilter(threshold=float("inf"), skip="none", recent=recent)):
+    dense_gen, dense_steps = greedy(tiny, ids[:, :12], 8)
+    with TokenFilter(ratio=0.0, skip="none", recent=recent, path=path).apply(tiny) as run:
+        assert not run.filtered_layers  # ratio 0: the unmodified code, no layer patched
+        assert torch.equal(dense, logits(tiny, ids))
+    for cfg in nothing_filtered_kv_side(recent, path):
         with cfg.apply(tiny) as run:
             out = logits(tiny, ids)
-            with torch.no_grad():
-                gen = tiny.generate(ids[:, :12], max_new_tokens=8, do_sample=False)
+            assert_ran_and_kept_everything(run)  # the prefill (36 columns) went through the KV-side path
+            gen, steps = greedy(tiny, ids[:, :12], 8)
+            assert_ran_and_kept_everything(run)  # and so did generate's prefill and decode steps (19 columns)
         assert torch.equal(dense, out)
         assert torch.equal(dense_gen, gen)
-        assert run.stats.ratio == 0.0 and run.stats.kv_held_fraction == 1.0
+        assert torch.equal(dense_steps, steps)
 
 
-def test_nothing_filtered_real_weights(stories):
+@pytest.mark.parametrize("path", BACKENDS)
+def test_nothing_filtered_real_weights(stories, path):
     ids = torch.tensor([[1] + list(range(20, 90))])
     dense = logits(stories, ids)
-    with TokenFilter(threshold=float("inf"), skip="none", recent=8).apply(stories):
-        assert torch.equal(dense, logits(stories, ids))
+    dense_gen, dense_steps = greedy(stories, ids[:, :8], 12)
+    for cfg in nothing_filtered_kv_side(8, path):
+        with cfg.apply(stories) as run:
+            assert torch.equal(dense, logits(stories, ids))
+            assert_ran_and_kept_everything(run)
+            gen, steps = greedy(stories, ids[:, :8], 12)
+            assert_ran_and_kept_everything(run)
+        assert torch.equal(dense_gen, gen) and torch.equal(dense_steps, steps)
 
 
 # -- 2. threshold mode: one prefill == token by token == chunks of 7 -----------------------------------------
@@ -137,7 +166,7 @@ def test_rule_equals_independent_eager_attention(tiny, recent):
 
 # -- 4. left padding: each sequence as if alone --------------------------------------------------------------
 @pytest.mark.parametrize("recent", [None, 4])
-@pytest.mark.parametrize("path", ["fast", "reference"])
+@pytest.mark.parametrize("path", BACKENDS)
 def test_left_padded_batch_equals_alone(tiny, recent, path):
     seqs = [random_ids(1, n, seed=s)[0] for n, s in ((30, 4), (22, 5), (37, 6))]
     ids, mask = left_pad(seqs)
@@ -175,7 +204,7 @@ def test_realized_ratio_and_decisions(tiny, recent):
 
 # -- statistics: pairs, KV held, bytes saved and FLOPs against brute force ------------------------------------
 @pytest.mark.parametrize("recent", RECENT)
-@pytest.mark.parametrize("path", ["fast", "reference"])
+@pytest.mark.parametrize("path", BACKENDS)
 def test_stats_equal_brute_force(tiny, recent, path):
     prompt, new = 30, 5
     ids = random_ids(2, prompt, seed=9)

@@ -11,10 +11,10 @@ import torch
 
 from masked_eager import forward_with_layer_masks
 from test_engine_equivalence import logits, thresholds_that_filter
-from test_engine_kvside import held_after, model_window, rule_mask
+from test_engine_kvside import greedy, held_after, model_window, rule_mask
 from tokenfilter import TokenFilter
 
-from conftest import left_pad, make_tiny, random_ids
+from conftest import assert_ran_and_kept_everything, left_pad, make_tiny, random_ids
 
 RECENT = [None, 4, 8]
 HEAD = dict(skip="none", granularity="head", path="reference")
@@ -41,21 +41,31 @@ def twin_heads(family: str) -> torch.nn.Module:
 
 
 # -- 1. nothing filtered: the unmodified model, bit for bit --------------------------------------------------
+# ratio=0 patches no layer; the per-head path runs under a finite threshold above every score (a cosine: <= 1)
+# and under threshold=inf with the scores recorded: every head of every token scored, none filtered, and the
+# unmodified model's bits (measured: exact on the CPU in float32, prefill and generate).
 @pytest.mark.parametrize("recent", [None, 4])
 def test_nothing_filtered_is_bit_identical(tiny, recent):
     ids = random_ids(2, 36)
     dense = logits(tiny, ids)
-    with torch.no_grad():
-        dense_gen = tiny.generate(ids[:, :12], max_new_tokens=8, do_sample=False)
-    nothing = (dict(ratio=0.0), dict(threshold=float("inf")))
+    dense_gen, dense_steps = greedy(tiny, ids[:, :12], 8)
+    with TokenFilter(ratio=0.0, recent=recent, **HEAD).apply(tiny) as run:
+        assert not run.filtered_layers  # ratio 0: the unmodified code, no layer patched
+        assert torch.equal(dense, logits(tiny, ids))
+    heads = tiny.config.num_key_value_heads
+    nothing = (dict(threshold=1.5), dict(threshold=1.5, record_decisions=True),
+               dict(threshold=float("inf"), record_decisions=True))
     for cfg in (TokenFilter(**how, recent=recent, **HEAD) for how in nothing):
         with cfg.apply(tiny) as run:
             out = logits(tiny, ids)
-            with torch.no_grad():
-                gen = tiny.generate(ids[:, :12], max_new_tokens=8, do_sample=False)
+            assert_ran_and_kept_everything(run)
+            if cfg.record_decisions:
+                assert run.scores[run.filtered_layers[0]].shape == (2, heads, 36)  # one score per KV head
+            gen, steps = greedy(tiny, ids[:, :12], 8)
+            assert_ran_and_kept_everything(run)
         assert torch.equal(dense, out)
         assert torch.equal(dense_gen, gen)
-        assert run.stats.ratio == 0.0 and run.stats.kv_held_fraction == 1.0
+        assert torch.equal(dense_steps, steps)
 
 
 # -- 2. threshold mode: one prefill == token by token == chunks of 7 -----------------------------------------

@@ -10,7 +10,7 @@ from test_engine_equivalence import logits
 from tokenfilter import TokenFilter
 from tokenfilter.algorithm.scores import SCORES, ScoreState
 
-from conftest import left_pad, make_tiny, random_ids
+from conftest import BACKENDS, assert_ran_and_kept_everything, left_pad, make_tiny, random_ids
 
 NAMES = sorted(SCORES)
 DRAWS = {"random"}  # scores whose values depend on how the calls split the tokens (the order of the draws)
@@ -68,12 +68,22 @@ def test_every_score_through_the_engine(name, fusion):
     # not qwen3: its tiny random k-norm (weight 1) gives every key the same norm, so key-norm would rank ties
     model = make_tiny("llama")
     ids, mask = left_pad([random_ids(1, 70, seed=2)[0], random_ids(1, 64, seed=3)[0]])
-    # guarantee 1 for scores not bounded by 1: threshold inf filters nothing, bit for bit
+    # guarantee 1 for scores not bounded by 1: a threshold above every score filters nothing, bit for bit. Not
+    # threshold=inf alone, under which no layer is patched (nothing to score): the scores recorded under it (a
+    # layer is patched to record them) give a finite threshold above all of them, and the layers then run the
+    # score and the KV-side path, keep every token and give the unmodified model's bits (as measured on the CPU)
     dense = logits(model, ids)
-    with TokenFilter(threshold=float("inf"), score=name, fusion=fusion).apply(model):
+    with TokenFilter(threshold=float("inf"), score=name, fusion=fusion, record_decisions=True).apply(model) as run:
         assert torch.equal(logits(model, ids), dense)
+    assert_ran_and_kept_everything(run)
+    above_all = max(float(run.scores[layer].max()) for layer in run.filtered_layers) + 1.0
+    for record in (False, True):
+        cfg = TokenFilter(threshold=above_all, score=name, fusion=fusion, record_decisions=record)
+        with cfg.apply(model) as run:
+            assert torch.equal(logits(model, ids), dense)
+        assert_ran_and_kept_everything(run)
     results = {}
-    for path in ("fast", "reference"):
+    for path in BACKENDS:
         cfg = TokenFilter(ratio=0.5, score=name, fusion=fusion, skip="none", recent=4, path=path,
                           record_decisions=True)
         with cfg.apply(model) as run:
@@ -87,8 +97,10 @@ def test_every_score_through_the_engine(name, fusion):
             assert s[~mask.bool()].isnan().all(), "padding has no score"
             assert torch.isfinite(s[mask.bool()]).all()
     real = mask.bool()
-    torch.testing.assert_close(results["fast"][0][real], results["reference"][0][real], atol=1e-5, rtol=1e-5)
-    assert all(torch.equal(a, b) for a, b in zip(results["fast"][1], results["reference"][1], strict=True))
+    for path in BACKENDS[1:]:  # every backend as the first
+        first, other = results[BACKENDS[0]], results[path]
+        torch.testing.assert_close(other[0][real], first[0][real], atol=1e-5, rtol=1e-5)
+        assert all(torch.equal(a, b) for a, b in zip(other[1], first[1], strict=True))
 
 
 def test_unknown_score_names_the_registry():
