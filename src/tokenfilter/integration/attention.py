@@ -52,6 +52,14 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return (x * cos) + (rotate_half(x) * sin)
 
 
+def _pads_after_real(real: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
+    """``[B, T]``: padding columns after a real token of their row (right padding), or None where there is none.
+    The unmodified model computes them (``generate`` reads a right-padded row's next token from its last column),
+    so the backends do too (``Reading.pads``); padding before a row's first token stays 0."""
+    pads = ~real & (idx >= 0)
+    return pads if bool(pads.any()) else None
+
+
 class FilteredAttention:
     """Replacement forward for one layer's attention module (see the module docstring); also the ``Projections``
     its backend calls."""
@@ -96,9 +104,10 @@ class FilteredAttention:
         dropped = held_before + n_unstored - (state.ring.held if state.ring is not None else 0)
         state.columns += t
 
-        reading = Reading(hidden_states, cos, sin, readers, stored, cols, idx, band, fresh, lean, b - n_unread)
+        pads = None if call.all_real else _pads_after_real(real, idx)
+        reading = Reading(hidden_states, cos, sin, readers, stored, cols, idx, band, fresh, lean, b - n_unread, pads)
         out, pairs, selection = plan.backend.attend(reading, self, vis, units, state.kv)
-        call.keep[self.idx] = (units.any_unit(readers), selection)
+        call.keep[self.idx] = (units.any_unit(readers if pads is None else readers | pads), selection)
         self.run.record_layer(
             self.idx, n_filtered, pairs, dropped, n_unread,
             filtered=units.per_sequence(filtered), scores=units.per_sequence(scores),

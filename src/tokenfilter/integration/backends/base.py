@@ -38,7 +38,12 @@ class Reading:
 
     ``band``: the recent band's sources (``RecentRing.extend``), or None without a band. ``fresh``: the store was
     empty before this call. ``lean``: a decode step with one real token per row, past warm-up, every stored entry
-    in the past and in the model's window; ``n_readers`` (Python) is then how many rows read."""
+    in the past and in the model's window; ``n_readers`` (Python) is then how many rows read.
+
+    ``pads`` ``[rows, T]`` (None when there is none): padding columns after a real token of their row (right
+    padding). The unmodified model computes their attention over the real tokens before them, and ``generate``
+    reads a right-padded row's next token from its last column, so a backend computes them as the model's own
+    queries would, over the stored entries in their past (no band; not counted in the statistics)."""
 
     h: torch.Tensor
     cos: torch.Tensor
@@ -51,11 +56,12 @@ class Reading:
     fresh: bool
     lean: bool = False
     n_readers: int = 0
+    pads: torch.Tensor | None = None
 
 
 QuerySelection = tuple[torch.Tensor, torch.Tensor] | None
-"""``(sel [B, N], valid [B, N])``: the reading tokens gathered to the front of each row (what ``skip="block"``'s MLP
-reuses), or None when the backend computed every token."""
+"""``(sel [B, N], valid [B, N])``: the computed tokens (readers and ``pads``) gathered to the front of each row (what
+``skip="block"``'s MLP reuses), or None when the backend computed every token."""
 
 
 class AttentionBackend(Protocol):

@@ -49,6 +49,15 @@ class FastBackend:
     ) -> tuple[torch.Tensor, torch.Tensor | int, QuerySelection]:
         if r.lean:
             return self._attend_one(r, proj, kv)
+        out, pairs, selection = self._attend_readers(r, proj, vis, kv)
+        if r.pads is None:
+            return out, pairs, selection
+        return out + self._attend_pads(r, proj, vis, kv), pairs, compact_order(r.readers | r.pads)[:2]
+
+    def _attend_readers(
+        self, r: Reading, proj: Projections, vis: Visibility, kv: RaggedKV
+    ) -> tuple[torch.Tensor, torch.Tensor | int, QuerySelection]:
+        """The reading tokens, gathered: over the stored entries, and the band's other entries merged by lse."""
         b, t, dim = r.h.shape
         sel, q_valid, n = compact_order(r.readers)
         if n == 0:
@@ -79,6 +88,19 @@ class FastBackend:
         out = r.h.new_zeros(b, t, dim)
         out.scatter_(1, sel[..., None].expand(-1, -1, dim), o)
         return out, pairs, (sel, q_valid)
+
+    def _attend_pads(self, r: Reading, proj: Projections, vis: Visibility, kv: RaggedKV) -> torch.Tensor:
+        """The output ``[B, T, D]`` of the padding columns ``r.pads`` (0 elsewhere): each over the stored entries in
+        its past and in the model's window."""
+        b, t, dim = r.h.shape
+        sel, valid, n = compact_order(r.pads)
+        q = proj.queries(gather_rows(r.h, sel), gather_rows(r.cos, sel), gather_rows(r.sin, sel))
+        keys, values, k_pos, k_valid = kv.view()
+        o, _ = attend(q, r.cols[sel], valid, keys, values, k_pos, k_valid, proj.scale, vis)
+        o = proj.output(o) * valid[..., None].to(r.h.dtype)
+        out = r.h.new_zeros(b, t, dim)
+        out.scatter_(1, sel[..., None].expand(-1, -1, dim), o)
+        return out
 
     def _attend_one(self, r: Reading, proj: Projections, kv: RaggedKV) -> tuple[torch.Tensor, int, QuerySelection]:
         """A lean decode step: each reading row's query over all its stored entries (and its band's live ones,
