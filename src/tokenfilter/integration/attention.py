@@ -33,7 +33,7 @@ from tokenfilter.algorithm.scores import ScoreState
 from tokenfilter.integration.backends import Reading
 from tokenfilter.integration.backends.kernels import compact_order, gather_rows
 from tokenfilter.integration.cache_args import cache_argument
-from tokenfilter.integration.cache_layer import FilteredCacheLayer
+from tokenfilter.integration.cache_layer import FilteredCacheLayer, layer_state
 from tokenfilter.integration.kv_store import RecentRing
 from tokenfilter.integration.plan import LayerPlan
 
@@ -235,29 +235,8 @@ class FilteredAttention:
         return cache
 
     def _state(self, cache: object | None, rows: int, device: torch.device) -> FilteredCacheLayer:
-        if cache is None:  # use_cache=False: state for this call only
-            layer = self.run.call.transient.setdefault(self.idx, self._new_layer())
-        else:
-            layers = cache.layers
-            while len(layers) <= self.idx:
-                layers.append(cache.layer_class_to_replicate())
-            layer = layers[self.idx]
-            if not isinstance(layer, FilteredCacheLayer):
-                if layer.get_seq_length() > 0:
-                    raise ValueError(
-                        "This cache was filled without Token Filtering; start from an empty cache inside the "
-                        "`with TokenFilter(...).apply(model)` block."
-                    )
-                layer = self._new_layer()
-                layers[self.idx] = layer
-        layer.init_state(rows, device)
-        if layer.columns != self.run.call.past:
-            raise RuntimeError(
-                f"Layer {self.idx} holds the state of {layer.columns} earlier columns but this call continues "
-                f"after {self.run.call.past}: the cache is not the one Token Filtering filled (transformers "
-                f"{transformers.__version__}); start from an empty cache inside the `with` block."
-            )
-        return layer
+        call = self.run.call
+        return layer_state(cache, self.idx, call.transient, self._new_layer, rows, device, call.past)
 
     def _new_layer(self) -> FilteredCacheLayer:
         plan = self.plan

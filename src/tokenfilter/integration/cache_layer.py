@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import transformers
 from transformers.cache_utils import CacheLayerMixin
 
 from tokenfilter.algorithm.decisions import ScoreHistory
@@ -113,3 +114,40 @@ class FilteredCacheLayer(CacheLayerMixin):
         if self.real_seen is not None:
             n = self.real_seen.shape[0] // self.units.per
             self.batch_select_indices(torch.arange(n, device=self.real_seen.device).repeat_interleave(repeats))
+
+
+def layer_state(
+    cache: object | None,
+    index: int,
+    transient: dict[int, FilteredCacheLayer],
+    new_layer: Callable[[], FilteredCacheLayer],
+    rows: int,
+    device: torch.device,
+    past: int,
+) -> FilteredCacheLayer:
+    """Layer ``index``'s state for a call of ``rows`` rows that continues after ``past`` columns: its
+    ``FilteredCacheLayer`` in ``cache`` (put there on first use), or one for this call only without a cache
+    (``use_cache=False``: kept in ``transient``)."""
+    if cache is None:
+        layer = transient.setdefault(index, new_layer())
+    else:
+        layers = cache.layers
+        while len(layers) <= index:
+            layers.append(cache.layer_class_to_replicate())
+        layer = layers[index]
+        if not isinstance(layer, FilteredCacheLayer):
+            if layer.get_seq_length() > 0:
+                raise ValueError(
+                    "This cache was filled without Token Filtering; start from an empty cache inside the "
+                    "`with TokenFilter(...).apply(model)` block."
+                )
+            layer = new_layer()
+            layers[index] = layer
+    layer.init_state(rows, device)
+    if layer.columns != past:
+        raise RuntimeError(
+            f"Layer {index} holds the state of {layer.columns} earlier columns but this call continues after {past}: "
+            f"the cache is not the one Token Filtering filled (transformers {transformers.__version__}); start from "
+            "an empty cache inside the `with` block."
+        )
+    return layer
