@@ -75,7 +75,7 @@ class TokenFilter:
     granularity: Literal["token", "head"] = "token"  # "head": each KV head ranks and keeps its own tokens
     seed: int = 0
     record_decisions: bool = False
-    path: Literal["fast", "reference"] = "fast"
+    path: str = "fast"  # a name in tokenfilter.integration.backends.BACKENDS
     enabled: bool = True
 
     @classmethod
@@ -162,7 +162,7 @@ class TokenFilter:
             ("skip", ("attention", "block", "none")),
             ("kv", ("drop", "keep")),
             ("score", tuple(SCORES)),
-            ("path", ("fast", "reference")),
+            ("path", _backend_names()),
             ("granularity", ("token", "head")),
         ):
             if getattr(self, name) not in allowed:
@@ -224,6 +224,12 @@ class TokenFilter:
         from tokenfilter.integration.run import FilterRun
 
         return FilterRun(self, model)
+
+
+def _backend_names() -> tuple[str, ...]:
+    from tokenfilter.integration.backends import BACKENDS  # the engine: imported when a filter is made, not before
+
+    return tuple(BACKENDS)
 
 
 @dataclass(frozen=True)
