@@ -25,6 +25,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from tokenfilter.integration.backends import BACKENDS as _BACKEND_REGISTRY
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
 
@@ -46,8 +48,8 @@ def on_test_device(x):
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-# the engine's attention backends; the equivalence tests run over all
-BACKENDS = ["fast", "reference"]
+# the engine's attention backends (its registry); the equivalence tests run over all
+BACKENDS = sorted(_BACKEND_REGISTRY)
 _COMMON = dict(
     vocab_size=128,
     hidden_size=64,

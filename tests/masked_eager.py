@@ -12,17 +12,25 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
+def project(attn: torch.nn.Module, hidden_states: torch.Tensor, position_embeddings: tuple) -> tuple[torch.Tensor, ...]:
+    """The family's own projections: ``(q, k, v [B, T, H, d], q_rot, k_rot [B, H, T, d])`` (with q/k norms)."""
+    b, t, _ = hidden_states.shape
+    d = attn.head_dim
+    q = attn.q_proj(hidden_states).view(b, t, -1, d)
+    k = attn.k_proj(hidden_states).view(b, t, -1, d)
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    v = attn.v_proj(hidden_states).view(b, t, -1, d)
+    cos, sin = position_embeddings
+    q_rot, k_rot = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    return q, k, v, q_rot, k_rot
+
+
 def _eager(attn: torch.nn.Module, mask: torch.Tensor, reads: torch.Tensor):
     def forward(hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         b, t, _ = hidden_states.shape
-        d = attn.head_dim
-        q = attn.q_proj(hidden_states).view(b, t, -1, d)
-        k = attn.k_proj(hidden_states).view(b, t, -1, d)
-        if getattr(attn, "q_norm", None) is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        v = attn.v_proj(hidden_states).view(b, t, -1, d).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        _, _, v, q, k = project(attn, hidden_states, position_embeddings)
+        v = v.transpose(1, 2)
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         s = (q.double() @ k.double().transpose(-1, -2)) * attn.scaling

@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from masked_eager import project
 
 LOOP_SCORES = ("similarity", "cumulative-mean", "two-horizon")
 
@@ -186,13 +187,7 @@ def oracle_forward(model, ids, mask, prompt_len, *, ratio_per_layer=None, tau_pe
         def forward(hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
             b, t, _ = hidden_states.shape
             d = attn.head_dim
-            q = attn.q_proj(hidden_states).view(b, t, -1, d)
-            k = attn.k_proj(hidden_states).view(b, t, -1, d)
-            if getattr(attn, "q_norm", None) is not None:
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            v = attn.v_proj(hidden_states).view(b, t, -1, d)
-            cos, sin = position_embeddings
-            q_rot, k_rot = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [B, H, T, d]
+            q, k, v, q_rot, k_rot = project(attn, hidden_states, position_embeddings)  # rotated: [B, H, T, d]
             groups = q_rot.shape[1] // k_rot.shape[1]
             out = torch.zeros(b, t, q_rot.shape[1], d, dtype=torch.float64)
             layer_scores, layer_dec = [], []
