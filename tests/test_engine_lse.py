@@ -108,3 +108,36 @@ def test_cuda_efficient_kernel_equals_math(dtype):
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out, want_out, **tol)
     torch.testing.assert_close(lse, want_lse, **tol)
+
+
+@pytest.mark.parametrize("window", [None, 40])
+@pytest.mark.parametrize("block", [16, 256])
+def test_range_attention_equals_masked_attention(window, block):
+    """``attend_lse_ranges`` (an unmasked call over the keys a whole block reads, a masked one over the rest) gives
+    what one masked ``attend_lse`` over every key gives, for ragged rows, padding queries, a model window and
+    queries that read no stored key at all."""
+    from tokenfilter.integration.backends.kernels import attend_lse_ranges, key_ranges
+
+    g = torch.Generator().manual_seed(block)
+    b, hq, h, n, d = 2, 6, 2, 90, 16
+    q = torch.randn(b, hq, n, d, generator=g)
+    keys, values = torch.randn(b, h, 70, d, generator=g), torch.randn(b, h, 70, d, generator=g)
+    # stored keys: sorted positions, row 1 holds fewer (its tail slots are invalid and hold stale positions)
+    k_pos = torch.stack([torch.randperm(120, generator=g)[:70].sort().values for _ in range(b)])
+    k_valid = torch.ones(b, 70, dtype=torch.bool)
+    k_valid[1, 50:] = False
+    q_pos = torch.stack([torch.arange(30, 120)] * b)
+    q_valid = torch.ones(b, n, dtype=torch.bool)
+    q_valid[1, 80:] = False  # padding queries
+    lo, hi = key_ranges(q_pos, q_valid, k_pos, k_valid, window)
+    allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
+    if window is not None:
+        allowed &= k_pos[:, None, :] > q_pos[:, :, None] - window
+    allowed &= q_valid[:, :, None]
+    slots = torch.arange(70)
+    assert torch.equal((slots >= lo[..., None]) & (slots < hi[..., None]), allowed)
+    want_out, want_lse = attend_lse(q, keys, values, allowed, 0.3, impl="math")
+    out, lse = attend_lse_ranges(q, keys, values, lo, hi, q_valid, 0.3, block=block)
+    real = q_valid[:, None, :]
+    torch.testing.assert_close(out * real[..., None], want_out * real[..., None], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.masked_fill(~real, 0), want_lse.masked_fill(~real, 0), atol=1e-5, rtol=1e-5)

@@ -22,9 +22,10 @@ from tokenfilter.integration.backends.kernels import (
     attend,
     attend_band,
     attend_lse,
-    attend_lse_staircase,
+    attend_lse_ranges,
     compact_order,
     gather_rows,
+    key_ranges,
     merge_lse,
 )
 from tokenfilter.integration.kv_store import RaggedKV
@@ -76,11 +77,11 @@ class FastBackend:
             causal = causal and (vis.stored_are_readers or torch.equal(r.readers, r.stored))
             o, pairs = attend(q, q_pos, q_valid, keys, values, k_pos, k_valid, proj.scale, vis, causal=causal)
         else:  # the readers are the call's real tokens, in the order the band's sources list them
-            allowed = k_valid[:, None, :] & vis.in_window(q_pos[:, :, None], k_pos[:, None, :])
-            o_kept, lse_kept = attend_lse_staircase(q, keys, values, allowed, proj.scale)
+            lo, hi = key_ranges(q_pos, q_valid, k_pos, k_valid, vis.window)  # the stored keys each query reads
+            o_kept, lse_kept = attend_lse_ranges(q, keys, values, lo, hi, q_valid, proj.scale)
             o_band, lse_band, band_pairs = attend_band(q, q_pos, q_idx, q_valid, r.band, proj.scale, vis)
             o = merge_lse(o_kept, lse_kept, o_band, lse_band).to(q.dtype)
-            pairs = (allowed & q_valid[:, :, None]).sum() + band_pairs
+            pairs = (hi - lo).sum() + band_pairs
         o = proj.output(o)
         if all_read:
             return o, pairs, None

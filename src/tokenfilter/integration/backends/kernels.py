@@ -86,14 +86,15 @@ def attend_lse(
     q: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    allowed: torch.Tensor,
+    allowed: torch.Tensor | None,
     scale: float,
     impl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked attention that also returns each query's log-sum-exp (to merge with another part).
 
     ``q``: ``[B, Hq, Q, d]``; ``keys, values``: ``[B, H, K, d]`` (query head i reads key head ``i // (Hq/H)``);
-    ``allowed``: ``[B, Q, K]``. Returns ``(out [B, Hq, Q, d] float32, lse [B, Hq, Q] float32)``; a query with no
+    ``allowed``: ``[B, Q, K]``, or None when every query reads every key (no mask at all). Returns
+    ``(out [B, Hq, Q, d] float32, lse [B, Hq, Q] float32)``; a query with no
     allowed key has output 0 and lse ``-inf``.
 
     ``impl`` (default: ``lse_impl(q.device)``): ``cpu-flash``, the flash kernel public SDPA runs on the CPU, which
@@ -109,23 +110,32 @@ def attend_lse(
     h = keys.shape[1]
     g = hq // h
     qg = q.reshape(b, h, g * n_q, d)  # the g query heads of one key head, stacked along the queries
-    mask = allowed[:, None, None].expand(b, 1, g, n_q, allowed.shape[-1]).reshape(b, 1, g * n_q, -1)
+    if allowed is None:
+        allowed = torch.ones(b, n_q, keys.shape[2], dtype=torch.bool, device=q.device)
+        mask = None
+    else:
+        mask = allowed[:, None, None].expand(b, 1, g, n_q, allowed.shape[-1]).reshape(b, 1, g * n_q, -1)
     none = ~allowed.any(-1)  # [B, Q]
     out = lse = None
     if impl == "cpu-flash":
-        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        bias = None
+        if mask is not None:
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+            bias = bias.expand(b, h, -1, -1)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qg, keys, values, attn_mask=bias.expand(b, h, -1, -1), scale=scale
+            qg, keys, values, attn_mask=bias, scale=scale
         )[:2]
     elif impl == "cuda-efficient":
         try:
-            out, lse = _efficient_lse(qg, keys, values, mask, scale)
+            full = torch.ones(b, 1, g * n_q, keys.shape[2], dtype=torch.bool, device=q.device)
+            out, lse = _efficient_lse(qg, keys, values, full if mask is None else mask, scale)
         except RuntimeError as exc:  # a dtype, head size or alignment the kernel does not take
             if "cuda-efficient" not in _FELL_BACK:
                 _FELL_BACK.add("cuda-efficient")
                 warnings.warn(f"tokenfilter: the CUDA memory-efficient kernel refused an lse attention ({exc}); "
                               "using the plain formula", stacklevel=2)
     if out is None:
+        mask = allowed[:, None, None].expand(b, 1, g, n_q, allowed.shape[-1]).reshape(b, 1, g * n_q, -1)
         s = torch.matmul(qg.float(), keys.float().transpose(-1, -2)) * scale
         s = s.masked_fill(~mask, float("-inf"))
         lse = s.logsumexp(-1)
@@ -154,21 +164,65 @@ def _efficient_lse(
     return out, lse[..., :n]
 
 
-def attend_lse_staircase(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, scale: float, block: int = 256
+def key_ranges(
+    q_pos: torch.Tensor, q_valid: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor, window: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``attend_lse`` for queries and keys both sorted by position, where each query reads a prefix of the keys
-    (a staircase): queries go in blocks of ``block``, each over the key prefix its last query can read, so the
-    keys after a block are never multiplied (about half the products of one rectangle). Same arguments."""
-    n = q.shape[2]
-    if n <= block:
-        return attend_lse(q, keys, values, allowed, scale)
+    """Each query's readable stored keys as a range ``[lo, hi)`` of key slots: keys sorted by position in each row's
+    valid prefix (``RaggedKV``), read causally and within the model's ``window``. ``q_pos, q_valid``: ``[B, Q]``;
+    ``k_pos, k_valid``: ``[B, K]`` -> ``(lo, hi)`` ``[B, Q]`` long, ``lo <= hi`` (an empty range for an invalid
+    query)."""
+    pos = k_pos.masked_fill(~k_valid, torch.iinfo(k_pos.dtype).max).contiguous()  # sorted, invalid slots last
+    q = q_pos.contiguous()
+    hi = torch.searchsorted(pos, q, right=True)  # keys at or before the query
+    lo = torch.zeros_like(hi) if window is None else torch.searchsorted(pos, q - window, right=True)
+    lo, hi = lo.masked_fill(~q_valid, 0), hi.masked_fill(~q_valid, 0)
+    return lo, torch.maximum(lo, hi)
+
+
+def attend_lse_ranges(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+    q_valid: torch.Tensor, scale: float, block: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attend_lse`` where query i reads the key slots ``[lo[i], hi[i])`` (``key_ranges``), with no mask over all
+    keys: queries go in blocks of ``block``; the keys every query of a block reads (those before the block, when
+    the ranges all start at the same slot) go through one unmasked call, with no bias to build or read, and only
+    the rest is masked; the two are merged by log-sum-exp. Keys past a block's reach are never multiplied.
+    In half precision every part's output is rounded to the half type before the merge, so the split would add a
+    rounding: there each block is one masked call. ``lo, hi, q_valid``: ``[B, Q]`` (an invalid query's output is
+    left undefined); the rest as ``attend_lse``."""
+    b, hq, n, d = q.shape
+    nb, big = -(-n // block), keys.shape[2]
+    pad = nb * block - n
+
+    def per_block(x: torch.Tensor, fill: int, reduce: str) -> torch.Tensor:  # [B, Q] -> [blocks], valid queries
+        x = F.pad(x.masked_fill(~q_valid, fill), (0, pad), value=fill).view(b, nb, block)
+        return x.amin((0, 2)) if reduce == "min" else x.amax((0, 2))
+
+    stats = torch.stack([per_block(lo, big, "min"), per_block(lo, 0, "max"), per_block(hi, big, "min"),
+                         per_block(hi, 0, "max")], dim=1).tolist()  # one host sync for every block
     outs, lses = [], []
-    for a in range(0, n, block):
-        reach = allowed[:, a : a + block].any(1)  # [B, K]: keys some query of the block reads
-        width = int((reach * torch.arange(1, reach.shape[1] + 1, device=reach.device)).max())
-        o, lse = attend_lse(q[:, :, a : a + block], keys[:, :, :width], values[:, :, :width],
-                            allowed[:, a : a + block, :width], scale)
+    for c, (lo_min, lo_max, hi_min, hi_max) in enumerate(stats):
+        rows = slice(c * block, (c + 1) * block)
+        qb = q[:, :, rows]
+        lo_min = min(lo_min, hi_max)
+        # a second call pays for itself when it spares a mask over at least a block's worth of keys
+        split = lo_min == lo_max and hi_min - lo_max >= block and q.dtype == torch.float32
+        common = hi_min if split else lo_min  # [lo_min, common): read by every query of the block
+        parts = []
+        if hi_max > common:
+            slots = torch.arange(common, hi_max, device=q.device)
+            mask = (slots >= lo[:, rows, None]) & (slots < hi[:, rows, None])
+            parts.append(attend_lse(qb, keys[:, :, common:hi_max], values[:, :, common:hi_max], mask, scale))
+        if common > lo_min:
+            parts.append(attend_lse(qb, keys[:, :, lo_min:common], values[:, :, lo_min:common], None, scale))
+        if not parts:
+            o = torch.zeros(b, hq, qb.shape[2], d, device=q.device)
+            lse = torch.full((b, hq, qb.shape[2]), float("-inf"), device=q.device)
+        elif len(parts) == 1:
+            o, lse = parts[0]
+        else:
+            (o_a, lse_a), (o_b, lse_b) = parts
+            o, lse = merge_lse(o_a, lse_a, o_b, lse_b), torch.logaddexp(lse_a, lse_b)
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
