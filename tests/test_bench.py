@@ -14,6 +14,7 @@ from tiny_lm import one_thread
 from tokenfilter import TokenFilter
 from tokenfilter.bench import BenchConfig, run_bench
 from tokenfilter.bench import cli as bench_cli
+from tokenfilter.bench import grid as bench_grid
 from tokenfilter.bench.kv import measure_cache
 from tokenfilter.bench.report import main as report_main
 from tokenfilter.bench.report import render
@@ -40,6 +41,7 @@ TINY_CFG = dict(
     collect_garbage=False,
     paired_steps=4,
     paired_prefills=2,
+    modes=["query"],  # the query side, as these tests have always measured it (the default mode: see below)
 )
 
 
@@ -143,11 +145,43 @@ def test_ideal_ratio_charges_the_lm_head_on_computed_rows_only(result):
 
 
 def test_lengths_beyond_the_model_are_skipped():
-    cfg = BenchConfig(lengths=[16, 300], ratios=[0.5], new_tokens=2, repeats=1, warmup=0, progress=False,
-                      profile=False, overhead=False, collect_garbage=False)
+    """A context longer than max_position_embeddings (256) is skipped; one that fits is measured even when its decode
+    steps run past the positions (RoPE computes them like any other; SmolLM2-135M's 8192 under --full)."""
+    cfg = BenchConfig(lengths=[16, 254, 300], ratios=[0.5], new_tokens=4, repeats=1, warmup=0, progress=False,
+                      profile=False, overhead=False, collect_garbage=False, modes=["query"])
     res = run_bench(tiny_llama(), None, cfg)
-    assert {c["length"] for c in res["cells"]} == {16}
-    assert res["skipped"][0]["length"] == 300
+    assert {c["length"] for c in res["cells"]} == {16, 254}
+    assert [s["length"] for s in res["skipped"]] == [300]
+    assert [p["length"] for p in res["past_positions"]] == [254]
+    assert all(c["decode"]["median_s"] > 0 for c in res["cells"])
+    assert "- Length 254: the last 2 of 4 decode steps run at positions past max_position_embeddings=256" in render(res)
+
+
+def test_the_default_run_measures_the_library_default_and_names_each_mode():
+    """No modes given: the KV side, TokenFilter(ratio=r), is what runs; the nothing-filtered run, the paired
+    measurement, the profiled cell, the KV checks and the targets all follow it, and every row says its mode."""
+    cfg = BenchConfig(lengths=[96], ratios=[0.5], new_tokens=3, repeats=1, warmup=0, progress=False,
+                      profile=True, profile_steps=2, collect_garbage=False, paired_steps=2, paired_prefills=2)
+    res = json.loads(json.dumps(run_bench(tiny_llama(), None, cfg, model_name="tiny-llama")))
+    assert res["config"]["modes"] == ["kv"] and res["config"]["lead_mode"] == "kv" and res["config"]["window"] == 64
+    cells = {c["method"]: c for c in res["cells"]}
+    assert list(cells) == ["dense", "overhead", "kv"]
+    assert cells["kv"]["label"] == "KV side 0.5 (R=64) — the default"
+    assert cells["overhead"]["label"] == "nothing filtered (scoring only, KV side)"
+    assert cells["overhead"]["stats_prefill"]["ratio"] == 0.0 and cells["kv"]["stats_prefill"]["ratio"] > 0
+    assert "paired" in cells["overhead"] and "paired" in cells["kv"]  # the lead mode's top ratio, not the query side
+    prof = res["profile"]
+    assert (prof["mode"], prof["label"], prof["ratio"]) == ("kv", "KV side 0.5 (R=64) — the default", 0.5)
+    (check,) = res["kv_checks"]
+    assert check["exact"] and check["kv"] == "drop" and check["dropped_entries_reported"] > 0
+    assert check["label"] == cells["kv"]["label"]
+    reads = {t["target"]: t.get("reads") for t in res["targets"]}
+    assert reads["efficiency (measured / ideal) at 2048+ tokens, decode"] == "kv"
+    text = render(res)
+    assert "| 96 | KV side 0.5 (R=64) — the default |" in text
+    assert "`TokenFilter(ratio=r)`, the library default" in text and "Overhead run: the KV side's configuration" in text
+    assert "## Where the time goes (B=1, context 96, KV side 0.5 (R=64) — the default)" in text
+    assert "(the KV side's cells (the measured default))" in text
 
 
 def test_cells_over_the_token_budget_are_skipped_and_reported():
@@ -167,13 +201,14 @@ def test_report_and_plot_from_json(result, tmp_path):
     text = md.read_text()
     assert "## Machine" in text and result["machine"]["cpu"] in text
     assert "## Results" in text and "### Batch size 2" in text
-    assert "threshold>1 (overhead)" in text and "## Targets" in text and "Where the time goes" in text
+    assert "nothing filtered (scoring only, query side)" in text and "## Targets" in text
+    assert "## Where the time goes (B=1, context 40, query side 0.5)" in text
     assert "## Paired measurement (`--paired-steps`)" in text
     assert "![speed ratio vs context length](performance.png)" in text
     assert (tmp_path / "docs" / "performance.png").read_bytes()[:8] == PNG_MAGIC
     text = render(result)
     # one row per batch size in the wall-clock, CPU-time, KV and paired tables
-    assert text.count("| 40 | ratio 0.5 |") == 8 and "## The same ratios from process CPU time" in text
+    assert text.count("| 40 | query side 0.5 |") == 8 and "## The same ratios from process CPU time" in text
 
 
 def test_cli_end_to_end_writes_json_png_and_docs(tmp_path, monkeypatch):
@@ -211,6 +246,14 @@ def test_defaults_and_flags_compose():
     assert f.max_batch_tokens == 8192 and d.max_batch_tokens is None
     q = bench_cli.config_from_args(parser.parse_args(["--quick", "--ratios", "0.3,0.7"]))
     assert q.ratios == [0.3, 0.7] and not q.profile
+    # the default mode is the library default (the KV side); --modes query still measures the query side
+    assert d.modes == ["kv"] and d.recent is None and d.lead_mode == "kv"
+    assert [m.tf for m in d.methods()[2:]] == [TokenFilter(ratio=r) for r in (0.3, 0.5, 0.7)]
+    assert d.methods()[1].tf == TokenFilter(threshold=2.0)
+    query = bench_cli.config_from_args(parser.parse_args(["--modes", "query"]))
+    assert query.modes == ["query"] and [m.name for m in query.methods()] == ["dense", "overhead"] + ["filter"] * 3
+    assert all(m.tf.skip == "attention" for m in query.methods()[1:])
+    assert bench_cli.DEFAULT_MODES == bench_grid.DEFAULT_MODES and bench_cli.MODE_NAMES == bench_grid.MODES
 
 
 # -- issue 12: named shapes, devices, modes, byte ideal, the GPU section ------------------------------------
@@ -250,7 +293,8 @@ def test_cli_shape_with_every_mode_end_to_end(tmp_path):
     assert res["model"]["layers"] == 3 and res["model"]["hidden"] == 576 and res["model"]["device"] == "cpu"
     assert "random-weight smollm2-135m" in res["model"]["name"] and res["config"]["inputs"] == "random-ids"
     labels = {c["label"] for c in res["cells"]}
-    assert labels == {"dense", "threshold>1 (overhead)", "ratio 0.5", "KV side 0.5 (R=4)", "sliding window (R=4)"}
+    assert labels == {"dense", "nothing filtered (scoring only, query side)", "query side 0.5", "KV side 0.5 (R=4)",
+                      "sliding window (R=4)"}
     assert len(res["kv_checks"]) == 2 * 3 and all(k["exact"] for k in res["kv_checks"])  # KV side included
     for c in res["cells"]:
         assert c["peak_memory_bytes"] is None or c["peak_memory_bytes"] > 0

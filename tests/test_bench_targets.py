@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from tokenfilter import TokenFilter
 from tokenfilter.bench.grid import BenchConfig, method_label, plan_grid
 from tokenfilter.bench.targets import KV_EXACT, TARGETS, ExactKVTarget, Target, evaluate_targets, meets
 
@@ -77,6 +78,23 @@ def test_targets_read_only_their_cells():
     assert res["efficiency (measured / ideal) at 2048+ tokens, decode"]["met"] is True  # the 2048 cell: 1.0
 
 
+def test_filter_targets_read_the_measured_default_when_it_ran():
+    """With KV-side cells (the library default) the efficiency and not-slower targets read those, not the query
+    side's; without them (a --modes query run, older results) they read the query side's. Each entry says which."""
+    slow_query = cell("filter", 2048, 0.5, speedup=0.5, efficiency=0.1)
+    fast_kv = cell("kv", 2048, 0.5, speedup=1.2, efficiency=0.9)
+    window = cell("window", 2048, None, speedup=0.1, efficiency=0.1)
+    res = by_name({"cells": [slow_query, fast_kv, window]})
+    for name in ("efficiency (measured / ideal) at 2048+ tokens, decode",
+                 "not slower than dense (ratio >= 0.3, context >= 1024), prefill"):
+        assert res[name]["reads"] == "kv" and res[name]["met"] is True
+        assert [v["where"] for v in res[name]["values"]] == ["B=1 T=2048 kv 0.5"]
+    res = by_name({"cells": [slow_query, window]})
+    t = res["not slower than dense (ratio >= 0.3, context >= 1024), decode"]
+    assert t["reads"] == "filter" and t["met"] is False and t["where"] == "B=1 T=2048 filter 0.5"
+    assert "reads" not in res["overhead with nothing filtered, decode"]
+
+
 def test_the_same_value_meets_one_side_and_misses_the_other():
     cells = [cell("filter", speedup=0.9), cell("filter", speedup=1.2)]
     value = lambda c, clock: c["decode"][f"{clock}speedup"]
@@ -111,16 +129,64 @@ def test_the_kv_target_is_met_only_when_every_check_is_exact():
 
 
 # -- the grid ----------------------------------------------------------------------------------------------
-def test_methods_listed_for_the_default_options():
-    methods = BenchConfig(ratios=[0.3, 0.5]).methods()
+def test_the_default_mode_is_the_library_default_tokenfilter():
+    """Out of the box the bench measures what TokenFilter(ratio=r) ships: the KV side, at every ratio, and its
+    nothing-filtered run, profiled cell and paired cells are the same configuration."""
+    cfg = BenchConfig(ratios=[0.3, 0.5])
+    assert cfg.modes == ["kv"] and cfg.lead_mode == "kv"
+    methods = cfg.methods()
+    assert [(m.name, m.ratio) for m in methods] == [("dense", None), ("overhead", None), ("kv", 0.3), ("kv", 0.5)]
+    dense, overhead, kv3, kv5 = methods
+    assert dense.tf is None
+    assert kv3.tf == TokenFilter(ratio=0.3) and kv5.tf == TokenFilter(ratio=0.5)  # exactly the library default
+    assert kv5.tf.skip == "none" and kv5.tf.window == 64 and kv5.tf.score == "two-horizon"
+    assert overhead.tf == TokenFilter(threshold=2.0)  # the same configuration, nothing filtered
+    assert cfg.profile_filter() == TokenFilter(ratio=0.5)
+    assert [method_label(m.name, m.ratio, cfg) for m in methods] == [
+        "dense", "nothing filtered (scoring only, KV side)", "KV side 0.3 (R=64) — the default",
+        "KV side 0.5 (R=64) — the default"]
+    name, ratio, tf = kv3  # still a tuple
+    assert (name, ratio, tf) == ("kv", 0.3, kv3.tf)
+    # --recent / --schedule given: applied to the library default, and the row no longer says "the default"
+    changed = BenchConfig(ratios=[0.5], recent=16, schedule="tail-linear")
+    kv = changed.methods()[-1]
+    assert kv.tf == TokenFilter(ratio=0.5, recent=16, schedule="tail-linear", start_layer=None)
+    assert changed.overhead_filter() == TokenFilter(threshold=2.0, recent=16, schedule="tail-linear", start_layer=None)
+    assert method_label(kv.name, kv.ratio, changed) == "KV side 0.5 (R=16)"
+
+
+def test_the_overhead_bound_is_above_every_cosine_score():
+    """threshold 2.0 filters nothing: the default score (two-horizon, key fusion) and the SPEC's (variance fusion) are
+    cosines averaged over heads, <= 1."""
+    import torch
+
+    from tokenfilter.algorithm.scores import fuse_stacked, head_cosine
+
+    g = torch.Generator().manual_seed(0)
+    x, a = torch.randn(64, 2, 3, 8, generator=g), torch.randn(64, 2, 3, 8, generator=g)
+    cos = torch.cat([head_cosine(x, a), head_cosine(x, x)])  # x with itself: 1 up to rounding
+    for fusion in ("key", "variance", "mean", "min"):
+        assert fuse_stacked(cos, fusion, 1.0).max() < 2.0
+
+
+def test_query_mode_rows_are_as_before():
+    """--modes query: the paper's query side at every ratio, its overhead run as it always was; only the labels
+    now name the mode."""
+    cfg = BenchConfig(ratios=[0.3, 0.5], modes=["query"])
+    methods = cfg.methods()
+    assert cfg.lead_mode == "query"
     assert [(m.name, m.ratio) for m in methods] == [("dense", None), ("overhead", None), ("filter", 0.3),
                                                     ("filter", 0.5)]
-    dense, overhead, filt, _ = methods
-    assert dense.tf is None
-    assert overhead.tf.threshold == 2.0 and overhead.tf.ratio is None and overhead.tf.skip == "attention"
-    assert filt.tf.ratio == 0.3 and filt.tf.kv == "drop" and filt.tf.schedule == "uniform"
-    name, ratio, tf = filt  # still a tuple
-    assert (name, ratio, tf) == ("filter", 0.3, filt.tf)
+    _, overhead, filt, _ = methods
+    assert overhead.tf == TokenFilter(threshold=2.0, kv="drop", skip="attention", start_layer=2)
+    assert filt.tf == TokenFilter(ratio=0.3, schedule="uniform", kv="drop", skip="attention", start_layer=2)
+    assert cfg.profile_filter() == TokenFilter(ratio=0.5, kv="drop", skip="attention", start_layer=2)
+    assert [method_label(m.name, m.ratio, cfg) for m in methods] == [
+        "dense", "nothing filtered (scoring only, query side)", "query side 0.3", "query side 0.5"]
+    # the first of query / kv leads; a sliding window alone leaves the lead to the library default
+    assert BenchConfig(modes=["kv", "query"]).lead_mode == "kv"
+    assert BenchConfig(modes=["sliding-window", "query"]).lead_mode == "query"
+    assert BenchConfig(modes=["sliding-window"]).overhead_filter() == TokenFilter(threshold=2.0)
 
 
 def test_methods_listed_for_every_mode_and_option():
@@ -130,7 +196,7 @@ def test_methods_listed_for_every_mode_and_option():
     assert [(m.name, m.ratio) for m in methods] == [("dense", None), ("filter", 0.5), ("kv", 0.2), ("kv", 0.4),
                                                     ("window", None)]
     assert [method_label(m.name, m.ratio, cfg) for m in methods] == [
-        "dense", "ratio 0.5", "KV side 0.2 (R=8)", "KV side 0.4 (R=8)", "sliding window (R=8)"]
+        "dense", "query side 0.5", "KV side 0.2 (R=8)", "KV side 0.4 (R=8)", "sliding window (R=8)"]
     kv = methods[2].tf
     assert kv.skip == "none" and kv.recent == 8 and kv.start_layer is None  # tail-linear: its own start
     assert methods[-1].tf.recent == 8
@@ -146,7 +212,7 @@ def test_grid_contexts_skip_what_does_not_fit_and_warm_up_once_per_batch_size():
     assert grid.lengths == [8, 16]
     assert grid.contexts == [(1, 8), (1, 16), (2, 8)]
     assert grid.skipped == [
-        {"length": 300, "reason": "300+4 new tokens > max_position_embeddings=256"},
+        {"length": 300, "reason": "300 tokens > max_position_embeddings=256"},
         {"batch": 2, "length": 16, "reason": "2 x 16 tokens > max_batch_tokens=16"},
     ]
     assert grid.tokens_needed == 16
@@ -155,6 +221,36 @@ def test_grid_contexts_skip_what_does_not_fit_and_warm_up_once_per_batch_size():
     assert grid.profile_length(cfg) == 16
     assert plan_grid(BenchConfig(lengths=[2048, 4096]), None).profile_length(BenchConfig()) == 2048
     assert plan_grid(cfg, max_positions=None).lengths == [8, 16, 300]
+
+
+def test_full_reaches_8192_on_smollm2_and_a_shape_plans_16384():
+    """SmolLM2-135M holds 8192 positions: --full's 8192-token context is measured (its decode steps run past the
+    positions, noted), 8193 is not. Every --shape holds 131072: 16384 is planned (nothing run here)."""
+    import argparse
+
+    from tokenfilter.bench import cli as bench_cli
+    from tokenfilter.bench import shapes
+
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    full = bench_cli.config_from_args(parser.parse_args(["--full"]))
+    assert full.lengths == [512, 1024, 2048, 4096, 8192] and full.modes == ["kv"]
+    grid = plan_grid(full, max_positions=8192)  # SmolLM2-135M's max_position_embeddings
+    assert grid.lengths == full.lengths and grid.skipped == []
+    assert (1, 8192) in grid.contexts and (4, 8192) in grid.contexts
+    assert grid.past_positions == [{"length": 8192, "note": "the last 128 of 128 decode steps run at positions past "
+                                    "max_position_embeddings=8192 (RoPE: the same work per step)"}]
+    beyond = plan_grid(BenchConfig(lengths=[8192, 8193], new_tokens=4), max_positions=8192)
+    assert beyond.lengths == [8192] and beyond.skipped[0]["length"] == 8193
+
+    args = parser.parse_args(["--shape", "smollm2-135m", "--layers", "2", "--lengths", "4096,8192,16384",
+                              "--batch-sizes", "1,4", "--new-tokens", "128"])
+    cfg = bench_cli.config_from_args(args)
+    for name in shapes.SHAPES:
+        grid = plan_grid(cfg, shapes.config(name, layers=args.layers).max_position_embeddings)
+        assert grid.lengths == [4096, 8192, 16384] and grid.skipped == [] and grid.past_positions == []
+        assert (1, 16384) in grid.contexts and (4, 16384) in grid.contexts
+    assert shapes.config("smollm2-135m", layers=2).num_hidden_layers == 2
 
 
 def test_the_runner_still_exports_the_names_it_always_had():

@@ -1,9 +1,10 @@
 """The results of one context (batch size B, context length T): a cell per method, and the KV checks.
 
 Each method's time is compared with the dense time of the same round; the speed ratio reported is the median of
-these per-round ratios (dense time / method time). With ``paired_steps`` the overhead run and the highest query-side
-ratio are also measured step by step against dense (``tokenfilter.bench.paired``), which resolves what a few rounds
-cannot. The KV check compares the bytes the measured cache saved with the entries the run says it dropped.
+these per-round ratios (dense time / method time). With ``paired_steps`` the overhead run and the lead mode's highest
+ratio (``BenchConfig.lead_mode``: by default the KV side, the library default) are also measured step by step against
+dense (``tokenfilter.bench.paired``), which resolves what a few rounds cannot. The KV check compares the bytes the
+measured cache saved with the entries the run says it dropped.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenfilter.bench.grid import BenchConfig, Method, method_label
+from tokenfilter.bench.grid import METHOD_OF_MODE, BenchConfig, Method, method_label
 from tokenfilter.bench.ideal import byte_ideal, ideal_ratio
 from tokenfilter.bench.model import ModelFacts
 from tokenfilter.bench.paired import paired_overhead
@@ -43,13 +44,14 @@ def pair_with_dense(
     logits_to_keep: bool,
     progress: Progress | None = None,
 ) -> dict[int, dict]:
-    """The overhead run and the highest query-side ratio, paired step by step with dense (none without
-    ``cfg.paired_steps``); keyed by method index."""
+    """The overhead run and the lead mode's highest ratio (the KV side by default, the query side under ``--modes
+    query``), paired step by step with dense (none without ``cfg.paired_steps``); keyed by method index."""
     if not cfg.paired_steps:
         return {}
     b, t = ids.shape
     chosen = [i for i, m in enumerate(methods) if m.name == "overhead"]
-    ratios = [(m.ratio, i) for i, m in enumerate(methods) if m.name == "filter"]
+    lead = METHOD_OF_MODE[cfg.lead_mode]
+    ratios = [(m.ratio, i) for i, m in enumerate(methods) if m.name == lead]
     chosen += [max(ratios)[1]] if ratios else []
     pairs = cfg.paired_prefills if t < 2048 else max(2, cfg.paired_prefills // 2)
     paired = {}
@@ -70,7 +72,7 @@ def context_cells(ctx: Context, cfg: BenchConfig, facts: ModelFacts) -> tuple[li
             trial = ctx.rounds.last[i]
             kv_checks.append(
                 kv_check(ctx.batch, ctx.length, cfg, method.ratio, trial, dense, facts.fm, facts.entry_bytes,
-                         method.name)
+                         method.name, method.tf.kv)
             )
     return cells, kv_checks
 
@@ -205,6 +207,7 @@ def _kv_bytes(trial: Trial, dense: Trial) -> dict:
 def kv_check(
     b: int, t: int, cfg: BenchConfig, ratio: float | None, trial: Trial, dense: Trial, fm: FlopModel, entry_bytes: int,
     trial_method: str = "filter",
+    kv: str | None = None,
 ) -> dict:
     """Do the bytes saved in the measured cache equal the entries the run says it dropped, exactly?"""
     dense_entries = b * (t + cfg.new_tokens) * fm.layers
@@ -224,7 +227,7 @@ def kv_check(
         "batch": b,
         "length": t,
         "ratio": ratio,
-        "kv": cfg.kv,
+        "kv": kv or cfg.kv,  # the method's own (the query side's --kv; the KV side always drops)
         "label": method_label(trial_method, ratio, cfg),
         "entry_bytes": entry_bytes,
         "dense_entries": dense_entries,
@@ -250,7 +253,7 @@ def cell_line(cell: dict) -> str:
         return "-" if x is None else format(x, spec)
 
     return (
-        f"B={cell['batch']} T={cell['length']:>5} {cell['label']:<24} prefill {f(p['median_s'])} s "
+        f"B={cell['batch']} T={cell['length']:>5} {cell['label']:<34} prefill {f(p['median_s'])} s "
         f"x{f(p['speedup'], '.3f')} (ideal {f(p['ideal'], '.3f')})  decode {f(d.get('tokens_per_s'), '.1f')} tok/s "
         f"x{f(d['speedup'], '.3f')} (ideal {f(d['ideal'], '.3f')})"
     )

@@ -1,12 +1,19 @@
 """``tokenfilter bench`` / ``python -m tokenfilter.bench``: prefill latency, decode throughput and KV-cache
 bytes, dense vs Token Filtering, written as JSON + PNG (and ``docs/performance.md`` with ``--write-docs``).
 
+By default it measures the library default, ``TokenFilter(ratio=r)`` (``--modes kv``: the KV side, skip="none",
+recent window 64, rows ``KV side r (R=64) — the default``); ``--modes query`` measures the paper's query-side reading
+(rows ``query side r``), ``sliding-window`` StreamingLLM's rule; each row names its mode. The overhead run (nothing
+filtered), the profiled cell and the paired measurement use the first of query/kv asked for (by default the KV side).
+
 The defaults fit in about 10 minutes on 2 CPU cores: SmolLM2-135M, batch 1, contexts 512/1024/2048, 32 decode
-steps, ratios 0.3/0.5/0.7 plus the scoring-only overhead run, 1 warm-up + 3 timed rounds. The full grid:
-``--lengths 512,1024,2048,4096,8192 --batch-sizes 1,4 --new-tokens 128 --repeats 5``.
+steps, ratios 0.3/0.5/0.7 plus the scoring-only overhead run, 1 warm-up + 3 timed rounds. The full grid (``--full``):
+``--lengths 512,1024,2048,4096,8192 --batch-sizes 1,4 --new-tokens 128 --repeats 5``; 8192 is SmolLM2-135M's
+``max_position_embeddings``, so its decode steps run past it (RoPE: the same work), and a longer context is skipped.
 
 ``--shape llama-3-8b|llama-2-7b|smollm2-135m`` benchmarks a random-weight model of that shape instead of a
-checkpoint (timing does not depend on the weights; ``--layers`` scales the depth down), and ``--device cuda
+checkpoint (timing does not depend on the weights; ``--layers`` scales the depth down; every shape holds 131072
+positions, so ``--shape smollm2-135m --layers 2 --lengths 8192,16384`` runs 16384 tokens on a CPU), and ``--device cuda
 --dtype bfloat16`` runs it on a GPU with CUDA-event timing and ``torch.cuda.max_memory_allocated``. The GPU grid of
 issue 12 is ``GPU_COMMAND`` below.
 
@@ -29,9 +36,10 @@ QUICK = dict(lengths=[128, 256], ratios=[0.5], batch_sizes=[1], new_tokens=8, re
 FULL_LENGTHS = [512, 1024, 2048, 4096, 8192]
 SHAPE_NAMES = ("llama-3-8b", "llama-2-7b", "smollm2-135m")  # tokenfilter.bench.shapes.SHAPES (kept in step by a test)
 MODE_NAMES = ("query", "kv", "sliding-window")  # tokenfilter.bench.grid.MODES
+DEFAULT_MODES = ("kv",)  # tokenfilter.bench.grid.DEFAULT_MODES: the library default, TokenFilter(ratio=r)
 GPU_COMMAND = (
     "tokenfilter bench --shape llama-3-8b --device cuda --dtype bfloat16 --lengths 4096,8192,16384,32768 "
-    "--batch-sizes 1,8 --new-tokens 128 --ratios 0.3,0.5,0.7 --modes query,kv,sliding-window --repeats 3 "
+    "--batch-sizes 1,8 --new-tokens 128 --ratios 0.3,0.5,0.7 --modes kv,query,sliding-window --repeats 3 "
     "--output results/bench-gpu --write-docs docs/performance-gpu.md"
 )
 
@@ -100,7 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("grid (defaults fit ~10 min on 2 CPU cores)")
     g.add_argument("--lengths", type=positive_ints, default=None,
                    help=f"context lengths (default {','.join(map(str, DEFAULTS['lengths']))}; "
-                   f"full: {','.join(map(str, FULL_LENGTHS))}, lengths beyond the model's positions are skipped)")
+                   f"full: {','.join(map(str, FULL_LENGTHS))}; a context longer than the model's positions is "
+                   "skipped; every --shape holds 131072, e.g. 16384)")
     g.add_argument("--ratios", type=_ratios, default=None, help="filtering ratios (default 0.3,0.5,0.7)")
     g.add_argument("--batch-sizes", type=positive_ints, default=None, help="batch sizes (default 1; full: 1,4)")
     g.add_argument("--new-tokens", type=_non_negative, default=None,
@@ -112,24 +121,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-tokens", type=positive_int, default=None, metavar="N",
                    help="skip the cells whose batch size x context length exceeds N (e.g. --full --max-batch-tokens "
                    "8192: batch 1 up to 8192 tokens, batch 4 up to 2048); skipped cells are listed in the report")
-    g.add_argument("--full", action="store_true", help="the full grid: lengths up to 8192, batch 1,4, 128 new tokens")
+    g.add_argument("--full", action="store_true",
+                   help="the full grid: lengths up to 8192 (SmolLM2-135M's positions), batch 1,4, 128 new tokens")
     g.add_argument("--quick", action="store_true", help="a smoke run: lengths 128,256, ratio 0.5, 8 new tokens")
     g = parser.add_argument_group("Token Filtering")
-    g.add_argument("--kv", default="drop", choices=["drop", "keep"])
-    g.add_argument("--skip", default="attention", choices=["attention", "block"])
+    g.add_argument("--kv", default="drop", choices=["drop", "keep"],
+                   help="the query mode's (the KV side always drops: that is what it is)")
+    g.add_argument("--skip", default="attention", choices=["attention", "block"], help="the query mode's")
     g.add_argument("--schedule", default="uniform", choices=["uniform", "tail-linear"],
                    help="uniform from layer 2 (the library default) or the paper's tail-linear from L // 2")
-    g.add_argument("--no-overhead", action="store_true", help="leave out the threshold>1 (scoring only) run")
-    g.add_argument("--modes", type=_modes, default=["query"], metavar="LIST",
-                   help="filtering modes, comma-separated: query (the default: skip='attention' at each ratio), kv "
-                   "(KV side: skip='none', recent=R at each ratio), sliding-window (TokenFilter.sliding_window(R))")
+    g.add_argument("--no-overhead", action="store_true",
+                   help="leave out the nothing-filtered run (threshold 2: scoring only, in the first mode's "
+                   "configuration)")
+    g.add_argument("--modes", type=_modes, default=list(DEFAULT_MODES), metavar="LIST",
+                   help="filtering modes, comma-separated: kv (the default: the library default TokenFilter(ratio=r) "
+                   "at each ratio, the KV side with its recent window), query (the paper's query side: "
+                   "skip='attention' at each ratio), sliding-window (TokenFilter.sliding_window(R)); the overhead run, "
+                   "the profiled cell and --paired-steps follow the first of kv/query given")
     g.add_argument("--kv-ratios", type=_ratios, default=None, help="ratios of the kv mode (default: --ratios)")
-    g.add_argument("--recent", type=positive_int, default=64, metavar="R",
-                   help="the window of the kv and sliding-window modes (default 64)")
+    g.add_argument("--recent", type=positive_int, default=None, metavar="R",
+                   help="the window of the kv and sliding-window modes (default: the library's, 64)")
     g.add_argument("--paired-steps", type=_non_negative, default=0, metavar="N",
-                   help="also measure the nothing-filtered overhead finely: N decode steps dense and filtered in "
-                   "turn on two caches, plus --paired-prefills prefill pairs, per cell (the overhead target then "
-                   "reads it; 0 = off)")
+                   help="also measure the nothing-filtered overhead and the first mode's highest ratio finely: N "
+                   "decode steps dense and filtered in turn on two caches, plus --paired-prefills prefill pairs, per "
+                   "cell (the overhead target then reads it; 0 = off)")
     g.add_argument("--paired-prefills", type=positive_int, default=6, metavar="N",
                    help="prefill pairs of the paired measurement (halved from 2048 tokens; default 6)")
     g = parser.add_argument_group("inputs and outputs")
@@ -168,9 +183,9 @@ def config_from_args(args: argparse.Namespace):
         progress=not args.no_progress,
         collect_garbage=not args.no_gc,
         profile=not args.no_profile and not getattr(args, "quick", False),
-        modes=list(getattr(args, "modes", None) or ["query"]),
+        modes=list(getattr(args, "modes", None) or DEFAULT_MODES),
         kv_ratios=getattr(args, "kv_ratios", None),
-        recent=getattr(args, "recent", 64),
+        recent=getattr(args, "recent", None),
         paired_steps=getattr(args, "paired_steps", 0),
         paired_prefills=getattr(args, "paired_prefills", 6),
     )

@@ -14,7 +14,7 @@ def plot_speedup(result: dict, path: str | Path) -> Path:
     path = Path(path)
     cells = result["cells"]
     batches = sorted({c["batch"] for c in cells}) or [1]
-    labels = []
+    labels, overhead = [], {c["label"] for c in cells if c["method"] == "overhead"}  # (nothing filtered: grey)
     for c in cells:
         if c["method"] != "dense" and c["label"] not in labels:
             labels.append(c["label"])
@@ -32,9 +32,9 @@ def plot_speedup(result: dict, path: str | Path) -> Path:
                 if not pts:
                     continue
                 xs = [p[0] for p in pts]
-                color = "0.35" if label.startswith("threshold") else colors[k % len(colors)]
+                color = "0.35" if label in overhead else colors[k % len(colors)]
                 ax.plot(xs, [p[1] for p in pts], "o-", color=color, label=f"{label} measured")
-                if not label.startswith("threshold"):
+                if label not in overhead:
                     ax.plot(xs, [p[2] for p in pts], "--", color=color, alpha=0.8, label=f"{label} ideal (FLOPs)")
             ax.axhline(1.0, color="black", linewidth=0.8)
             ax.set_xscale("log", base=2)

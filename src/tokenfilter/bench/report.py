@@ -11,7 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+from tokenfilter.bench.grid import SIDE
 from tokenfilter.bench.machine import summary_line
+
+READS = {"kv": "the KV side's cells (the measured default)", "filter": "the query side's cells"}
 
 
 def _f(x: float | None, spec: str = ".3f", none: str = "–") -> str:
@@ -118,23 +121,31 @@ def render(
     )
     sched = ("`tail-linear` from layer L // 2 (the paper's)" if cfg["schedule"] == "tail-linear"
              else f"`{cfg['schedule']}` from layer 2 (the library default)")
+    modes = cfg.get("modes") or ["query"]  # results from before --modes measured the query side only
+    lead = cfg.get("lead_mode") or "query"  # results from before the KV side (the library default) led
+    window = cfg.get("window") or cfg.get("recent") or 64
+    kv_ratios = cfg.get("kv_ratios") or cfg["ratios"]
+    library = window == 64 and cfg["schedule"] == "uniform"
+    parts = {
+        "kv": f"the KV side at ratios {', '.join(f'{r:g}' for r in kv_ratios)} (rows `KV side r (R={window})`: "
+              f"`skip=\"none\"`, `kv=\"drop\"`, recent window {window}"
+              + (", i.e. `TokenFilter(ratio=r)`, the library default)" if library else ")"),
+        "query": f"the query side at ratios {', '.join(f'{r:g}' for r in cfg['ratios'])} (rows `query side r`, "
+                 f"`ratio r` in earlier results: the paper's reading, skip=`{cfg['skip']}`, kv=`{cfg['kv']}`)",
+        "sliding-window": "the sliding-window preset (`TokenFilter.sliding_window(recent="
+                          f"{window})`: 4 sinks + the window, every layer)",
+    }
+    add(f"- Token Filtering, schedule {sched}; modes: {'; '.join(parts[m] for m in modes if m in parts)}.")
     add(
-        f"- Token Filtering: ratios {', '.join(f'{r:g}' for r in cfg['ratios'])}, schedule {sched}, "
-        f"kv=`{cfg['kv']}`, skip=`{cfg['skip']}`; overhead run: threshold {cfg['overhead_threshold']:g} (scores "
-        "computed, nothing filtered)."
+        f"- Overhead run: the {SIDE.get(lead, lead)}'s configuration at threshold {cfg['overhead_threshold']:g} "
+        "(scores computed, nothing filtered); the paired measurement and the profiled cell are the "
+        f"{SIDE.get(lead, lead)}'s too."
     )
-    modes = cfg.get("modes") or ["query"]
-    if modes != ["query"]:
-        kv_ratios = cfg.get("kv_ratios") or cfg["ratios"]
-        parts = {"query": "query side (the rows `ratio r`)",
-                 "kv": f"KV side at ratios {', '.join(f'{r:g}' for r in kv_ratios)} "
-                       f"(`skip=\"none\", recent={cfg.get('recent')}`)",
-                 "sliding-window": "the sliding-window preset (`TokenFilter.sliding_window(recent="
-                                   f"{cfg.get('recent')})`: 4 sinks + the window, every layer)"}
-        add(f"- Modes: {'; '.join(parts[m] for m in modes if m in parts)}.")
     for s in result.get("skipped", []):
         where = f"batch {s['batch']}, length {s['length']}" if "batch" in s else f"length {s['length']}"
         add(f"- Skipped {where}: {s['reason']}.")
+    for p in result.get("past_positions", []):
+        add(f"- Length {p['length']}: {p['note']}.")
     add("")
     add("How to read the tables:")
     add("")
@@ -235,7 +246,8 @@ def render(
         add("")
         add(
             "The grid's rounds alternate whole trials a few times per cell, and on a shared machine their spread is "
-            "several percent. Here the nothing-filtered run and the highest ratio are measured again against dense, "
+            "several percent. Here the nothing-filtered run and the lead mode's highest ratio are measured again "
+            "against dense, "
             "interleaved at the finest grain: in each cell prefill pairs (alternating which runs first), then decode "
             "steps, a dense step and a filtered step in turn on two caches in one process, so that load drift hits "
             "both sides of a pair alike. Extra time: median over the pairs of (method time / dense time − 1), with "
@@ -288,7 +300,9 @@ def render(
         add("")
         add(
             "Evaluated on the wall-clock ratios (the numbers above) and, as a check against the load of a shared "
-            "machine, on the ratios of process CPU time (see the next section)."
+            "machine, on the ratios of process CPU time (see the next section). The efficiency and not-slower "
+            "targets read the measured default's cells: the KV side's (`TokenFilter(ratio=r)`) when the run measured "
+            "it, else the query side's; each says which."
         )
         add("")
         add("| target | goal | worst (wall clock) | where | met | worst (CPU time) | met (CPU time) |")
@@ -302,7 +316,8 @@ def render(
                 return "–" if m is None else ("yes" if m else "**no**")
 
             add(
-                f"| {t['target']} | {t['goal']} | {fmt(t.get('worst'))} | {t.get('where') or '–'} | "
+                f"| {t['target']}{' (' + READS.get(t['reads'], t['reads']) + ')' if t.get('reads') else ''} | "
+                f"{t['goal']} | {fmt(t.get('worst'))} | {t.get('where') or '–'} | "
                 f"{yes(t.get('met'))} | {fmt(t.get('worst_cpu'))} | {yes(t.get('met_cpu'))} |"
             )
     prof = result.get("profile")
@@ -347,7 +362,8 @@ def _order(c: dict) -> tuple:
 
 
 def _render_profile(prof: dict) -> list[str]:
-    out = ["", f"## Where the time goes (B={prof['batch']}, context {prof['length']}, ratio {prof['ratio']:g})", ""]
+    what = prof.get("label") or f"ratio {prof['ratio']:g}"
+    out = ["", f"## Where the time goes (B={prof['batch']}, context {prof['length']}, {what})", ""]
     out.append(
         "Wall time by module (forward hooks; decode: mean per step over "
         f"{prof['decode_steps']} steps). Filtered layers: {', '.join(map(str, prof.get('filtered_layers', [])))}."

@@ -24,7 +24,16 @@ import torch
 
 from tokenfilter.bench.cells import Context, cell_line, context_cells, pair_with_dense
 from tokenfilter.bench.data import TokenSource
-from tokenfilter.bench.grid import MODES, OVERHEAD_THRESHOLD, BenchConfig, Grid, Method, method_label, plan_grid
+from tokenfilter.bench.grid import (
+    METHOD_OF_MODE,
+    MODES,
+    OVERHEAD_THRESHOLD,
+    BenchConfig,
+    Grid,
+    Method,
+    method_label,
+    plan_grid,
+)
 from tokenfilter.bench.ideal import byte_ideal, ideal_ratio
 from tokenfilter.bench.model import ModelFacts, model_info, read_weight_bytes
 from tokenfilter.bench.targets import evaluate_targets
@@ -65,6 +74,7 @@ def run_bench(
         "model": model_info(model, model_name),
         "config": _config_section(cfg, source, facts),
         "skipped": grid.skipped,
+        "past_positions": grid.past_positions,
         "cells": cells,
         "kv_checks": kv_checks,
         "profile": profile,
@@ -120,14 +130,19 @@ def profile_one_cell(
 
     length = grid.profile_length(cfg)
     ids = source.contexts(1, length).to(facts.device)
-    log(f"profiling B=1 T={length} ratio {cfg.profile_ratio} ...")
-    return profile_cell(model, ids, cfg.profile_filter(), cfg.profile_steps, facts.logits_to_keep)
+    tf = cfg.profile_filter()  # the lead mode's (by default the KV side, the library default)
+    label = method_label(METHOD_OF_MODE[cfg.lead_mode], tf.ratio, cfg)
+    log(f"profiling B=1 T={length} {label} ...")
+    profile = profile_cell(model, ids, tf, cfg.profile_steps, facts.logits_to_keep)
+    return {**profile, "mode": cfg.lead_mode, "label": label}
 
 
 def _config_section(cfg: BenchConfig, source: TokenSource, facts: ModelFacts) -> dict:
     return {
         **{k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
         "overhead_threshold": OVERHEAD_THRESHOLD,
+        "lead_mode": cfg.lead_mode,  # the mode of the overhead run, the profiled cell and the paired measurement
+        "window": cfg.window,  # the recent window R in effect (``recent``: None = the library's)
         "inputs": source.kind,
         "prefill_logits": "last position only" if facts.logits_to_keep else "every position",
     }

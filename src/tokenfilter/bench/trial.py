@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache
 
-from tokenfilter.bench.grid import BenchConfig, Method
+from tokenfilter.bench.grid import BenchConfig, Method, method_label
 from tokenfilter.bench.kv import KVMeasure, measure_cache
 from tokenfilter.config import TokenFilter
 from tokenfilter.stats import FilterStats
@@ -211,7 +211,7 @@ def run_rounds(
         for i in [*range(shift, len(methods)), *range(shift)]:
             name, ratio, tf = methods[i]
             if progress is not None:
-                label = name if ratio is None else f"ratio {ratio:g}"
+                label = method_label(name, ratio, cfg)
                 progress.set_description(f"B={b} T={t} {label}{'' if timed else ' (warm-up)'}")
             trial = run_trial(model, ids, mask, tf, cfg.new_tokens, entry_bytes, logits_to_keep, cfg.collect_garbage)
             if timed:
