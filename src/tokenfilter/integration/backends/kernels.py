@@ -94,8 +94,8 @@ def attend_lse(
 
     ``q``: ``[B, Hq, Q, d]``; ``keys, values``: ``[B, H, K, d]`` (query head i reads key head ``i // (Hq/H)``);
     ``allowed``: ``[B, Q, K]``, or None when every query reads every key (no mask at all). Returns
-    ``(out [B, Hq, Q, d] float32, lse [B, Hq, Q] float32)``; a query with no
-    allowed key has output 0 and lse ``-inf``.
+    ``(out [B, Hq, Q, d] float32, lse [B, Hq, Q] float32)``; a query with no allowed key has output 0 and lse
+    ``-inf``.
 
     ``impl`` (default: ``lse_impl(q.device)``): ``cpu-flash``, the flash kernel public SDPA runs on the CPU, which
     returns the lse; ``cuda-efficient``, the memory-efficient CUDA kernel (``compute_log_sumexp``), falling back to
@@ -107,8 +107,7 @@ def attend_lse(
     if impl not in LSE_IMPLS:
         raise ValueError(f"impl must be one of {', '.join(LSE_IMPLS)}, got {impl!r}.")
     b, hq, n_q, d = q.shape
-    h = keys.shape[1]
-    g = hq // h
+    h, g = keys.shape[1], hq // keys.shape[1]
     qg = q.reshape(b, h, g * n_q, d)  # the g query heads of one key head, stacked along the queries
     if allowed is None:
         allowed = torch.ones(b, n_q, keys.shape[2], dtype=torch.bool, device=q.device)
@@ -135,16 +134,24 @@ def attend_lse(
                 warnings.warn(f"tokenfilter: the CUDA memory-efficient kernel refused an lse attention ({exc}); "
                               "using the plain formula", stacklevel=2)
     if out is None:
-        mask = allowed[:, None, None].expand(b, 1, g, n_q, allowed.shape[-1]).reshape(b, 1, g * n_q, -1)
-        s = torch.matmul(qg.float(), keys.float().transpose(-1, -2)) * scale
-        s = s.masked_fill(~mask, float("-inf"))
-        lse = s.logsumexp(-1)
-        p = torch.where(mask, torch.exp(s - lse[..., None]), 0.0)
-        out = torch.matmul(p, values.float())
+        out, lse = _math_lse(qg, keys, values, allowed[:, None, None].expand(b, 1, g, n_q, allowed.shape[-1]), scale)
     out, lse = out.float().reshape(b, hq, n_q, d), lse.float().reshape(b, hq, n_q)
     lse = lse.masked_fill(none[:, None, :], float("-inf"))
     out = out.masked_fill(none[:, None, :, None], 0.0)  # whatever a kernel gives a row with no key at all
     return out, lse
+
+
+def _math_lse(
+    qg: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The formula in float32 (what SDPA's math backend computes): ``[B, H, G*Q, d]`` queries, ``mask`` any shape
+    that reshapes to ``[B, 1, G*Q, K]``."""
+    mask = mask.reshape(qg.shape[0], 1, qg.shape[2], -1)
+    s = torch.matmul(qg.float(), keys.float().transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = s.logsumexp(-1)
+    p = torch.where(mask, torch.exp(s - lse[..., None]), 0.0)
+    return torch.matmul(p, values.float()), lse
 
 
 def _efficient_lse(
