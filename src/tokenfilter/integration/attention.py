@@ -105,7 +105,8 @@ class FilteredAttention:
         state.columns += t
 
         pads = None if call.all_real else _pads_after_real(real, idx)
-        reading = Reading(hidden_states, cos, sin, readers, stored, cols, idx, band, fresh, lean, b - n_unread, pads)
+        reading = Reading(hidden_states, cos, sin, readers, stored, cols, idx, band, fresh, lean, b - n_unread, pads,
+                          band_live=held_before + n_unstored if band is not None else 0)
         out, pairs, selection = plan.backend.attend(reading, self, vis, units, state.kv)
         call.keep[self.idx] = (units.any_unit(readers if pads is None else readers | pads), selection)
         self.run.record_layer(

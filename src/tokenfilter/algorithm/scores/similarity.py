@@ -166,11 +166,24 @@ def cumulative_mean_step(k: torch.Tensor, v: torch.Tensor, state: ScoreState) ->
 
 
 def two_horizon_step(k: torch.Tensor, v: torch.Tensor, state: ScoreState) -> torch.Tensor | None:
-    """``two-horizon`` of one decode token per row: the lower of the two steps above."""
-    if state.memory.get("anchors") is None or state.memory.get("sum") is None:
+    """``two-horizon`` of one decode token per row: the lower of the two steps above, computed together (one
+    stack of the token and its two anchors, the cosines' five dot products in two reductions)."""
+    anchors, total = state.memory.get("anchors"), state.memory.get("sum")
+    if anchors is None or total is None:
         return None  # neither memory is touched
-    short = similarity_step(k, v, state)
-    return torch.minimum(short.float(), cumulative_mean_step(k, v, state))
+    gamma, fusion, lam = (state.params[p] for p in PARAMS)
+    x = scored_parts(k, v, fusion)[:, 0]  # [B, 2 (or 1: keys), H, d]
+    if x.dtype != torch.float32:
+        x = x.float()
+    after = total + x
+    mean = (after - x) / state.seen.clamp(min=1).view(k.shape[0], 1, 1, 1)  # the score's (after - x) / count
+    state.memory["anchors"] = gamma * anchors + (1 - gamma) * x
+    state.memory["sum"] = after
+    trio = torch.stack([x, anchors, mean])  # [3, B, 2, H, d]: the token, the EMA anchor before it, the mean before
+    cross = (trio[0] * trio).sum(-1)  # [3, B, 2, H]: x.x, x.a, x.m
+    own = (trio[1:] * trio[1:]).sum(-1)  # [2, B, 2, H]: a.a, m.m
+    cos = cross[1:] * (cross[0] * own).clamp_min(_EPS2).rsqrt()  # [2, B, 2, H]
+    return torch.minimum(fuse_stacked(cos[0], fusion, lam), fuse_stacked(cos[1], fusion, lam))
 
 
 SIMILARITY = Score(similarity, similarity_step, PARAMS)

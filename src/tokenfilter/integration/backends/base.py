@@ -57,6 +57,7 @@ class Reading:
     lean: bool = False
     n_readers: int = 0
     pads: torch.Tensor | None = None
+    band_live: int = 0  # entries only the band reads among its sources (Python: no host sync to ask)
 
 
 QuerySelection = tuple[torch.Tensor, torch.Tensor] | None

@@ -71,7 +71,7 @@ class FastBackend:
             q_idx = r.idx.gather(1, sel)
         q = proj.queries(hs, cs, ss)
         keys, values, k_pos, k_valid = kv.view()
-        if r.band is None or not bool(r.band[4].any()):  # nothing only the band reads: the stored entries are all
+        if r.band_live == 0:  # nothing only the band reads: the stored entries are all
             # stored == queries when the store was empty and exactly the reading tokens are stored
             causal = r.fresh and (vis.window is None or t <= vis.window)
             causal = causal and (vis.stored_are_readers or torch.equal(r.readers, r.stored))
@@ -112,7 +112,7 @@ class FastBackend:
             return r.h.new_zeros(b, 1, dim), 0, None
         q = proj.queries(r.h, r.cos, r.sin)  # [B, Hq, 1, d]
         keys, values, mask = kv.lean_view()  # every entry is in the past (and in the window)
-        n_live = 0 if r.band is None else int(r.band[4].sum())
+        n_live = r.band_live
         if n_live == 0:
             o = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, scale=proj.scale, enable_gqa=q.shape[1] != keys.shape[1]
