@@ -80,3 +80,12 @@ def test_accuracy_plot_has_error_bars():
         assert len(ax_acc.patches) == 1  # dense's ± band
     finally:
         plt.close(fig)
+
+
+def test_timing_lines_give_each_rows_time_against_dense():
+    from tokenfilter.eval.report import timing_lines
+
+    result = {"rows": [{"method": "dense", "target_ratio": 0.0, "seconds": 40.0},
+                       {"method": "token-filter", "target_ratio": 0.5, "seconds": 46.0},
+                       {"method": "random", "target_ratio": 0.5}]}  # a row recorded before times were kept
+    assert timing_lines(result) == ["time dense 0: 40.0 s", "time token-filter 0.5: 46.0 s (x1.15 dense)"]

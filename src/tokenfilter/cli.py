@@ -72,7 +72,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         return _run_longctx(args)
     from tokenfilter.eval.harness_tasks import resolve_tasks
     from tokenfilter.eval.methods import resolve_methods
-    from tokenfilter.eval.report import PLOT_NAME, print_table, write_markdown, write_outputs
+    from tokenfilter.eval.report import PLOT_NAME, print_table, timing_lines, write_markdown, write_outputs
     from tokenfilter.eval.resume import ROWS_DIR, kept_rows
     from tokenfilter.eval.suite import EvalConfig, run_eval
 
@@ -95,6 +95,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     command = "tokenfilter " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result["command"] = command
     print_table(result)
+    print("\n".join(["", *timing_lines(result)]))
     paths = write_outputs(result, args.output, command)
     if args.results_md:
         write_markdown(result, args.results_md, command)  # and its plot beside it

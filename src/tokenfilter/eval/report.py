@@ -97,6 +97,18 @@ def print_table(result: dict, console: Console | None = None) -> None:
         console.print(item)
 
 
+def timing_lines(result: dict) -> list[str]:
+    """Each row's compute time (its tasks and perplexities, in this run or the kept parts' earlier ones) and its
+    ratio to dense's, one line each: what Token Filtering costs or saves on this machine, measured in the run."""
+    rows = [r for r in result["rows"] if r.get("seconds") is not None]
+    dense = next((r["seconds"] for r in rows if r["method"] == "dense"), None)
+    lines = []
+    for r in rows:
+        versus = f" (x{r['seconds'] / dense:.2f} dense)" if dense and r["method"] != "dense" else ""
+        lines.append(f"time {r['method']} {r['target_ratio']:g}: {r['seconds']:.1f} s{versus}")
+    return lines
+
+
 def markdown_table(head: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in body]

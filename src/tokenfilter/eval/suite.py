@@ -185,7 +185,7 @@ def _row(run: _Run, method: str, ratio: float) -> dict:
         run.bar.update(len(run.task_names) + 1)
         if method == "token-filter":
             run.flops_saved_by_ratio[ratio] = record["ppl_flops_skipped"]
-        return record["row"]
+        return {**record["row"], "seconds": record.get("seconds")}
     record.setdefault("tasks", {})
     compute = _removal_row if method in LAYER_REMOVAL else _filter_row
     row = compute(run, method, ratio, record)
@@ -193,7 +193,7 @@ def _row(run: _Run, method: str, ratio: float) -> dict:
     row["avg_accuracy_stderr"] = average_stderr(row["accuracy"])
     record["row"] = row
     run.store.save(method, ratio, record)
-    return row
+    return {**row, "seconds": record.get("seconds")}  # the compute time of its tasks and perplexities
 
 
 def _tasks(run: _Run, method: str, ratio: float, record: dict, counting: bool) -> dict[str, dict[str, float]]:
