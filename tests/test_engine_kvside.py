@@ -418,3 +418,37 @@ def test_lean_band_decode_is_taken_and_equals_reference(monkeypatch, recent, mod
     assert all(torch.equal(a, b) for a, b in zip(f_run.decisions, r_run.decisions, strict=True))
     assert f_run.stats.as_dict() == r_run.stats.as_dict()
     assert f_run.stats.ratio > 0
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_first_call_within_the_band_is_causal_attention_and_equals_reference(monkeypatch, padded):
+    """A prompt no longer than the recent window: every token reads every earlier one whatever the decisions, so
+    the fast backend runs one causal attention; the same logits, decisions and statistics as the reference."""
+    from tokenfilter.integration.backends.fast import FastBackend
+
+    calls = {"n": 0}
+    original = FastBackend._attend_within_band
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FastBackend, "_attend_within_band", counted)
+    model = make_tiny("llama")
+    if padded:
+        ids, mask = left_pad([random_ids(1, 30, seed=3)[0], random_ids(1, 24, seed=4)[0]])
+    else:
+        ids = random_ids(2, 30)
+        mask = torch.ones_like(ids)
+    runs = {}
+    for path in BACKENDS:
+        cfg = TokenFilter(ratio=0.5, recent=32, path=path, record_decisions=True)
+        with cfg.apply(model) as run, torch.no_grad():
+            runs[path] = (logits(model, ids, mask), run.decisions, run.stats.as_dict())
+    assert calls["n"] == len(run.filtered_layers)  # the fast run's prefill, every filtered layer
+    real = mask.bool()
+    assert runs["fast"][2]["ratio"] > 0
+    for path in BACKENDS:
+        torch.testing.assert_close(runs[path][0][real], runs["reference"][0][real], atol=1e-5, rtol=1e-5)
+        assert all(torch.equal(a, b) for a, b in zip(runs[path][1], runs["reference"][1], strict=True))
+        assert runs[path][2] == runs["reference"][2]

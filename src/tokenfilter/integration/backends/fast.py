@@ -76,6 +76,8 @@ class FastBackend:
             causal = r.fresh and (vis.window is None or t <= vis.window)
             causal = causal and (vis.stored_are_readers or torch.equal(r.readers, r.stored))
             o, pairs = attend(q, q_pos, q_valid, keys, values, k_pos, k_valid, proj.scale, vis, causal=causal)
+        elif r.fresh and n <= vis.recent and (vis.window is None or t <= vis.window):
+            o, pairs = self._attend_within_band(q, q_pos, q_valid, r, proj, vis, n)
         else:  # the readers are the call's real tokens, in the order the band's sources list them
             lo, hi = key_ranges(q_pos, q_valid, k_pos, k_valid, vis.window)  # the stored keys each query reads
             o_kept, lse_kept = attend_lse_ranges(q, keys, values, lo, hi, q_valid, proj.scale)
@@ -89,6 +91,16 @@ class FastBackend:
         out = r.h.new_zeros(b, t, dim)
         out.scatter_(1, sel[..., None].expand(-1, -1, dim), o)
         return out, pairs, (sel, q_valid)
+
+    def _attend_within_band(
+        self, q: torch.Tensor, q_pos: torch.Tensor, q_valid: torch.Tensor, r: Reading, proj: Projections,
+        vis: Visibility, n: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A first call no longer than the band: every query reads every real token before it (kept, or filtered
+        but in its band), so the attention is plain causal attention over the call's tokens (the band's sources
+        after the empty ring, compacted as the queries are), whatever was decided."""
+        keys, values = r.band[0][:, :, -n:], r.band[1][:, :, -n:]
+        return attend(q, q_pos, q_valid, keys, values, None, None, proj.scale, vis, causal=True)
 
     def _attend_pads(self, r: Reading, proj: Projections, vis: Visibility, kv: RaggedKV) -> torch.Tensor:
         """The output ``[B, T, D]`` of the padding columns ``r.pads`` (0 elsewhere): each over the stored entries in
