@@ -141,3 +141,15 @@ def test_range_attention_equals_masked_attention(window, block):
     real = q_valid[:, None, :]
     torch.testing.assert_close(out * real[..., None], want_out * real[..., None], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.masked_fill(~real, 0), want_lse.masked_fill(~real, 0), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["cpu-flash", "math"])
+def test_no_mask_means_every_key(impl):
+    """``allowed=None`` (the unmasked part of a block) is the all-True mask, without building it."""
+    g = torch.Generator().manual_seed(5)
+    q, keys = torch.randn(2, 6, 9, 16, generator=g), torch.randn(2, 2, 13, 16, generator=g)
+    values = torch.randn(2, 2, 13, 16, generator=g)
+    want = attend_lse(q, keys, values, torch.ones(2, 9, 13, dtype=torch.bool), 0.3, impl=impl)
+    got = attend_lse(q, keys, values, None, 0.3, impl=impl)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from tokenfilter.integration.backends.kernels import gather_rows
+from tokenfilter.integration.backends.kernels import gather_rows, scatter_rows
 
 if TYPE_CHECKING:
     from tokenfilter.integration.run import FilterRun
@@ -24,9 +24,5 @@ class FilteredMLP:
         readers, selection = self.run.call.keep[self.idx]  # [B, T] bool, the backend's QuerySelection
         if selection is None:  # the backend computed every token
             return self.original(self.mlp, x) * readers[..., None].to(x.dtype)
-        b, t, dim = x.shape
         sel, valid = selection
-        y = self.original(self.mlp, gather_rows(x, sel)) * valid[..., None].to(x.dtype)
-        out = x.new_zeros(b, t, dim)
-        out.scatter_(1, sel[..., None].expand(-1, -1, dim), y)
-        return out
+        return scatter_rows(self.original(self.mlp, gather_rows(x, sel)), sel, valid, x.shape[1])

@@ -27,6 +27,7 @@ from tokenfilter.integration.backends.kernels import (
     gather_rows,
     key_ranges,
     merge_lse,
+    scatter_rows,
 )
 from tokenfilter.integration.kv_store import RaggedKV
 from tokenfilter.integration.units import Units
@@ -87,10 +88,7 @@ class FastBackend:
         o = proj.output(o)
         if all_read:
             return o, pairs, None
-        o = o * q_valid[..., None].to(o.dtype)
-        out = r.h.new_zeros(b, t, dim)
-        out.scatter_(1, sel[..., None].expand(-1, -1, dim), o)
-        return out, pairs, (sel, q_valid)
+        return scatter_rows(o, sel, q_valid, t), pairs, (sel, q_valid)
 
     def _attend_within_band(
         self, q: torch.Tensor, q_pos: torch.Tensor, q_valid: torch.Tensor, r: Reading, proj: Projections,
@@ -105,15 +103,11 @@ class FastBackend:
     def _attend_pads(self, r: Reading, proj: Projections, vis: Visibility, kv: RaggedKV) -> torch.Tensor:
         """The output ``[B, T, D]`` of the padding columns ``r.pads`` (0 elsewhere): each over the stored entries in
         its past and in the model's window."""
-        b, t, dim = r.h.shape
-        sel, valid, n = compact_order(r.pads)
+        sel, valid, _ = compact_order(r.pads)
         q = proj.queries(gather_rows(r.h, sel), gather_rows(r.cos, sel), gather_rows(r.sin, sel))
         keys, values, k_pos, k_valid = kv.view()
         o, _ = attend(q, r.cols[sel], valid, keys, values, k_pos, k_valid, proj.scale, vis)
-        o = proj.output(o) * valid[..., None].to(r.h.dtype)
-        out = r.h.new_zeros(b, t, dim)
-        out.scatter_(1, sel[..., None].expand(-1, -1, dim), o)
-        return out
+        return scatter_rows(proj.output(o), sel, valid, r.h.shape[1])
 
     def _attend_one(self, r: Reading, proj: Projections, kv: RaggedKV) -> tuple[torch.Tensor, int, QuerySelection]:
         """A lean decode step: each reading row's query over all its stored entries (and its band's live ones,
@@ -131,8 +125,7 @@ class FastBackend:
             )
         else:
             band_keys, band_values, _, _, live = r.band
-            stored = torch.ones(b, 1, keys.shape[2], dtype=torch.bool, device=q.device) if mask is None else mask[:, 0]
-            o_kept, lse_kept = attend_lse(q, keys, values, stored, proj.scale)
+            o_kept, lse_kept = attend_lse(q, keys, values, None if mask is None else mask[:, 0], proj.scale)
             o_band, lse_band = attend_lse(q, band_keys, band_values, live[:, None, :], proj.scale)
             o = merge_lse(o_kept, lse_kept, o_band, lse_band).to(q.dtype)
         out = proj.output(o)

@@ -33,6 +33,15 @@ def gather_rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx)
 
 
+def scatter_rows(x: torch.Tensor, order: torch.Tensor, valid: torch.Tensor, t: int) -> torch.Tensor:
+    """The inverse of ``gather_rows``: ``x`` ``[B, N, D]`` back to columns ``order`` ``[B, N]`` of a ``[B, t, D]``
+    zero tensor; the gather's padding entries (``valid`` False) write 0."""
+    b, _, dim = x.shape
+    out = x.new_zeros(b, t, dim)
+    out.scatter_(1, order[..., None].expand(-1, -1, dim), x * valid[..., None].to(x.dtype))
+    return out
+
+
 def attend(
     q: torch.Tensor,
     q_pos: torch.Tensor,
@@ -109,12 +118,12 @@ def attend_lse(
     b, hq, n_q, d = q.shape
     h, g = keys.shape[1], hq // keys.shape[1]
     qg = q.reshape(b, h, g * n_q, d)  # the g query heads of one key head, stacked along the queries
-    if allowed is None:
-        allowed = torch.ones(b, n_q, keys.shape[2], dtype=torch.bool, device=q.device)
-        mask = None
+    if allowed is None:  # every query reads every key (at least one): no mask, and no query without a key
+        allowed = torch.ones((), dtype=torch.bool, device=q.device).expand(b, n_q, keys.shape[2])  # a view only
+        mask = none = None
     else:
         mask = allowed[:, None, None].expand(b, 1, g, n_q, allowed.shape[-1]).reshape(b, 1, g * n_q, -1)
-    none = ~allowed.any(-1)  # [B, Q]
+        none = ~allowed.any(-1)  # [B, Q]
     out = lse = None
     if impl == "cpu-flash":
         bias = None
@@ -126,7 +135,7 @@ def attend_lse(
         )[:2]
     elif impl == "cuda-efficient":
         try:
-            full = torch.ones(b, 1, g * n_q, keys.shape[2], dtype=torch.bool, device=q.device)
+            full = allowed[:, None, None].expand(b, 1, g, n_q, allowed.shape[-1]).reshape(b, 1, g * n_q, -1)
             out, lse = _efficient_lse(qg, keys, values, full if mask is None else mask, scale)
         except RuntimeError as exc:  # a dtype, head size or alignment the kernel does not take
             if "cuda-efficient" not in _FELL_BACK:
@@ -136,8 +145,9 @@ def attend_lse(
     if out is None:
         out, lse = _math_lse(qg, keys, values, allowed[:, None, None].expand(b, 1, g, n_q, allowed.shape[-1]), scale)
     out, lse = out.float().reshape(b, hq, n_q, d), lse.float().reshape(b, hq, n_q)
-    lse = lse.masked_fill(none[:, None, :], float("-inf"))
-    out = out.masked_fill(none[:, None, :, None], 0.0)  # whatever a kernel gives a row with no key at all
+    if none is not None:
+        lse = lse.masked_fill(none[:, None, :], float("-inf"))
+        out = out.masked_fill(none[:, None, :, None], 0.0)  # whatever a kernel gives a row with no key at all
     return out, lse
 
 
