@@ -57,6 +57,10 @@ def _ratios(text: str) -> list[float]:
 _non_negative = int_at_least(0)
 
 
+def _non_negative_ints(text: str) -> list[int]:
+    return [_non_negative(x) for x in text.split(",") if x.strip()]
+
+
 def _modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODE_NAMES]
@@ -157,6 +161,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-profile", action="store_true", help="skip the time breakdown of one cell")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-gc", action="store_true", help="no gc.collect() before each trial (faster, noisier)")
+    g = parser.add_argument_group("peak memory per process (--memory)")
+    g.add_argument("--memory", action="store_true",
+                   help="instead of timings: each method's peak memory in a process of its own (default lengths "
+                   "2048,8192; the kv ratio; the sliding window; kvpress presses at the same KV)")
+    g.add_argument("--chunks", type=_non_negative_ints, default=None, metavar="LIST",
+                   help="prefill chunk sizes for --memory, 0 = one call (default 0,1024)")
+    g.add_argument("--presses", type=lambda s: [p for p in s.split(",") if p], default=None, metavar="LIST",
+                   help="kvpress presses for --memory at the default's KV (default ExpectedAttentionPress,KnormPress; "
+                   "none: no kvpress rows)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -237,6 +250,11 @@ def build_model(args: argparse.Namespace, device: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "memory", False):
+        from tokenfilter.bench import memory
+
+        threads, _ = choose_threads(getattr(args, "threads", "auto"))
+        return memory.run(args, _command_line(), threads)
     from tokenfilter.bench.plot import plot_speedup
     from tokenfilter.bench.report import write_docs
     from tokenfilter.bench.runner import run_bench

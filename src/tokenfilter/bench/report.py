@@ -173,7 +173,9 @@ def render(
         + ("`torch.cuda.max_memory_allocated` over the trial (weights included)."
            if str(m.get("device", "cpu")).startswith("cuda") else
            "the process's peak resident memory over the trial (weights, Python and torch included; "
-           "`VmHWM` after a reset through `/proc/self/clear_refs`).")
+           "`VmHWM` after a reset through `/proc/self/clear_refs`). The trials share one process, so freed "
+           "memory the allocator keeps hides differences between methods here: the peak of each method in a process "
+           "of its own is `tokenfilter bench --memory` ([performance-memory.md](performance-memory.md)).")
     )
     add("")
     if png_name:
