@@ -135,21 +135,41 @@ def loop_quantile(values: list[float], level: float) -> float:
 def loop_run_decisions(row: list[float | None], prompt_len: int, warmup: int, *, ratio=None, tau=None) -> list[bool]:
     """One sequence's decisions at one layer over a prefill of its first ``prompt_len`` columns, then one decode
     step per later column: threshold mode ``s > tau``; ratio mode the prefill's top ``round(ratio * n_real)``
-    eligible scores, then, per step, ``s >`` the ``1 - ratio`` quantile of every earlier eligible score."""
+    eligible scores, then, per step, ``s >`` a quantile of every earlier eligible score whose level the decode
+    controller sets from the filtered tokens so far (``decode_controller``)."""
     if tau is not None:
         return loop_decisions([row], warmup, tau=tau)[0]
     out = loop_decisions([row[:prompt_len]], warmup, ratio=ratio)[0]
     real_idx = sum(s is not None for s in row[:prompt_len])
+    n_filtered = sum(out)
     history = [s for s in row[:prompt_len] if s is not None][warmup:]  # the eligible ones: real, past warm-up
     for s in row[prompt_len:]:
         assert s is not None, "decode steps are real tokens"
         eligible = real_idx >= warmup
-        tau_t = loop_quantile(history, 1 - ratio)
-        out.append(eligible and not math.isnan(tau_t) and s > tau_t)
+        decision = decode_controller(s, eligible, history, n_filtered, real_idx, ratio)
+        out.append(decision)
+        n_filtered += decision
         if eligible:
             history.append(s)
         real_idx += 1
     return out
+
+
+def decode_controller(s, eligible, history, n_filtered, n_real, ratio, horizon=32, bound=8) -> bool:
+    """One decode decision: ``excess`` is how many more tokens were filtered than ``ratio`` of the ``n_real`` real
+    tokens so far; the quantile level moves by ``excess / horizon`` (aiming at a ratio the excess pays back), and
+    the excess never leaves ``[-bound, bound]``: a token is kept when filtering it would pass ``bound``, and
+    filtered (if eligible) when keeping it would pass ``-bound``."""
+    excess = n_filtered - ratio * n_real
+    aim = min(max(ratio - excess / horizon, 0.0), 1.0)
+    tau = loop_quantile(history, 1 - aim)
+    decision = eligible and not math.isnan(tau) and s > tau
+    kept_excess = excess - ratio  # after this token, if it is kept
+    if kept_excess + 1 > bound:
+        decision = False
+    if kept_excess < -bound:
+        decision = eligible
+    return decision
 
 
 def readable(t_col, t_idx, j_col, j_idx, j_filtered, *, recent, sinks, window) -> bool:
