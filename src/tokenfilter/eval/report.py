@@ -233,8 +233,24 @@ def write_markdown(result: dict, path: Path, command: str) -> None:
     write_keeping_sections(path, "\n".join(text))
 
 
+def _plain_log_formatter():
+    """A log axis's tick labels as plain numbers ("25.5", "300"), not matplotlib's "2.55 x 10^1": matplotlib's own
+    LogFormatter still chooses which ticks carry a label (fewer between decades as the axis spans more of them)."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLogFormatter(LogFormatter):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    return PlainLogFormatter(labelOnlyBase=False)
+
+
+DENSE_BAND = "dense ± standard error"  # the legend entry of the grey band around dense's accuracy
+
+
 def figure(result: dict):
-    """The figure of ``plot``: average accuracy (error bars: its standard error) and WikiText-2 PPL vs ratio."""
+    """The figure of ``plot``: average accuracy (error bars: its standard error; a grey band: dense's) and
+    WikiText-2 PPL vs ratio (a log axis with plain-number labels)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,7 +266,7 @@ def figure(result: dict):
             y = rows[0]["avg_accuracy"]
             ax_acc.axhline(y, color="k", ls="--", label="dense")
             if errors[0] is not None:
-                ax_acc.axhspan(y - errors[0], y + errors[0], color="k", alpha=0.08, lw=0)
+                ax_acc.axhspan(y - errors[0], y + errors[0], color="k", alpha=0.08, lw=0, label=DENSE_BAND)
             ax_ppl.axhline(rows[0]["perplexity"]["wikitext2"], color="k", ls="--", label="dense")
             continue
         xs = [r["target_ratio"] for r in rows]
@@ -260,6 +276,8 @@ def figure(result: dict):
     ax_acc.set(xlabel="pruning ratio (target)", ylabel="average accuracy (± standard error)",
                title="Zero-shot accuracy")
     ax_ppl.set(xlabel="pruning ratio (target)", ylabel="WikiText-2 perplexity", yscale="log", title="Perplexity")
+    ax_ppl.yaxis.set_major_formatter(_plain_log_formatter())  # after the scale, which sets its own formatters
+    ax_ppl.yaxis.set_minor_formatter(_plain_log_formatter())
     ax_acc.legend(fontsize=8)
     fig.suptitle(result["model"])
     fig.tight_layout()
