@@ -9,6 +9,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from tokenfilter.eval.methods import LAYER_REMOVAL
 from tokenfilter.eval.sections import write_keeping_sections
 
 
@@ -184,6 +185,17 @@ def _ablation_findings(result: dict, rows: dict) -> list[str]:
 PLOT_NAME = "accuracy_vs_ratio.png"
 
 
+def shortgpt_sentence(result: dict) -> str:
+    """What the ShortGPT (layer removal) rows are, with a trailing space; "" when no such row ran."""
+    if not any(r["method"] in LAYER_REMOVAL for r in result["rows"]):
+        return ""
+    return ("ShortGPT rows remove the layers with the lowest Block Influence, as many as match the FLOPs Token "
+            f"Filtering saves on the {result['config']['ppl_window']}-token perplexity windows (where attention, the "
+            "part it skips, is a larger share than on short task prompts, so its task-forward FLOPs column reads lower "
+            "than the matched layer-removal figure); calibration: two disjoint halves of the essays in "
+            "`../shared/data/needle-haystack`. ")
+
+
 def write_markdown(result: dict, path: Path, command: str) -> None:
     """Write the report to ``path`` (keeping other commands' sections) and its plot beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,12 +214,8 @@ def write_markdown(result: dict, path: Path, command: str) -> None:
         f"Perplexity: {cfg['ppl_windows']} non-overlapping windows of {cfg['ppl_window']} tokens. "
         "`realized` is the realized token ratio on the task forwards (short prompts: the warm-up tokens and "
         "rounding keep it a little under the target); FLOPs skipped is the share of the dense forward's FLOPs "
-        "on those forwards. ShortGPT rows remove the layers with the lowest Block Influence, as many as match "
-        f"the FLOPs Token Filtering saves on the {cfg['ppl_window']}-token perplexity windows (where attention, "
-        "the part it skips, is a larger share than on short task prompts, so its task-forward FLOPs column reads "
-        "lower than the matched layer-removal figure); calibration: two disjoint halves of the essays in "
-        "`../shared/data/needle-haystack`. `avg acc` is ± one standard error of the average over tasks, "
-        "sqrt(sum of the tasks' squared `acc_stderr`) / number of tasks; the plot's error bars show the same.",
+        f"on those forwards. {shortgpt_sentence(result)}`avg acc` is ± one standard error of the average over "
+        "tasks, sqrt(sum of the tasks' squared `acc_stderr`) / number of tasks; the plot's error bars show the same.",
         "",
         "## Accuracy (acc) and perplexity",
         "",
