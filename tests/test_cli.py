@@ -49,6 +49,43 @@ def test_bad_ratio_exits_2_without_a_traceback(capsys, ratios):
     assert "Traceback" not in err and "--ratios" in err.splitlines()[-1]
 
 
+@pytest.mark.parametrize("argv", [
+    ["eval", "--limit", "-3"], ["eval", "--limit", "ten"], ["eval", "--batch-size", "0"],
+    ["eval", "--ppl-windows", "0"], ["eval", "--ppl-window", "1"], ["eval", "--max-length", "-1"],
+    ["eval", "--threads", "0"], ["study", "--ppl-windows", "1"], ["study", "--lambada-windows", "-1"],
+    ["study", "--acc-docs", "0"], ["study", "--seeds", "0"], ["study", "--threads", "-2"],
+    ["peers", "--limit", "0"], ["peers", "--needle-facts", "4"], ["peers", "--needle-lengths", "1024,-5"],
+    ["peers", "--needle-depths", "50,150"], ["peers", "--max-new-tokens-cap", "-1"], ["peers", "--ratios", "1.5"],
+    ["peers", "--threads", "0"], ["peers", "--max-length", "0"],
+])
+def test_bad_number_is_refused_at_parse_time(capsys, argv):
+    """Quality III: ``eval --limit -3`` loaded the model for a minute, then failed inside lm-eval (islice()).
+    A bad number now stops argparse, before anything loads, with one line that names the option."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]
+    assert "Traceback" not in err and f"argument {argv[1]}:" in last, last
+
+
+def test_limit_error_says_what_is_allowed(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--limit", "-3"])
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.endswith("argument --limit: expected a whole number 0 or more (0 = all), got -3"), last
+
+
+def test_good_numbers_still_parse():
+    from tokenfilter.cli import build_parser
+
+    args = build_parser("eval").parse_args(["eval", "--limit", "0", "--batch-size", "1", "--ppl-windows", "1"])
+    assert (args.limit, args.batch_size, args.ppl_windows) == (0, 1, 1)
+    args = build_parser("peers").parse_args(["peers", "--needle-facts", "1", "--needle-depths", "0,100",
+                                             "--max-new-tokens-cap", "0"])
+    assert (args.needle_facts, args.needle_depths, args.max_new_tokens_cap) == (1, [0.0, 100.0], 0)
+
+
 def test_bench_subcommand_is_registered(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "--help"])

@@ -6,12 +6,13 @@ from __future__ import annotations
 import io
 import math
 
+import pytest
 from matplotlib.container import ErrorbarContainer
 from rich.console import Console
 
 from tokenfilter.eval.harness_tasks import ALL_TASKS
 from tokenfilter.eval.methods import ALL_METHODS
-from tokenfilter.eval.report import figure, print_table, table_rows
+from tokenfilter.eval.report import DENSE_BAND, figure, print_table, table_rows, write_markdown
 from tokenfilter.eval.suite import average_stderr
 
 
@@ -80,6 +81,71 @@ def test_accuracy_plot_has_error_bars():
         assert len(ax_acc.patches) == 1  # dense's ± band
     finally:
         plt.close(fig)
+
+
+def _small_result(ppls: list[float]) -> dict:
+    """dense and token-filter at two ratios, with these WikiText-2 perplexities (dense first)."""
+    acc = {"boolq": {"acc": 0.375, "acc_stderr": 0.05}}
+    rows = [{"method": method, "target_ratio": ratio, "accuracy": acc, "avg_accuracy": 0.375,
+             "avg_accuracy_stderr": 0.05, "perplexity": {"wikitext2": ppl}}
+            for (method, ratio), ppl in zip([("dense", 0.0), ("token-filter", 0.3), ("token-filter", 0.5)], ppls,
+                                            strict=True)]
+    return {"model": "tiny", "tasks": ["boolq"], "rows": rows, "config": {"ratios": [0.3, 0.5], "limit": 40}}
+
+
+@pytest.mark.parametrize("ppls", [[23.1, 23.8, 25.5], [23.1, 28.0, 60.0], [23.1, 520.8, 10379.5]])
+def test_perplexity_axis_labels_are_plain_numbers(ppls):
+    """Quality III: the log axis read "2.55 x 10^1"; within a decade, across one and across several."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(_small_result(ppls))
+    try:
+        fig.canvas.draw()
+        ax_ppl = fig.axes[1]
+        labels = [t.get_text() for minor in (False, True) for t in ax_ppl.get_yticklabels(minor=minor)]
+        shown = [t for t in labels if t]
+        assert shown, labels
+        for text in shown:
+            assert "10^" not in text and "times" not in text and "$" not in text and "e+" not in text, text
+            float(text)  # a plain number
+    finally:
+        plt.close(fig)
+
+
+def test_grey_band_has_a_legend_entry():
+    import matplotlib.pyplot as plt
+
+    fig = figure(_small_result([23.1, 23.8, 25.5]))
+    try:
+        legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        assert DENSE_BAND in legend and "standard error" in DENSE_BAND, legend
+    finally:
+        plt.close(fig)
+
+
+def _markdown(tmp_path, methods: list[str]) -> str:
+    acc = {"boolq": {"acc": 0.375, "acc_stderr": 0.05}}
+    rows = [{"method": m, "target_ratio": 0.0 if m == "dense" else 0.5, "realized_ratio": None if m == "dense" else 0.5,
+             "total_flops_skipped": 0.05, "kv_saved_fraction": 0.1, "accuracy": acc, "avg_accuracy": 0.375,
+             "avg_accuracy_stderr": 0.05, "perplexity": {"wikitext2": 25.0},
+             **({"removed_layers": [14]} if m.startswith("shortgpt") else {})} for m in methods]
+    result = {"model": "tiny", "tasks": ["boolq"], "rows": rows, "seconds": 60.0, "torch": "2", "threads": 1,
+              "config": {"ratios": [0.5], "limit": 40, "ppl_windows": 4, "ppl_window": 1024}}
+    path = tmp_path / "results.md"
+    write_markdown(result, path, "tokenfilter eval")
+    return path.read_text(encoding="utf-8")
+
+
+def test_shortgpt_paragraph_only_when_a_shortgpt_row_ran(tmp_path):
+    """Quality III: docs/results.md explained the ShortGPT rows (and their calibration) when none had run."""
+    without = _markdown(tmp_path, ["dense", "token-filter", "sliding-window"])
+    assert "ShortGPT" not in without and "Block Influence" not in without and "needle-haystack" not in without
+    assert "on those forwards. `avg acc` is ± one standard error" in without  # the paragraph reads on
+    for layer_removal in ("shortgpt", "shortgpt-calib2"):
+        with_it = _markdown(tmp_path, ["dense", "token-filter", layer_removal])
+        assert ("on those forwards. ShortGPT rows remove the layers with the lowest Block Influence, as many as "
+                "match the FLOPs Token Filtering saves on the 1024-token perplexity windows") in with_it
+        assert "`../shared/data/needle-haystack`. `avg acc` is ± one standard error" in with_it
 
 
 def test_timing_lines_give_each_rows_time_against_dense():

@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from tokenfilter.cli_args import STAGES, names, positive_int, positive_ints, ratios, usable_cores
+from tokenfilter.cli_args import STAGES, int_at_least, names, positive_int, positive_ints, ratios, usable_cores
 from tokenfilter.eval.methods import ALL_METHODS as EVAL_METHODS  # imports nothing heavy: --help stays light
 
 
@@ -20,10 +20,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", type=names, default=["zeroshot", "mmlu"],
                    help="boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,mmlu | zeroshot | all; "
                    "or longctx (needle in a haystack + MiniLongBench, on its own)")
-    p.add_argument("--limit", type=int, default=40, help="examples per task (default 40; 0 = all)")
+    p.add_argument("--limit", type=int_at_least(0, "0 = all"), default=40,
+                   help="examples per task (default 40; 0 = all)")
     p.add_argument("--methods", type=names, default=["dense", "token-filter"],
                    help=f"{','.join(EVAL_METHODS)} | all")
-    p.add_argument("--batch-size", type=int, default=8,
+    p.add_argument("--batch-size", type=positive_int, default=8,
                    help="requests scored together (default 8; padding is masked, so scores equal batch 1's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
@@ -31,8 +32,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="folder for JSON, Markdown and PNG, and rows/ (the finished parts that --resume reuses)")
     p.add_argument("--results-md", type=Path, default=None, help="also write the Markdown report here")
     p.add_argument("--ppl-file", default=None, help="perplexity text (default ../shared/data/wikitext-2 test)")
-    p.add_argument("--ppl-windows", type=int, default=4, help="number of perplexity windows (default 4)")
-    p.add_argument("--ppl-window", type=int, default=1024, help="window length in tokens (default 1024)")
+    p.add_argument("--ppl-windows", type=positive_int, default=4, help="number of perplexity windows (default 4)")
+    p.add_argument("--ppl-window", type=int_at_least(2), default=1024, help="window length in tokens (default 1024)")
     p.add_argument("--no-lambada", action="store_true", help="skip LAMBADA perplexity")
     p.add_argument("--calib-file", default=None, help="calibration text for the layer-removal baseline")
     p.add_argument("--threads", type=positive_int, default=None,
@@ -44,7 +45,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     again.add_argument("--force", action="store_true", help="overwrite the results already in OUTPUT")
     p.add_argument("--needle-lengths", type=positive_ints, default=None,
                    help="longctx: needle context lengths (default 1024,2048,4096,8192)")
-    p.add_argument("--max-length", type=int, default=None, help="longctx: MiniLongBench truncation (default 2048)")
+    p.add_argument("--max-length", type=positive_int, default=None,
+                   help="longctx: MiniLongBench truncation (default 2048)")
 
 
 def _start_line(args: argparse.Namespace, threads: int, tasks: list[str], methods: list[str]) -> str:
@@ -167,13 +169,13 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-needle", action="store_true", help="--kv-side: perplexity only on the held-out half")
     p.add_argument("--select-lengths", type=positive_ints, default=None,
                    help="--kv-side: selection needle context lengths (default 1024,2048; answers teacher-forced)")
-    p.add_argument("--ppl-windows", type=int, default=None,
+    p.add_argument("--ppl-windows", type=int_at_least(2, "split even/odd"), default=None,
                    help="WikiText-2 windows, split even/odd (default 12; --kv-side: 16)")
-    p.add_argument("--ppl-window", type=int, default=1024)
-    p.add_argument("--lambada-windows", type=int, default=4, help="held-out LAMBADA windows (0 = none)")
+    p.add_argument("--ppl-window", type=int_at_least(2), default=1024)
+    p.add_argument("--lambada-windows", type=int_at_least(0), default=4, help="held-out LAMBADA windows (0 = none)")
     p.add_argument("--tasks", type=names, default=None, help="accuracy tasks (default: the zero-shot suite + mmlu)")
-    p.add_argument("--acc-docs", type=int, default=30, help="held-out documents per task (default 30)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds of the random floor (default 3)")
+    p.add_argument("--acc-docs", type=positive_int, default=30, help="held-out documents per task (default 30)")
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds of the random floor (default 3)")
     p.add_argument("--no-second", action="store_true", help="skip the second real model (stories260K)")
     p.add_argument("--resume", action="store_true", help="keep the stages of OUTPUT/study.json that are not re-run")
     p.add_argument("--output", type=Path, default=Path("results/study"), help="folder for study.json and study.png")
@@ -181,7 +183,7 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
                    help="also write the Markdown report (default path docs/study.md; the plot goes beside it)")
     p.add_argument("--results-md", type=Path, default=None,
                    help="also write the 'how we chose the defaults' section of this results file")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="--kv-side: the model's dtype (bfloat16 is several times faster on CPUs with AMX)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="FOLDER",

@@ -38,19 +38,38 @@ def positive_ints(text: str) -> list[int]:
     return values
 
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """argparse type factory: one integer >= ``minimum``."""
+def int_at_least(minimum: int, note: str = "") -> Callable[[str], int]:
+    """argparse type factory: one integer >= ``minimum`` (``note``, e.g. "0 = all", goes into the error)."""
+    return int_between(minimum, None, note)
+
+
+def int_between(minimum: int, maximum: int | None, note: str = "") -> Callable[[str], int]:
+    """argparse type factory: one integer in ``[minimum, maximum]`` (no upper bound when ``maximum`` is None).
+    argparse prints its error as one line that names the option, at parse time, before any model loads."""
+    bounds = f"{minimum} or more" if maximum is None else f"from {minimum} to {maximum}"
+    wanted = f"expected a whole number {bounds}" + (f" ({note})" if note else "")
 
     def parse(text: str) -> int:
         try:
             v = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {v}")
+            raise argparse.ArgumentTypeError(f"{wanted}, got {text!r}") from None
+        if v < minimum or (maximum is not None and v > maximum):
+            raise argparse.ArgumentTypeError(f"{wanted}, got {v}")
         return v
 
     return parse
+
+
+def percents(text: str) -> list[float]:
+    """argparse type: comma-separated numbers in [0, 100] (e.g. needle depths)."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0 <= v <= 100 for v in values):
+        raise argparse.ArgumentTypeError(f"expected numbers from 0 to 100, got {text!r}")
+    return values
 
 
 positive_int = int_at_least(1)

@@ -9,6 +9,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from tokenfilter.eval.methods import LAYER_REMOVAL
 from tokenfilter.eval.sections import write_keeping_sections
 
 
@@ -184,6 +185,17 @@ def _ablation_findings(result: dict, rows: dict) -> list[str]:
 PLOT_NAME = "accuracy_vs_ratio.png"
 
 
+def shortgpt_sentence(result: dict) -> str:
+    """What the ShortGPT (layer removal) rows are, with a trailing space; "" when no such row ran."""
+    if not any(r["method"] in LAYER_REMOVAL for r in result["rows"]):
+        return ""
+    return ("ShortGPT rows remove the layers with the lowest Block Influence, as many as match the FLOPs Token "
+            f"Filtering saves on the {result['config']['ppl_window']}-token perplexity windows (where attention, the "
+            "part it skips, is a larger share than on short task prompts, so its task-forward FLOPs column reads lower "
+            "than the matched layer-removal figure); calibration: two disjoint halves of the essays in "
+            "`../shared/data/needle-haystack`. ")
+
+
 def write_markdown(result: dict, path: Path, command: str) -> None:
     """Write the report to ``path`` (keeping other commands' sections) and its plot beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,12 +214,8 @@ def write_markdown(result: dict, path: Path, command: str) -> None:
         f"Perplexity: {cfg['ppl_windows']} non-overlapping windows of {cfg['ppl_window']} tokens. "
         "`realized` is the realized token ratio on the task forwards (short prompts: the warm-up tokens and "
         "rounding keep it a little under the target); FLOPs skipped is the share of the dense forward's FLOPs "
-        "on those forwards. ShortGPT rows remove the layers with the lowest Block Influence, as many as match "
-        f"the FLOPs Token Filtering saves on the {cfg['ppl_window']}-token perplexity windows (where attention, "
-        "the part it skips, is a larger share than on short task prompts, so its task-forward FLOPs column reads "
-        "lower than the matched layer-removal figure); calibration: two disjoint halves of the essays in "
-        "`../shared/data/needle-haystack`. `avg acc` is ± one standard error of the average over tasks, "
-        "sqrt(sum of the tasks' squared `acc_stderr`) / number of tasks; the plot's error bars show the same.",
+        f"on those forwards. {shortgpt_sentence(result)}`avg acc` is ± one standard error of the average over "
+        "tasks, sqrt(sum of the tasks' squared `acc_stderr`) / number of tasks; the plot's error bars show the same.",
         "",
         "## Accuracy (acc) and perplexity",
         "",
@@ -233,8 +241,24 @@ def write_markdown(result: dict, path: Path, command: str) -> None:
     write_keeping_sections(path, "\n".join(text))
 
 
+def _plain_log_formatter():
+    """A log axis's tick labels as plain numbers ("25.5", "300"), not matplotlib's "2.55 x 10^1": matplotlib's own
+    LogFormatter still chooses which ticks carry a label (fewer between decades as the axis spans more of them)."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLogFormatter(LogFormatter):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    return PlainLogFormatter(labelOnlyBase=False)
+
+
+DENSE_BAND = "dense ± standard error"  # the legend entry of the grey band around dense's accuracy
+
+
 def figure(result: dict):
-    """The figure of ``plot``: average accuracy (error bars: its standard error) and WikiText-2 PPL vs ratio."""
+    """The figure of ``plot``: average accuracy (error bars: its standard error; a grey band: dense's) and
+    WikiText-2 PPL vs ratio (a log axis with plain-number labels)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,7 +274,7 @@ def figure(result: dict):
             y = rows[0]["avg_accuracy"]
             ax_acc.axhline(y, color="k", ls="--", label="dense")
             if errors[0] is not None:
-                ax_acc.axhspan(y - errors[0], y + errors[0], color="k", alpha=0.08, lw=0)
+                ax_acc.axhspan(y - errors[0], y + errors[0], color="k", alpha=0.08, lw=0, label=DENSE_BAND)
             ax_ppl.axhline(rows[0]["perplexity"]["wikitext2"], color="k", ls="--", label="dense")
             continue
         xs = [r["target_ratio"] for r in rows]
@@ -260,6 +284,8 @@ def figure(result: dict):
     ax_acc.set(xlabel="pruning ratio (target)", ylabel="average accuracy (± standard error)",
                title="Zero-shot accuracy")
     ax_ppl.set(xlabel="pruning ratio (target)", ylabel="WikiText-2 perplexity", yscale="log", title="Perplexity")
+    ax_ppl.yaxis.set_major_formatter(_plain_log_formatter())  # after the scale, which sets its own formatters
+    ax_ppl.yaxis.set_minor_formatter(_plain_log_formatter())
     ax_acc.legend(fontsize=8)
     fig.suptitle(result["model"])
     fig.tight_layout()

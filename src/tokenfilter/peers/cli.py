@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from tokenfilter.cli_args import int_at_least, int_between, percents, positive_int, positive_ints, ratios
 from tokenfilter.peers import budget as bud
 from tokenfilter.peers import env, inputs, merge, report
 
@@ -31,14 +32,6 @@ def run_name(model_name: str, dtype: str = "float32") -> str:
     return model_name if dtype == "float32" else f"{model_name} ({dtype})"
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -48,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="built-in name, .gguf file or folder (default: smollm2-135m)")
     p.add_argument("--presses", type=_names, default=list(merge.PRESSES),
                    help=f"kvpress classes (default {','.join(merge.PRESSES)})")
-    p.add_argument("--ratios", type=_floats, default=[0.5], help="our Token Filtering ratios (default 0.5)")
+    p.add_argument("--ratios", type=ratios, default=[0.5], help="our Token Filtering ratios (default 0.5)")
     p.add_argument("--ours", type=_names, default=list(OURS_DEFAULT),
                    help="our rows besides dense: default, default-random, paper, sliding-window, or a KV-side study "
                         "candidate (e.g. kv-w64, the previous default, once named kv-window; kv-w64-g0.99) and its "
@@ -58,17 +51,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the rows of --ours whose KV held the presses match (default: all but sliding-window)")
     p.add_argument("--note", action="append", default=[],
                    help="a line for the section's 'What ran' list (e.g. why a grid was reduced); repeatable")
-    p.add_argument("--needle-lengths", type=_ints, default=[1024, 2048, 4096, 8192], help="default 1024,2048,4096,8192")
-    p.add_argument("--needle-depths", type=_floats, default=[0, 25, 50, 75, 100], help="default 0,25,50,75,100")
-    p.add_argument("--needle-facts", type=int, default=3, help="held-out needle facts per cell (1-3, default 3)")
+    p.add_argument("--needle-lengths", type=positive_ints, default=[1024, 2048, 4096, 8192],
+                   help="default 1024,2048,4096,8192")
+    p.add_argument("--needle-depths", type=percents, default=[0, 25, 50, 75, 100], help="default 0,25,50,75,100")
+    p.add_argument("--needle-facts", type=int_between(1, 3), default=3,
+                   help="held-out needle facts per cell (1-3, default 3)")
     p.add_argument("--tasks", type=_names, default=["needle", "longbench"],
                    help="needle and/or longbench, or LongBench task names (default needle,longbench)")
-    p.add_argument("--limit", type=int, default=1, help="MiniLongBench samples per task (default 1)")
-    p.add_argument("--max-length", type=int, default=2048, help="MiniLongBench truncation in tokens (default 2048)")
-    p.add_argument("--max-new-tokens-cap", type=int, default=64, help="caps LongBench answer lengths (default 64)")
+    p.add_argument("--limit", type=positive_int, default=1, help="MiniLongBench samples per task (default 1)")
+    p.add_argument("--max-length", type=positive_int, default=2048,
+                   help="MiniLongBench truncation in tokens (default 2048)")
+    p.add_argument("--max-new-tokens-cap", type=int_at_least(0, "0 = no cap"), default=64,
+                   help="caps LongBench answer lengths (default 64; 0 = no cap)")
     p.add_argument("--budget", choices=("measured", "nominal"), default="measured",
                    help="our KV held per prompt: from the engine's stats, or 1 - ratio (default measured)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads on both sides (default 1)")
+    p.add_argument("--threads", type=positive_int, default=1, help="CPU threads on both sides (default 1)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="weights and activations on both sides (default float32); a bfloat16 run reuses only "
                         "bfloat16 rows")
