@@ -257,3 +257,89 @@ def test_cli_ruler_must_run_alone(capsys) -> None:
 
     assert main(["eval", "--tasks", "ruler,boolq"]) == 2
     assert "Run --tasks ruler on its own" in capsys.readouterr().err
+
+
+# ---- peers: the RULER prompts as an input kind ------------------------------------------------------------
+def _toy_material() -> tuple[object, str, list[str]]:
+    """A tokenizer trained here, its filler text as the essays, and a word list (no shared data needed)."""
+    from test_longctx_needle import WORDS, filler, make_tokenizer
+
+    return make_tokenizer, filler(), [a + b for a in WORDS for b in WORDS]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_peers_ruler_split_round_trips(chat: bool) -> None:
+    from tokenfilter.peers import inputs
+
+    make_tokenizer, essays, words = _toy_material()
+    tok = make_tokenizer(chat=chat)
+    tasks = ["niah_single_2", "niah_multikey_3", "niah_multivalue", "vt", "cwe"]
+    prompts = inputs.ruler_prompts(tok, tasks, [700, 5000], 1, positions=800, haystack=essays, words=words)
+    assert [p.id for p in prompts] == [f"ruler/{t}/{n}/0" for n in (700, 704) for t in tasks]  # 800 - cwe's 96
+    builder = RulerBuilder(tok, essays, words)
+    for p in prompts:
+        full = builder.build(p.task, p.meta["length"], 0)
+        assert p.family == "ruler" and p.context_ids + p.question_ids == full.input_ids
+        assert len(p.context_ids) == full.context_end and p.tokens <= p.meta["length"]
+        assert tok.decode(p.question_ids).lstrip().startswith("Question:")
+        assert p.answers == full.answers and p.max_new_tokens == TASKS[p.task].max_new_tokens
+        assert inputs.score(p, " ".join(a.upper() for a in p.answers)) == 1.0
+        assert inputs.score(p, p.answers[0]) == pytest.approx(1 / len(p.answers))
+        assert inputs.score(p, "no idea") == 0.0
+
+
+def test_peers_ruler_summary_and_section() -> None:
+    from tokenfilter.peers import cli, merge, report
+
+    base = {"family": "ruler", "side": "ours", "config": "dense", "method": "dense", "kv_bytes": 1.0, "kv_share": 1.0,
+            "mismatch_share": 0.0, "prefill_flops": 1.0, "decode_flops": 1.0, "seconds": 1.0, "ratio": None}
+    rows = [{**base, "task": t, "score": v, "length": n, "prompt": f"ruler/{t}/{n}/0"}
+            for t, v, n in (("vt", 1.0, 1024), ("cwe", 0.4, 1024), ("vt", 0.0, 2048), ("cwe", 0.2, 2048))]
+    [s] = merge.summarize(rows)
+    assert s["score"] == pytest.approx(40.0) and set(s["tasks"]) == {"vt", "cwe"}  # 0-100, mean of the task means
+    assert s["tasks"]["vt"]["score"] == 50.0 and s["by_length"][1024]["score"] == pytest.approx(70.0)
+    table = report.family_table([s], "ruler")
+    assert "| dense | ours | dense |" in table and "40.0 ±" in table
+    ran = {"ruler_tasks": ["vt", "cwe"], "ruler_lengths": [1024, 2048], "ruler_samples": 1, "ruler_prompts": 4}
+    meta = {"command": "tokenfilter peers --tasks ruler", "ran": ran, "full_grid": cli.full_grid()}
+    text = report.section_markdown([s], [], meta, [])
+    assert "### RULER (synthetic tasks)" in text and "Per task:" in text and "Per context length:" in text
+    assert "- RULER: 2 synthetic tasks x 1024, 2048 tokens x 1 sample(s) = 4 prompts. Tasks not run: niah_" in text
+
+
+def test_peers_cli_builds_ruler_prompts(smollm2_tok) -> None:
+    import argparse
+
+    from tokenfilter.peers import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--tasks", "ruler", "--ruler-lengths", "600", "--ruler-samples", "2",
+                              "--ruler-tasks", "niah_single_1,vt"])
+    assert cli._longbench_tasks(args.tasks) is None and args.ruler_lengths == [600]
+    prompts = cli.build_prompts(args, smollm2_tok, 8192)
+    assert [p.id for p in prompts] == ["ruler/niah_single_1/600/0", "ruler/niah_single_1/600/1", "ruler/vt/600/0",
+                                       "ruler/vt/600/1"]
+    ran = cli.ran_dict(args, prompts, [])
+    assert ran["ruler_tasks"] == ["niah_single_1", "vt"] and ran["ruler_prompts"] == 4 and ran["needle_prompts"] == 0
+    default = parser.parse_args([])
+    assert default.tasks == ["needle", "longbench"] and default.ruler_lengths == [4096]
+
+
+def test_peers_run_ours_on_ruler_prompts() -> None:
+    from test_longctx_needle import _tiny_llama
+    from tokenfilter.config import TokenFilter
+    from tokenfilter.peers import inputs
+    from tokenfilter.peers.ours import run_ours
+
+    make_tokenizer, essays, words = _toy_material()
+    tok = make_tokenizer(chat=True)
+    prompts = inputs.ruler_prompts(tok, ["niah_single_1", "vt"], [300], 1, haystack=essays, words=words)
+    for p in prompts:
+        p.max_new_tokens = 3
+    with one_thread():
+        rows = run_ours(_tiny_llama(len(tok)), tok, {"dense": None, "tf": TokenFilter(ratio=0.5)}, prompts,
+                        progress=lambda _m: None)["rows"]
+    assert [(r["method"], r["prompt"]) for r in rows] == [(m, p.id) for m in ("dense", "tf") for p in prompts]
+    assert all(0 <= r["score"] <= 1 and r["new_tokens"] <= 3 for r in rows)
+    assert all((r["kv_held_share"] < 1) == (r["method"] == "tf") for r in rows)
