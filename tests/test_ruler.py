@@ -221,8 +221,11 @@ def test_cli_ruler_end_to_end(tiny_dir, tmp_path, capsys) -> None:
     argv = ["eval", "--model", str(tiny_dir), "--tasks", "ruler", "--ruler-lengths", "512", "--ruler-samples", "1",
             "--methods", "dense,token-filter,random,sliding-window", "--ratios", "0.5", "--output", str(out),
             "--threads", "1"]
+    results_md = tmp_path / "docs" / "results.md"
+    results_md.parent.mkdir()
+    results_md.write_text("<!-- section:longctx -->\nkept\n<!-- /section:longctx -->\n")
     with one_thread():
-        assert main(argv) == 0
+        assert main([*argv, "--results-md", str(results_md)]) == 0
     printed = capsys.readouterr().out
     result = json.loads((out / "ruler" / "ruler.json").read_text())
     names = ["dense", "token-filter-0.5", "random-0.5", "sliding-window-0.5"]
@@ -244,6 +247,9 @@ def test_cli_ruler_end_to_end(tiny_dir, tmp_path, capsys) -> None:
     md = (out / "ruler" / "ruler.md").read_text()
     assert "## 512 tokens" in md and "| method | niah_single_1 |" in md and "average ± se" in md
     assert all(f"| {name} |" in md and f"| {name} |" in printed for name in names)
+    section = results_md.read_text()
+    assert "kept" in section and "<!-- section:ruler -->\n## RULER (synthetic tasks)" in section
+    assert "### 512 tokens" in section and "| token-filter-0.5 |" in section
     # --resume keeps every method measured on the same prompts
     with one_thread():
         assert main([*argv, "--resume"]) == 0

@@ -160,7 +160,13 @@ def _run_ruler(args: argparse.Namespace) -> int:
     if result.get("reused"):
         print(f"reused from {saved}: {', '.join(result['reused'])}")
     print(markdown(result))
-    print("wrote " + ", ".join(result["files"]))
+    written = list(result["files"])
+    if args.results_md:  # its own section of the results file, the others kept
+        from tokenfilter.eval.sections import write_section
+
+        write_section(args.results_md, "ruler", markdown(result, "##"))
+        written.append(f"the RULER section of {args.results_md}")
+    print("wrote " + ", ".join(written))
     return 0
 
 
