@@ -19,7 +19,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ratios", type=ratios, default=[0.3, 0.5], help="comma-separated, default 0.3,0.5")
     p.add_argument("--tasks", type=names, default=["zeroshot", "mmlu"],
                    help="boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,mmlu | zeroshot | all; "
-                   "or longctx (needle in a haystack + MiniLongBench, on its own)")
+                   "or longctx (needle in a haystack + MiniLongBench, on its own), or ruler (RULER's synthetic tasks, "
+                   "on its own)")
     p.add_argument("--limit", type=int_at_least(0, "0 = all"), default=40,
                    help="examples per task (default 40; 0 = all)")
     p.add_argument("--methods", type=names, default=["dense", "token-filter"],
@@ -47,6 +48,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="longctx: needle context lengths (default 1024,2048,4096,8192)")
     p.add_argument("--max-length", type=positive_int, default=None,
                    help="longctx: MiniLongBench truncation (default 2048)")
+    p.add_argument("--ruler-lengths", type=positive_ints, default=None,
+                   help="ruler: prompt lengths in tokens (default 4096; clipped to the model's positions)")
+    p.add_argument("--ruler-samples", type=positive_int, default=5,
+                   help="ruler: samples per task and length (default 5)")
+    p.add_argument("--ruler-tasks", type=names, default=None,
+                   help="ruler: niah_single_1,...,vt,cwe, a prefix (niah, niah_multikey) or all (default all)")
+    p.add_argument("--ruler-seed", type=int, default=42, help="ruler: the seed of the generated prompts (default 42)")
 
 
 def _start_line(args: argparse.Namespace, threads: int, tasks: list[str], methods: list[str]) -> str:
@@ -68,10 +76,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     from tokenfilter.loading import model_source
 
     model_source(args.model)  # a missing path or an unreachable hub id fails here, before the heavy imports
-    if "longctx" in args.tasks:
+    if "longctx" in args.tasks or "ruler" in args.tasks:
         threads = _set_threads(args)
         print(_start_line(args, threads, args.tasks, args.methods), flush=True)
-        return _run_longctx(args)
+        return _run_longctx(args) if "longctx" in args.tasks else _run_ruler(args)
     from tokenfilter.eval.harness_tasks import resolve_tasks
     from tokenfilter.eval.methods import resolve_methods
     from tokenfilter.eval.report import PLOT_NAME, print_table, timing_lines, write_markdown, write_outputs
@@ -106,17 +114,15 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_longctx(args: argparse.Namespace) -> int:
-    """``--tasks longctx``: needle in a haystack + MiniLongBench, dense vs Token Filtering (+ the random floor)."""
-    import json
-
+def _longctx_methods(args: argparse.Namespace, group: str) -> dict:
+    """The methods of the long-context groups (``longctx``, ``ruler``): dense, the default Token Filtering at each
+    ratio, and with ``--methods`` its random twin and the sliding window (sized on each prompt to hold ``1 - ratio``
+    of its KV)."""
     from tokenfilter.config import SlidingWindowShare, TokenFilter
     from tokenfilter.eval.methods import filter_for
-    from tokenfilter.loading import load_model
-    from tokenfilter.longctx import run_longctx, summary_table
 
-    if [t for t in args.tasks if t != "longctx"]:
-        raise ValueError("Run --tasks longctx on its own (it is a separate task group).")
+    if [t for t in args.tasks if t != group]:
+        raise ValueError(f"Run --tasks {group} on its own (it is a separate task group).")
     methods: dict[str, TokenFilter | SlidingWindowShare | None] = {"dense": None}
     for ratio in args.ratios:
         methods[f"token-filter-{ratio}"] = filter_for("token-filter", ratio)
@@ -124,6 +130,56 @@ def _run_longctx(args: argparse.Namespace) -> int:
             methods[f"random-{ratio}"] = filter_for("random", ratio)
         if "sliding-window" in args.methods or "all" in args.methods:  # sized on each prompt to hold 1 - ratio
             methods[f"sliding-window-{ratio}"] = filter_for("sliding-window", ratio)
+    return methods
+
+
+def _run_ruler(args: argparse.Namespace) -> int:
+    """``--tasks ruler``: RULER's synthetic tasks, dense vs Token Filtering (+ its random twin, the sliding window)."""
+    import json
+
+    from tqdm.auto import tqdm
+
+    from tokenfilter.loading import load_model
+    from tokenfilter.longctx import ruler
+    from tokenfilter.longctx.ruler_runner import JSON_NAME, markdown, run_ruler
+    from tokenfilter.longctx.runner import clip_lengths, max_positions
+
+    methods = _longctx_methods(args, "ruler")
+    tasks = ruler.resolve_tasks(args.ruler_tasks)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    positions = max_positions(model)
+    budget = max(ruler.TASKS[t].max_new_tokens for t in tasks)
+    lengths = clip_lengths(args.ruler_lengths or ruler.DEFAULT_LENGTHS, positions - budget if positions else None)
+    builder = ruler.RulerBuilder(tok, seed=args.ruler_seed)
+    plan = [(t, n, i) for n in lengths for t in tasks for i in range(args.ruler_samples)]
+    samples = [builder.build(t, n, i) for t, n, i in tqdm(plan, desc="ruler prompts", leave=False)]
+    out_dir = args.output / "ruler"
+    saved = out_dir / JSON_NAME
+    previous = json.loads(saved.read_text(encoding="utf-8")) if args.resume and saved.exists() else None
+    command = "tokenfilter " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result = run_ruler(model, tok, methods, samples, out_dir, seed=args.ruler_seed, chat=builder.chat,
+                       previous=previous, command=command)
+    if result.get("reused"):
+        print(f"reused from {saved}: {', '.join(result['reused'])}")
+    print(markdown(result))
+    written = list(result["files"])
+    if args.results_md:  # its own section of the results file, the others kept
+        from tokenfilter.eval.sections import write_section
+
+        write_section(args.results_md, "ruler", markdown(result, "##"))
+        written.append(f"the RULER section of {args.results_md}")
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+def _run_longctx(args: argparse.Namespace) -> int:
+    """``--tasks longctx``: needle in a haystack + MiniLongBench, dense vs Token Filtering (+ the random floor)."""
+    import json
+
+    from tokenfilter.loading import load_model
+    from tokenfilter.longctx import run_longctx, summary_table
+
+    methods = _longctx_methods(args, "longctx")
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     out_dir = args.output / "longctx"
     extra = {}

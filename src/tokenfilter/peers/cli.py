@@ -1,7 +1,8 @@
 """``tokenfilter peers``: kvpress presses beside Token Filtering at equal KV held (until the main CLI registers it:
 ``python -m tokenfilter.peers.cli ...``).
 
-Flow: build the shared inputs (needle cells, MiniLongBench samples, split into context and question ids), run ours
+Flow: build the shared inputs (needle cells, MiniLongBench samples, RULER prompts, split into context and question
+ids), run ours
 (dense and each ratio) here, match every press to each of our rows' KV held per prompt, run the presses in the peer
 venv (built on the first run), merge, print the tables, and write the Peers section.
 """
@@ -57,12 +58,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--needle-facts", type=int_between(1, 3), default=3,
                    help="held-out needle facts per cell (1-3, default 3)")
     p.add_argument("--tasks", type=_names, default=["needle", "longbench"],
-                   help="needle and/or longbench, or LongBench task names (default needle,longbench)")
+                   help="needle, longbench and/or ruler, or LongBench task names (default needle,longbench)")
     p.add_argument("--limit", type=positive_int, default=1, help="MiniLongBench samples per task (default 1)")
     p.add_argument("--max-length", type=positive_int, default=2048,
                    help="MiniLongBench truncation in tokens (default 2048)")
     p.add_argument("--max-new-tokens-cap", type=int_at_least(0, "0 = no cap"), default=64,
                    help="caps LongBench answer lengths (default 64; 0 = no cap)")
+    p.add_argument("--ruler-lengths", type=positive_ints, default=[4096], help="RULER prompt lengths (default 4096)")
+    p.add_argument("--ruler-samples", type=positive_int, default=2,
+                   help="RULER samples per task and length (default 2)")
+    p.add_argument("--ruler-tasks", type=_names, default=None,
+                   help="RULER tasks: names, a prefix (niah, niah_multikey) or all (default all)")
     p.add_argument("--budget", choices=("measured", "nominal"), default="measured",
                    help="our KV held per prompt: from the engine's stats, or 1 - ratio (default measured)")
     p.add_argument("--threads", type=positive_int, default=1, help="CPU threads on both sides (default 1)")
@@ -83,9 +89,9 @@ def _longbench_tasks(tasks: list[str]) -> list[str] | None:
     from tokenfilter.longctx.longbench import ENGLISH_TASKS
 
     named = [t for t in tasks if t in ENGLISH_TASKS]
-    unknown = [t for t in tasks if t not in ENGLISH_TASKS and t not in ("needle", "longbench")]
+    unknown = [t for t in tasks if t not in ENGLISH_TASKS and t not in ("needle", "longbench", "ruler")]
     if unknown:
-        raise ValueError(f"Unknown task(s) {unknown}; use needle, longbench or LongBench task names.")
+        raise ValueError(f"Unknown task(s) {unknown}; use needle, longbench, ruler or LongBench task names.")
     if "longbench" in tasks:
         return []
     return named or None
@@ -196,17 +202,19 @@ def press_budget_rows(ratios: list[float], names: list[str], budgets: list[str] 
 def full_grid() -> dict:
     """The command's default grid (what the issue asks for), against which the section says what did not run."""
     from tokenfilter.longctx.longbench import ENGLISH_TASKS
+    from tokenfilter.longctx.ruler import TASKS
 
     defaults = argparse.ArgumentParser()
     add_arguments(defaults)
     d = defaults.parse_args([])
     return {"needle_lengths": d.needle_lengths, "needle_depths": d.needle_depths, "needle_facts": d.needle_facts,
-            "longbench_tasks": list(ENGLISH_TASKS)}
+            "longbench_tasks": list(ENGLISH_TASKS), "ruler_tasks": list(TASKS)}
 
 
 def ran_dict(args: argparse.Namespace, prompts: list[inputs.SplitPrompt], budget_rows: list[str]) -> dict:
     """What this table covers (the section's "What ran" list compares it with the command's full grid)."""
     lb = sorted({p.task for p in prompts if p.family == "longbench"})
+    rl = [p for p in prompts if p.family == "ruler"]
     return {
         "needle_lengths": sorted({p.meta["length"] for p in prompts if p.family == "needle"}),
         "needle_depths": sorted({p.meta["depth"] for p in prompts if p.family == "needle"}),
@@ -216,6 +224,10 @@ def ran_dict(args: argparse.Namespace, prompts: list[inputs.SplitPrompt], budget
         "longbench_prompts": sum(p.family == "longbench" for p in prompts),
         "longbench_limit": args.limit if lb else None,
         "longbench_max_length": args.max_length if lb else None,
+        "ruler_tasks": list(dict.fromkeys(p.task for p in rl)),
+        "ruler_lengths": list(dict.fromkeys(p.meta["length"] for p in rl)),
+        "ruler_samples": args.ruler_samples if rl else None,
+        "ruler_prompts": len(rl),
         "ratios": list(args.ratios),
         "ours": list(args.ours),
         "presses": list(args.presses),
@@ -256,8 +268,10 @@ def build_prompts(args: argparse.Namespace, tok: object, positions: int | None) 
         prompts += inputs.longbench_prompts(
             tok, lb or None, args.limit, args.max_length, positions, max_new_tokens_cap=args.max_new_tokens_cap
         )
+    if "ruler" in args.tasks:
+        prompts += inputs.ruler_prompts(tok, args.ruler_tasks, args.ruler_lengths, args.ruler_samples, positions)
     if not prompts:
-        raise ValueError("No prompts: give --tasks needle and/or longbench.")
+        raise ValueError("No prompts: give --tasks needle, longbench and/or ruler.")
     return prompts
 
 
@@ -358,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
         "meta": meta, "budgets": [b.as_dict() for b in budgets], "rows": rows, "summaries": summaries, "parity": checks
     }
     (out / "peers.json").write_text(json.dumps(merged, indent=1), encoding="utf-8")
-    for family in ("needle", "longbench"):
+    for family in report.FAMILIES:
         if any(s["family"] == family for s in summaries):
             print(f"\n{family}\n" + report.family_table(summaries, family))
     print("\n" + "\n".join(report.parity_lines(checks)))

@@ -10,6 +10,9 @@ script hands kvpress these ids (never re-tokenized text).
 * MiniLongBench: the context ends before the task's final instruction (the last occurrence of the task's marker
   in the truncated prompt, e.g. ``"\\n\\nAnswer the question based on"``); without the marker, before the last
   paragraph.
+* RULER (``longctx.ruler``): the context ends where the haystack ends (the instruction, and for ``cwe`` the worked
+  example, are in it); the question part is ``"\n\nQuestion: ..."``, the end of the user turn and the start of the
+  answer.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from pathlib import Path
 from tokenfilter.longctx import longbench
 from tokenfilter.longctx.longbench import ENGLISH_TASKS, Sample
 from tokenfilter.longctx.needle import Needle, NeedleBuilder, NeedlePrompt
-from tokenfilter.longctx.runner import NEEDLE_MAX_NEW_TOKENS, TEMPLATE_MARGIN
+from tokenfilter.longctx.ruler import DEFAULT_SEED, TASKS, RulerBuilder, RulerSample, resolve_tasks, string_match_all
+from tokenfilter.longctx.runner import NEEDLE_MAX_NEW_TOKENS, TEMPLATE_MARGIN, clip_lengths
 
 # Where each LongBench task's final instruction starts (its last occurrence in the truncated prompt).
 QUESTION_MARKERS: dict[str, tuple[str, ...]] = {
@@ -51,8 +55,8 @@ class SplitPrompt:
     """One prompt of either family, split for the pipeline. ``context_ids + question_ids`` is the full input."""
 
     id: str
-    family: str  # "needle" or "longbench"
-    task: str  # "needle" or the LongBench task
+    family: str  # "needle", "longbench" or "ruler"
+    task: str  # "needle", the LongBench task or the RULER task
     context_ids: list[int]
     question_ids: list[int]
     context: str  # decoded, for reading only (the ids are what runs)
@@ -60,7 +64,7 @@ class SplitPrompt:
     max_new_tokens: int
     answers: list[str]
     all_classes: list[str] = field(default_factory=list)
-    meta: dict = field(default_factory=dict)  # needle: length, depth, actual_depth, needle
+    meta: dict = field(default_factory=dict)  # needle: length, depth, actual_depth, needle; ruler: length, index
 
     @property
     def input_ids(self) -> list[int]:
@@ -188,10 +192,49 @@ def longbench_prompts(
     return out
 
 
+def ruler_prompt(tokenizer: object, sample: RulerSample) -> SplitPrompt:
+    """A RULER sample as ``eval --tasks ruler`` runs it, split after its haystack (``sample.context_end``)."""
+    ids, k = list(sample.input_ids), sample.context_end
+    return SplitPrompt(
+        id=sample.id,
+        family="ruler",
+        task=sample.task,
+        context_ids=ids[:k],
+        question_ids=ids[k:],
+        context=_decode(tokenizer, ids[:k]),
+        question=_decode(tokenizer, ids[k:]),
+        max_new_tokens=sample.max_new_tokens,
+        answers=list(sample.answers),
+        meta={"length": sample.length, "index": sample.index},
+    )
+
+
+def ruler_prompts(
+    tokenizer: object,
+    tasks: Sequence[str] | None,
+    lengths: Sequence[int],
+    samples: int,
+    positions: int | None = None,
+    seed: int = DEFAULT_SEED,
+    haystack: str | None = None,
+    words: Sequence[str] | None = None,
+) -> list[SplitPrompt]:
+    """``samples`` prompts of each RULER task (None: all) at each length, the lengths clipped so that the input and
+    the longest answer fit the model's positions, as ``eval --tasks ruler`` builds them."""
+    chosen = resolve_tasks(tasks)
+    budget = max(TASKS[t].max_new_tokens for t in chosen)
+    lengths = clip_lengths(lengths, positions - budget if positions else None)
+    builder = RulerBuilder(tokenizer, haystack, words, seed=seed)
+    return [ruler_prompt(tokenizer, s) for s in builder.samples(chosen, lengths, samples)]
+
+
 def score(prompt: SplitPrompt, output: str) -> float:
-    """The prompt's score in [0, 1], with the harness's own metric (needle: contains; LongBench: its metric)."""
+    """The prompt's score in [0, 1], with the harness's own metric (needle: contains; LongBench: its metric; RULER:
+    its string match over all the answers)."""
     if prompt.family == "needle":
         return Needle(answer=prompt.answers[0]).score(output)
+    if prompt.family == "ruler":
+        return string_match_all(output, prompt.answers)
     sample = Sample(prompt.task, prompt.id, "", tuple(prompt.answers), tuple(prompt.all_classes))
     return longbench.score(sample, output)
 

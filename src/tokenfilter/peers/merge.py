@@ -153,6 +153,9 @@ def merge(
     return rows
 
 
+SCALED = ("longbench", "ruler")  # the families scored 0-100, as a mean over their tasks
+
+
 def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
@@ -169,10 +172,10 @@ def _se(xs: Sequence[float]) -> float:
 def summarize(rows: Iterable[dict]) -> list[dict]:
     """Per (family, method, config): mean score and its standard error, mean KV held, FLOPs, seconds, mismatch.
 
-    Needle: the mean over its prompts (0-1). LongBench: per task the mean (0-100), the family score the mean over
-    the tasks, its standard error ``sqrt(sum se_t^2) / n_tasks`` (with a single sample in some task: the standard
-    error of the task means). Errors: the rows that failed, with their first
-    message (the summary keeps the row, scored over what ran)."""
+    Needle: the mean over its prompts (0-1). LongBench and RULER: per task the mean (0-100), the family score the mean
+    over the tasks, its standard error ``sqrt(sum se_t^2) / n_tasks`` (with a single sample in some task: the
+    standard error of the task means). Errors: the rows that failed, with their first message (the summary keeps the
+    row, scored over what ran)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["family"], r["method"], r["config"]), []).append(r)
@@ -180,12 +183,12 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
     for (family, method, config), rs in groups.items():
         ok = [r for r in rs if not r.get("error")]
         errors = sorted({r["error"] for r in rs if r.get("error")})
-        scale = 100.0 if family == "longbench" else 1.0
+        scale = 100.0 if family in SCALED else 1.0
         tasks: dict[str, dict] = {}
         for task in dict.fromkeys(r["task"] for r in ok):
             xs = [scale * r["score"] for r in ok if r["task"] == task]
             tasks[task] = {"score": _mean(xs), "se": _se(xs), "n": len(xs)}
-        if family == "longbench" and tasks:
+        if family in SCALED and tasks:
             means = [t["score"] for t in tasks.values()]
             score_ = _mean(means)
             if all(t["n"] >= 2 for t in tasks.values()):

@@ -11,6 +11,7 @@ from tokenfilter.eval.sections import write_section
 from tokenfilter.peers.merge import PRESS_NOTES
 
 SECTION = "peers"
+FAMILIES = ("needle", "longbench", "ruler")
 
 # Why a press fails where we know it (checked with a full traceback in the peer venv).
 FAILURE_CAUSES: dict[str, str] = {
@@ -85,7 +86,7 @@ def findings(summaries: Sequence[Mapping]) -> list[str]:
     that beat it, by how much, at its budget (or, where the presses were not matched to it, at the nearest
     budget they were matched to, with both KV shares said)."""
     out = []
-    for family in ("needle", "longbench"):
+    for family in FAMILIES:
         fmt = ".2f" if family == "needle" else ".1f"
         for o in (s for s in summaries if s["family"] == family and s["side"] == "ours" and s["n"]):
             if o["config"] == "dense":
@@ -168,6 +169,14 @@ def ran_lines(meta: Mapping, summaries: Sequence[Mapping] = ()) -> list[str]:
         out.append(line)
     else:
         out.append("- MiniLongBench: not run.")
+    if ran.get("ruler_prompts"):
+        lengths = ", ".join(str(n) for n in ran["ruler_lengths"])
+        line = (f"- RULER: {len(ran['ruler_tasks'])} synthetic tasks x {lengths} tokens x {ran['ruler_samples']} "
+                f"sample(s) = {ran['ruler_prompts']} prompts.")
+        missing = [t for t in full.get("ruler_tasks", []) if t not in ran["ruler_tasks"]]
+        if missing:
+            line += f" Tasks not run: {', '.join(missing)}."
+        out.append(line)
     if ran.get("ours"):
         out.append(f"- Ours (`--ours`): dense, {', '.join(ran['ours'])} at ratio(s) "
                    f"{', '.join(format(r, 'g') for r in ran['ratios'])}.")
@@ -212,10 +221,13 @@ def family_table(summaries: Sequence[Mapping], family: str) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _needle_breakdown(summaries: Sequence[Mapping], key: str, cast: type, head: str, cell: Callable) -> str:
-    """Needle found per value of ``summaries[i][key]`` (a dict that JSON keeps with string keys, hence ``cast``),
-    one row per (method, budget); ``head`` formats a column's title, ``cell`` its entries."""
-    rows = sorted((s for s in summaries if s["family"] == "needle" and s.get(key)), key=_order)
+def _needle_breakdown(
+    summaries: Sequence[Mapping], key: str, cast: type, head: str, cell: Callable, family: str = "needle"
+) -> str:
+    """Needle found (or another ``family``'s score) per value of ``summaries[i][key]`` (a dict that JSON keeps with
+    string keys, hence ``cast``), one row per (method, budget); ``head`` formats a column's title, ``cell`` its
+    entries."""
+    rows = sorted((s for s in summaries if s["family"] == family and s.get(key)), key=_order)
     by = [{cast(k): v for k, v in s[key].items()} for s in rows]
     values = sorted({k for b in by for k in b})
     title = ["method", "budget of", *(head.format(k) for k in values)]
@@ -229,15 +241,17 @@ def depth_table(summaries: Sequence[Mapping]) -> str:
     return _needle_breakdown(summaries, "by_depth", float, "depth {:g}", lambda v: _num(v, ".2f"))
 
 
-def length_table(summaries: Sequence[Mapping]) -> str:
-    """Needle found per context length (tokens; 0-1 ± one standard error), one row per (method, budget)."""
+def length_table(summaries: Sequence[Mapping], family: str = "needle") -> str:
+    """Needle found per context length (tokens; 0-1 ± one standard error; RULER: 0-100 over its prompts), one row
+    per (method, budget)."""
+    fmt = ".2f" if family == "needle" else ".1f"
     return _needle_breakdown(summaries, "by_length", int, "{} tokens",
-                             lambda c: "-" if c is None else f"{c['score']:.2f} ± {c['se']:.2f}")
+                             lambda c: "-" if c is None else f"{c['score']:{fmt}} ± {c['se']:{fmt}}", family)
 
 
-def task_table(summaries: Sequence[Mapping]) -> str:
-    """LongBench per task (0-100), one row per (method, budget)."""
-    lb = sorted((s for s in summaries if s["family"] == "longbench"), key=_order)
+def task_table(summaries: Sequence[Mapping], family: str = "longbench") -> str:
+    """LongBench (or RULER) per task (0-100), one row per (method, budget)."""
+    lb = sorted((s for s in summaries if s["family"] == family), key=_order)
     tasks = list(dict.fromkeys(t for s in lb for t in s["tasks"]))
     head = ["method", "budget of", *tasks]
     rows = [[s["method"], s["config"], *[_num(s["tasks"].get(t, {}).get("score"), ".1f") for t in tasks]] for s in lb]
@@ -292,7 +306,8 @@ def plot(summaries: Sequence[Mapping], family: str, path: Path) -> Path | None:
         ax.errorbar([x + dx for x, _, _ in xs], [y for _, y, _ in xs], yerr=[e for _, _, e in xs], label=name,
                     capsize=2, **style)
     ax.set_xlabel("KV held after the prompt (MiB, all layers)")
-    ax.set_ylabel("needle found (0-1)" if family == "needle" else "LongBench average (0-100)")
+    ax.set_ylabel({"needle": "needle found (0-1)", "longbench": "LongBench average (0-100)"}.get(
+        family, "RULER average (0-100)"))
     ax.set_title(f"Peers at equal KV held: {family}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
@@ -331,16 +346,20 @@ def section_markdown(
         f"{meta.get('threads', 1)} thread(s) on both sides. On the few-shot LongBench tasks ours stops at the end of "
         "the first line while kvpress's pipeline decodes to the cap (both are scored on the first line), so there "
         "the presses' decode FLOPs and seconds are higher for that reason alone. Needle scores are 0-1, "
-        "LongBench scores 0-100 (average over the tasks); ± is one standard error.",
+        "LongBench scores 0-100 (average over the tasks), RULER scores 0-100 (RULER's string match: the share of the "
+        "reference strings in the answer, averaged over the tasks); ± is one standard error.",
         "",
     ]
     lines += ["### What ran", "", *ran_lines(meta, summaries), ""]
-    for family, title in (("needle", "Needle in a haystack"), ("longbench", "MiniLongBench")):
+    titles = {"needle": "Needle in a haystack", "longbench": "MiniLongBench", "ruler": "RULER (synthetic tasks)"}
+    for family, title in titles.items():
         if not any(s["family"] == family for s in summaries):
             continue
         lines += [f"### {title}", "", family_table(summaries, family), ""]
-        if family == "longbench":
-            lines += ["Per task:", "", task_table(summaries), ""]
+        if family in ("longbench", "ruler"):
+            lines += ["Per task:", "", task_table(summaries, family), ""]
+            if family == "ruler" and any(len(x.get("by_length") or {}) > 1 for x in summaries if x["family"] == family):
+                lines += ["Per context length:", "", length_table(summaries, family), ""]
         else:
             needle = [x for x in summaries if x["family"] == "needle"]
             if any(len(x.get("by_length") or {}) > 1 for x in needle):
@@ -361,7 +380,7 @@ def write_results_section(
     """Write (or replace) the ``peers`` section of ``results_md``, other sections kept; plots in ``peers/``."""
     results_md = Path(results_md)
     images, written = [], []
-    for family in ("needle", "longbench"):
+    for family in FAMILIES:
         png = plot(summaries, family, results_md.parent / "peers" / f"peers_{family}.png")
         if png is not None:
             images.append(f"peers/{png.name}")
