@@ -155,19 +155,19 @@ def loop_run_decisions(row: list[float | None], prompt_len: int, warmup: int, *,
     return out
 
 
-def decode_controller(s, eligible, history, n_filtered, n_real, ratio, horizon=32, bound=8) -> bool:
+def decode_controller(s, eligible, history, n_filtered, n_real, ratio, horizon=32, above=2, below=8) -> bool:
     """One decode decision: ``excess`` is how many more tokens were filtered than ``ratio`` of the ``n_real`` real
     tokens so far; the quantile level moves by ``excess / horizon`` (aiming at a ratio the excess pays back), and
-    the excess never leaves ``[-bound, bound]``: a token is kept when filtering it would pass ``bound``, and
-    filtered (if eligible) when keeping it would pass ``-bound``."""
+    the excess never leaves ``[-below, above]``: a token is kept when filtering it would pass ``above``, and
+    filtered (if eligible) when keeping it would pass ``-below``."""
     excess = n_filtered - ratio * n_real
     aim = min(max(ratio - excess / horizon, 0.0), 1.0)
     tau = loop_quantile(history, 1 - aim)
     decision = eligible and not math.isnan(tau) and s > tau
     kept_excess = excess - ratio  # after this token, if it is kept
-    if kept_excess + 1 > bound:
+    if kept_excess + 1 > above:
         decision = False
-    if kept_excess < -bound:
+    if kept_excess < -below:
         decision = eligible
     return decision
 

@@ -13,7 +13,7 @@ Why a controller: the SPEC's decode rule is the running quantile at level ``1 - 
 scores higher than the prompt it follows (its keys repeat the recent past), so that quantile lags and the realized
 ratio overshoots (0.66 at ratio 0.5 over SmolLM2-135M's own greedy output). The controller keeps the quantile as
 the ranking of a token against the row's past and moves only its level, by the row's excess of filtered tokens
-(``CONTROL_HORIZON``), and never lets that excess leave ``CONTROL_BOUND`` tokens either way.
+(``CONTROL_HORIZON``), and never lets that excess leave ``[-CONTROL_BELOW, CONTROL_ABOVE]`` tokens.
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ import numpy as np
 import torch
 
 CONTROL_HORIZON = 32.0  # decode aims to pay back a row's excess of filtered tokens over this many tokens
-CONTROL_BOUND = 8.0  # a row's excess (filtered - ratio * real tokens) stays within this many tokens either way
+# a row's excess (filtered - ratio * real tokens) stays within [-CONTROL_BELOW, CONTROL_ABOVE]: above, a token
+# the score would filter is kept (costs nothing in quality, and bounds the overshoot of a short generation); below,
+# an eligible token is filtered whatever its score (rare: the quantile alone undershoots little)
+CONTROL_ABOVE = 2.0
+CONTROL_BELOW = 8.0
 
 
 def top_ratio(scores: torch.Tensor, eligible: torch.Tensor, n_real: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -157,13 +161,13 @@ class Rule:
         """Decode step (one token per row, ``[B, 1]``): with ``excess = filtered - ratio * seen`` the row's filtered
         tokens beyond its target so far, filter a token above the row's running quantile at level
         ``1 - clamp(ratio - excess / CONTROL_HORIZON, 0, 1)``; then keep it if filtering would take the excess above
-        ``CONTROL_BOUND``, and filter it (when eligible) if keeping it would take the excess below
-        ``-CONTROL_BOUND``. With no excess the level is the SPEC's ``1 - ratio``."""
+        ``CONTROL_ABOVE``, and filter it (when eligible) if keeping it would take the excess below
+        ``-CONTROL_BELOW``. With no excess the level is the SPEC's ``1 - ratio``."""
         r = self.target
         excess = history.filtered - r * history.seen  # [B], before this token
         level = 1 - (r - excess / CONTROL_HORIZON).clamp(0, 1)
         filtered = above(scores, eligible, history.quantile(level))
         kept_excess = (excess - r)[:, None]  # the excess after this token, if it is kept
-        filtered = filtered & (kept_excess + 1 <= CONTROL_BOUND)  # the excess if it is filtered
-        forced = kept_excess < -CONTROL_BOUND
+        filtered = filtered & (kept_excess + 1 <= CONTROL_ABOVE)  # the excess if it is filtered
+        forced = kept_excess < -CONTROL_BELOW
         return filtered | (forced if eligible is None else forced & eligible)
