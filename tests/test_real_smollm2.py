@@ -79,10 +79,10 @@ def test_generate_fluency(smol, skip):
 
     On the query side ratio 0.5 collapses this 135M model (docs/results.md, docs/study.md); the test asserts what
     holds on both sides: 40 decode steps (end-of-sequence suppressed, so every run decodes the same steps) run
-    near the target ratio, and light filtering stays fluent. In decode the ratio is the SPEC's running quantile
-    of each layer's scores, seeded by a short prompt's: on the KV side the continuation's scores run higher than
-    the prompt's, so the quantile lags and overshoots (asserted within 0.1); the query side with the SPEC's score
-    stays within 0.05.
+    near the target ratio, and light filtering stays fluent. In decode the ratio is the running quantile of each
+    layer's scores, seeded by a short prompt's, at a level the decode controller moves: the continuation's scores
+    run higher than the prompt's, and the SPEC's fixed level overshot by up to 0.1 here; the controller holds it
+    within 0.03 on both sides.
     """
     model, tok = smol
     p = chat_prompt(tok)
@@ -102,4 +102,4 @@ def test_generate_fluency(smol, skip):
     for ratio, (ppl, realized, text) in results.items():
         print(f"{skip}: ratio {ratio} (realized {realized:.3f}) continuation ppl {ppl:.2f}: {text!r}")
     assert results[0.05][0] < 3 * dense_ppl, "light filtering must keep the text fluent"
-    assert abs(results[0.5][1] - 0.5) <= (0.05 if skip == "attention" else 0.1)
+    assert abs(results[0.5][1] - 0.5) <= 0.03
