@@ -123,3 +123,16 @@ def test_sorted_score_history_quantile_equals_nanquantile(ragged):
         for r in range(3):
             raw[r].append(float(s[r]))
         _assert_quantiles_match(layer, raw)
+
+
+def test_anchor_weights_cached_in_inference_mode_serve_autograd():
+    """The EMA scan's cached weights, first built under ``torch.inference_mode``, still serve a forward with autograd
+    (an inference tensor cannot be saved for backward)."""
+    from tokenfilter.algorithm import anchors
+
+    anchors._weights.cache_clear()
+    with torch.inference_mode():
+        anchors.ema_scan(torch.randn(1, 70, 2, 4), torch.zeros(1, 2, 4), 0.93)
+    x = torch.randn(1, 70, 2, 4, requires_grad=True)
+    anchors.ema_scan(x, torch.zeros(1, 2, 4), 0.93).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

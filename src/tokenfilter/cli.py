@@ -408,6 +408,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_study(sub)
     bench = sub.add_parser("bench", help="latency, throughput and KV memory vs dense")
     peers = sub.add_parser("peers", help="NVIDIA kvpress presses beside Token Filtering at equal KV held")
+    longgen = sub.add_parser("longgen", help="long generation under a bounded cache: continuation perplexity")
+    if command == "longgen":
+        from tokenfilter.longctx import longgen_cli
+
+        longgen_cli.add_arguments(longgen)
     if command == "bench":
         from tokenfilter.bench import cli as bench_cli
 
@@ -431,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
             from tokenfilter.peers import cli as peers_cli
 
             return peers_cli.run(args)
+        if args.command == "longgen":
+            from tokenfilter.longctx import longgen_cli
+
+            return longgen_cli.run(args)
         from tokenfilter.bench import cli as bench_cli
 
         return bench_cli.run(args)

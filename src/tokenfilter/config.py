@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 DEFAULT_RECENT = 64  # the recent window of the KV side (issue 15: 64 keeps x1.06 dense perplexity at ratio 0.5)
 # fields added after results were recorded (docs/*.json, kept rows): left out of repr() and as_record() while they hold
 # these defaults, so a recorded run still matches the filter it ran and --resume / --reuse keep it
-LATER_FIELDS = {"granularity": "token"}
+LATER_FIELDS = {"granularity": "token", "budget": None}
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,17 @@ class TokenFilter:
     """Token Filtering configuration (see SPEC.md for every choice).
 
     Set exactly one of ``ratio`` (target fraction of (real token, layer) attention computations skipped,
-    over all layers) or ``threshold`` (fixed score threshold: one number, or one per layer with ``None``
-    for layers that never filter).
+    over all layers), ``threshold`` (fixed score threshold: one number, or one per layer with ``None``
+    for layers that never filter) or ``budget``.
+
+    ``budget=N`` bounds the cache instead: each filtered layer (the schedule's, from ``start_layer``) holds at most N
+    entries per sequence, the ``warmup`` sinks and the recent window (``recent - 1`` entries) included. Nothing is
+    decided when a token arrives; when a key leaves the recent window and the layer would hold more than N, the held
+    key with the highest redundancy score leaves for good (its score as it arrived; between equal scores the older
+    leaves first, so a constant score gives StreamingLLM's window), and the sinks and the window never do. Each row
+    of a batch keeps its own N (padding is never held). A query reads what its layer holds when it arrives, so a
+    prefill reads as a token-by-token decode would, and chunked calls as one call. KV side only, per token.
+    ``run.stats.peak_held_per_layer`` reports the most entries a layer held for one sequence after any call.
 
     The defaults come from the quality studies (``tokenfilter study``, docs/study.md), chosen on selection data
     and reported on held-out data, on two models:
@@ -60,6 +69,7 @@ class TokenFilter:
 
     ratio: float | None = None
     threshold: float | Sequence[float | None] | None = None
+    budget: int | None = None
     gamma: float = 0.95
     warmup: int = 4
     fusion: Literal["variance", "mean", "key", "value", "min", "key-min"] = "key"
@@ -120,9 +130,11 @@ class TokenFilter:
         return cls.sliding_window(recent=recent, warmup=warmup, **kwargs)
 
     def __post_init__(self) -> None:
+        if self.budget is not None:
+            self._check_budget()
         if self.ratio is not None and self.threshold is not None:
             raise ValueError("Set either ratio or threshold, not both.")
-        if self.ratio is None and self.threshold is None:
+        if self.ratio is None and self.threshold is None and self.budget is None:
             if not isinstance(self.schedule, str):
                 object.__setattr__(self, "ratio", sum(self.schedule) / len(self.schedule))
             else:
@@ -187,6 +199,20 @@ class TokenFilter:
                 f"skip={self.skip!r}."
             )
 
+    def _check_budget(self) -> None:
+        if self.ratio is not None or self.threshold is not None:
+            raise ValueError("Set one of ratio, threshold or budget, not several.")
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int):
+            raise ValueError(f"budget must be a whole number of entries per layer, got {self.budget!r}.")
+        if self.skip != "none" or self.granularity != "token":
+            raise ValueError('budget bounds the KV cache: use it with skip="none" and granularity="token".')
+        floor = self.warmup + (self.window or 1) - 1
+        if self.budget < floor:
+            raise ValueError(
+                f"budget={self.budget} is below the {floor} entries a layer always holds (warmup {self.warmup} + "
+                f"recent window {self.window or 1} - 1); raise the budget or lower recent."
+            )
+
     @property
     def window(self) -> int | None:
         """The recent window in effect: ``recent``, with ``"auto"`` resolved (DEFAULT_RECENT on the KV side)."""
@@ -195,7 +221,9 @@ class TokenFilter:
         return self.recent
 
     @property
-    def mode(self) -> Literal["ratio", "threshold"]:
+    def mode(self) -> Literal["ratio", "threshold", "budget"]:
+        if self.budget is not None:
+            return "budget"
         return "ratio" if self.ratio is not None else "threshold"
 
     def as_record(self) -> dict:
@@ -213,10 +241,10 @@ class TokenFilter:
 
     def replace(self, **changes: object) -> TokenFilter:
         """A copy with some fields changed (``dataclasses.replace``)."""
-        if "threshold" in changes and changes["threshold"] is not None and "ratio" not in changes:
-            changes["ratio"] = None
-        if "ratio" in changes and changes["ratio"] is not None and "threshold" not in changes:
-            changes["threshold"] = None
+        modes = ("ratio", "threshold", "budget")
+        for name in modes:  # asking for one mode leaves the others
+            if changes.get(name) is not None:
+                changes.update({other: None for other in modes if other != name and other not in changes})
         return dataclasses.replace(self, **changes)
 
     def apply(self, model: object) -> FilterRun:

@@ -80,6 +80,16 @@ class LayerCounts:
     kv_dropped: int | float = 0  # entries dropped from this layer's cache (when they are dropped: a band delays it)
     mlp_skipped: int = 0  # tokens whose MLP was skipped (skip="block")
     qo_skipped: int = 0  # tokens whose Q and O projections were skipped (the query side; not skip="none")
+    peak_held: int | None = None  # under a KV budget: the most entries held for one sequence after a call
+
+    def add(self, other: dict) -> None:
+        """Add another run's counts (``asdict`` of a ``LayerCounts``): sums, and the larger ``peak_held``."""
+        for name, value in other.items():
+            if name == "peak_held":
+                if value is not None:
+                    self.peak_held = max(self.peak_held or 0, value)
+            else:
+                setattr(self, name, getattr(self, name) + value)
 
 
 @dataclass
@@ -102,6 +112,12 @@ class FilterStats:
     # on the KV side this, not the ratio, is the attention saved (nothing is saved while a prompt fits the band)
     pairs_fraction: float = 1.0
     layers: list[LayerCounts] = field(repr=False, default_factory=list)
+
+    @property
+    def peak_held_per_layer(self) -> list[int | None]:
+        """Under a KV budget (``TokenFilter(budget=N)``): per layer, the most entries its cache held for one sequence
+        after any call (at most N); None for a layer without a budget."""
+        return [c.peak_held for c in self.layers]
 
     @property
     def kv_saved_fraction(self) -> float:

@@ -21,7 +21,13 @@ _BLOCK = 32
 def _weights(m: int, gamma: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(decay [m, m], carry [m, 1])``, float32, computed in float64 once per (m, gamma, device):
     ``decay[j, i] = (1 - gamma) * gamma ** (j - i)`` on and below the diagonal (0 above) and
-    ``carry[j] = gamma ** (j + 1)``. Cached: building them is a dozen small operators, more than the scan."""
+    ``carry[j] = gamma ** (j + 1)``. Cached: building them is a dozen small operators, more than the scan. Built
+    outside inference mode, so that a forward with autograd after one under ``torch.inference_mode`` can use them."""
+    with torch.inference_mode(False):
+        return _build_weights(m, gamma, device)
+
+
+def _build_weights(m: int, gamma: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.arange(m, device=device)
     gap = idx[:, None] - idx[None, :]
     w = (1 - gamma) * torch.pow(torch.tensor(gamma, dtype=torch.float64, device=device), gap.clamp(min=0))

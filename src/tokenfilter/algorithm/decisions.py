@@ -130,10 +130,11 @@ class ScoreHistory:
 
 @dataclass(frozen=True)
 class Rule:
-    """One layer's decision rule: ``mode`` ``"ratio"`` (``target`` is the layer's ratio) or ``"threshold"``
-    (``target`` is its tau)."""
+    """One layer's decision rule: ``mode`` ``"ratio"`` (``target`` is the layer's ratio), ``"threshold"``
+    (``target`` is its tau) or ``"budget"`` (``target`` is the entries held; nothing is decided on arrival: the layer's
+    store evicts, ``Visibility.held``)."""
 
-    mode: Literal["ratio", "threshold"]
+    mode: Literal["ratio", "threshold", "budget"]
     target: float
 
     def decide(
@@ -149,6 +150,8 @@ class Rule:
         ``history``."""
         if self.mode == "threshold":
             return above(scores, eligible, self.target)
+        if self.mode == "budget":
+            return torch.zeros_like(real)
         if decoding:
             filtered = self.controlled(scores, eligible, history)
         else:

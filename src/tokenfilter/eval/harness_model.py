@@ -35,7 +35,7 @@ from tokenfilter.loading import load_model
 from tokenfilter.stats import FilterStats, FlopModel, LayerCounts
 
 FILTER_FIELDS = {f.name for f in dataclasses.fields(TokenFilter)}
-COUNT_FIELDS = [f.name for f in dataclasses.fields(LayerCounts)]
+COUNT_FIELDS = [f.name for f in dataclasses.fields(LayerCounts) if f.name != "peak_held"]  # summed over processes
 _RECORDERS: list[list[TokenFilterLM]] = []  # open ``recording_instances()`` blocks
 
 
@@ -169,5 +169,4 @@ class TokenFilterLM(HFLM):
 
     def _add(self, layers: list[LayerCounts]) -> None:
         for total, c in zip(self._counts, layers, strict=True):
-            for f in dataclasses.fields(LayerCounts):
-                setattr(total, f.name, getattr(total, f.name) + getattr(c, f.name))
+            total.add(dataclasses.asdict(c))

@@ -236,8 +236,7 @@ def _task_stats(run: _Run, record: dict) -> FilterStats:
     total = [LayerCounts() for _ in range(run.model.config.num_hidden_layers)]
     for part in record["tasks"].values():
         for layer, counts in zip(total, part["counts"], strict=True):
-            for name, value in counts.items():
-                setattr(layer, name, getattr(layer, name) + value)
+            layer.add(counts)
     elem = next(run.model.parameters()).element_size()
     return FilterStats.from_counts(FlopModel.from_config(run.model.config), total, elem)
 

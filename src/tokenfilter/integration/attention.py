@@ -6,8 +6,8 @@ Per call, for one layer (its options resolved once in its ``LayerPlan``, ``integ
 1. project: K and V for every token (the decision needs them), the family's k-norm if any;
 2. score: against the score's running memory (pre- or post-RoPE keys); the first ``warmup`` real tokens of a row
    are not eligible;
-3. decide: the plan's ``Rule`` (ratio or threshold) -> filtered; the ``Visibility`` says which tokens read and
-   which are stored;
+3. decide: the plan's ``Rule`` (ratio or threshold; a budget decides nothing here: its store evicts) -> filtered;
+   the ``Visibility`` says which tokens read and which are stored;
 4. store: keys (with RoPE) and values of the stored tokens go into the layer's ``FilteredCacheLayer``; on the KV
    side its ring slides over the call's real tokens (the recent band's entries);
 5. attend: the plan's backend (``integration/backends/``) computes the attention of the reading tokens;
@@ -97,7 +97,9 @@ class FilteredAttention:
 
         fresh = state.kv.empty
         k_rot, v = k_rot.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
-        state.kv.append(k_rot, v, cols, stored, real=real, idx=idx, n_store=b - n_unstored if lean else None)
+        evicted_before = state.kv.evicted
+        state.kv.append(k_rot, v, cols, stored, real=real, idx=idx, n_store=b - n_unstored if lean else None,
+                        scores=scores)
         held_before = state.ring.held if state.ring is not None else 0
         band = self._advance_ring(state, k_rot, v, cols, idx, real, stored)
         # an entry not stored for good is dropped when it leaves the ring (at once without a band)
@@ -109,9 +111,10 @@ class FilteredAttention:
                           band_live=held_before + n_unstored if band is not None else 0)
         out, pairs, selection = plan.backend.attend(reading, self, vis, units, state.kv)
         call.keep[self.idx] = (units.any_unit(readers if pads is None else readers | pads), selection)
+        evicted = state.kv.evicted - evicted_before  # a budget's evictions: entries no longer held
         self.run.record_layer(
-            self.idx, n_filtered, pairs, dropped, n_unread,
-            filtered=units.per_sequence(filtered), scores=units.per_sequence(scores),
+            self.idx, n_filtered + evicted, pairs, dropped + evicted, n_unread,
+            filtered=units.per_sequence(filtered), scores=units.per_sequence(scores), held=state.kv.peak_held,
         )
         return out, None
 

@@ -9,6 +9,10 @@ Two layouts, same interface, so the attention code does not care which one it re
   total (``max_len``, ``min_len``, ``total``) let the decode step avoid host syncs and masks.
 * ``MaskedKV`` (reference path): every column is stored, plus a ``[B, S]`` validity mask, which tokens are
   real and their index among the real tokens (what the recent band counts).
+* ``BudgetKV`` (a layer under a KV budget, fast path): only the entries the layer holds now, unordered.
+
+Every store counts the entries it ``evicted`` (a budget's; 0 for the others, whose drops the layer path counts from
+its decisions) and the most a row held after a call (``peak_held``; None where it is not tracked).
 
 ``RecentRing`` (KV side) holds what only the recent band may still read: the entries of the last R - 1 real
 tokens of each sequence, flagged ``live`` where the token is not stored for good (filtered).
@@ -20,6 +24,9 @@ import torch
 
 
 class RaggedKV:
+    evicted = 0
+    peak_held: int | None = None
+
     def __init__(self) -> None:
         self.keys: torch.Tensor | None = None  # [B, H, cap, d]
         self.values: torch.Tensor | None = None
@@ -62,6 +69,7 @@ class RaggedKV:
         real: torch.Tensor | None = None,
         idx: torch.Tensor | None = None,
         n_store: int | None = None,
+        scores: torch.Tensor | None = None,
     ) -> None:
         """``k, v``: ``[B, H, T, d]``; ``cols``: ``[T]``; ``store``: ``[B, T]`` bool (entries to keep).
         ``real, idx`` are what the masked layout records; this one keeps only the stored entries. ``n_store``:
@@ -154,12 +162,16 @@ class RaggedKV:
 
 class MaskedKV:
     def __init__(self) -> None:
+        self.evicted = 0  # a budget's (its backend counts them, and the entries held now)
+        self.held_total = 0
+        self.peak_held: int | None = None
         self.keys: torch.Tensor | None = None  # [B, H, S, d]
         self.values: torch.Tensor | None = None
         self.cols: torch.Tensor | None = None  # [S]
         self.valid: torch.Tensor | None = None  # [B, S] stored for good
         self.real: torch.Tensor | None = None  # [B, S] a real token (not padding)
         self.idx: torch.Tensor | None = None  # [B, S] index among the sequence's real tokens
+        self.scores: torch.Tensor | None = None  # [B, S] each token's score (NaN: none given)
 
     def append(
         self,
@@ -170,14 +182,18 @@ class MaskedKV:
         real: torch.Tensor | None = None,
         idx: torch.Tensor | None = None,
         n_store: int | None = None,
+        scores: torch.Tensor | None = None,
     ) -> None:
-        """``k, v``: ``[B, H, T, d]``; ``cols``: ``[T]``; ``store, real, idx``: ``[B, T]`` (every column is kept;
-        ``real`` defaults to ``store`` and ``idx`` to the column)."""
+        """``k, v``: ``[B, H, T, d]``; ``cols``: ``[T]``; ``store, real, idx, scores``: ``[B, T]`` (every column is
+        kept; ``real`` defaults to ``store`` and ``idx`` to the column)."""
         real = store if real is None else real
         idx = cols[None, :].expand_as(store) if idx is None else idx
+        scores = torch.full(store.shape, float("nan"), device=store.device) if scores is None else scores.float()
         if self.keys is None:
             self.keys, self.values, self.cols, self.valid, self.real, self.idx = k, v, cols, store, real, idx
+            self.scores = scores
             return
+        self.scores = torch.cat([self.scores, scores], dim=1)
         self.keys = torch.cat([self.keys, k], dim=2)
         self.values = torch.cat([self.values, v], dim=2)
         self.cols = torch.cat([self.cols, cols])
@@ -208,7 +224,95 @@ class MaskedKV:
     def select_batch(self, index: torch.Tensor) -> None:
         if self.keys is not None:
             self.keys, self.values, self.valid = self.keys[index], self.values[index], self.valid[index]
-            self.real, self.idx = self.real[index], self.idx[index]
+            self.real, self.idx, self.scores = self.real[index], self.idx[index], self.scores[index]
+
+
+class BudgetKV:
+    """What a layer under a KV budget holds (``Visibility.held``): per row its held entries, left-aligned in any order
+    (attention does not care), ``keys, values`` ``[B, H, L, d]`` with ``cols, idx, score, valid`` ``[B, L]`` (column,
+    real-token index, score on arrival, a held entry), and ``seen`` ``[B]`` the row's real tokens so far.
+
+    ``append`` only stages a call's tokens (``pending``); the budget backend attends over the held entries and the
+    staged ones, then keeps what ``Visibility.held`` keeps (``hold``), counting what left (``evicted``)."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.cols: torch.Tensor | None = None
+        self.idx: torch.Tensor | None = None
+        self.score: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None
+        self.seen: torch.Tensor | None = None
+        self.pending: tuple[torch.Tensor, ...] | None = None
+        self.total = 0  # entries held, all rows (Python)
+        self.evicted = 0
+        self.peak_held: int | None = 0
+
+    def append(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cols: torch.Tensor,
+        store: torch.Tensor,
+        real: torch.Tensor | None = None,
+        idx: torch.Tensor | None = None,
+        n_store: int | None = None,
+        scores: torch.Tensor | None = None,
+    ) -> None:
+        """Stage a call: ``k, v`` ``[B, H, T, d]``, ``cols`` ``[T]``, ``real, idx, scores`` ``[B, T]``."""
+        real = store if real is None else real
+        if self.keys is None:
+            b, h, _, d = k.shape
+            self.keys, self.values = k.new_empty(b, h, 0, d), v.new_empty(b, h, 0, d)
+            self.cols = torch.empty(b, 0, dtype=torch.long, device=k.device)
+            self.idx, self.valid = self.cols.clone(), torch.empty(b, 0, dtype=torch.bool, device=k.device)
+            self.score = torch.empty(b, 0, device=k.device)
+            self.seen = torch.zeros(b, dtype=torch.long, device=k.device)
+        self.pending = (k, v, cols, real, idx, scores.float())
+
+    def hold(self, keep: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cols: torch.Tensor,
+             idx: torch.Tensor, score: torch.Tensor, capacity: int = 0) -> None:
+        """Keep the entries ``keep`` ``[B, P]`` of a pool (``keys, values`` ``[B, H, P, d]``, the rest ``[B, P]``), in
+        buffers of at least ``capacity`` slots (the free ones ``valid`` False)."""
+        counts = keep.sum(-1)
+        n, total = torch.stack([counts.max(), counts.sum()]).tolist() if keep.numel() else (0, 0)
+        size = min(max(n, capacity), keep.shape[1])  # gather as many slots as the pool has, then pad
+        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :size]
+        g = order[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+        self.keys, self.values = keys.gather(2, g), values.gather(2, g)
+        self.cols, self.idx, self.score = cols.gather(1, order), idx.gather(1, order), score.gather(1, order)
+        self.valid = torch.arange(size, device=keep.device)[None, :] < counts[:, None]
+        if size < capacity:
+            self._pad(capacity - size)
+        self.total = total
+        self.peak_held = max(self.peak_held or 0, n)
+
+    def _pad(self, extra: int) -> None:
+        b, h, _, d = self.keys.shape
+        self.keys = torch.cat([self.keys, self.keys.new_zeros(b, h, extra, d)], dim=2)
+        self.values = torch.cat([self.values, self.values.new_zeros(b, h, extra, d)], dim=2)
+        self.cols = torch.cat([self.cols, self.cols.new_zeros(b, extra)], dim=1)
+        self.idx = torch.cat([self.idx, self.idx.new_zeros(b, extra)], dim=1)
+        self.score = torch.cat([self.score, self.score.new_zeros(b, extra)], dim=1)
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(b, extra)], dim=1)
+
+    @property
+    def empty(self) -> bool:
+        return self.total == 0
+
+    def stored_entries(self) -> int:
+        return self.total
+
+    def allocated_bytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return (self.keys.numel() + self.values.numel()) * self.keys.element_size()
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        if self.keys is not None:
+            for name in ("keys", "values", "cols", "idx", "score", "valid", "seen"):
+                setattr(self, name, getattr(self, name)[index])
+            self.total = int(self.valid.sum())
 
 
 class RecentRing:

@@ -29,6 +29,8 @@ def layer_targets(cfg: TokenFilter, num_layers: int) -> tuple[Schedule | None, d
     """The resolved schedule (ratio mode) and ``{layer: its ratio or threshold}`` for the layers that filter."""
     if not cfg.enabled:
         return None, {}
+    if cfg.mode == "budget":
+        return None, {i: float(cfg.budget) for i in range(first_layer(cfg.start_layer, num_layers), num_layers)}
     if cfg.mode == "ratio":
         sched = resolve(cfg.schedule, cfg.ratio, num_layers, cfg.start_layer, cfg.max_layer_ratio)
         return sched, {i: r for i, r in enumerate(sched.ratios) if r > 0}
@@ -75,6 +77,7 @@ class LayerPlan:
             recent=(cfg.window or 1) if kv_side else 0,
             sinks=cfg.warmup,
             window=sliding_window(attn),
+            slots=cfg.budget - cfg.warmup - ((cfg.window or 1) - 1) if cfg.mode == "budget" else None,
         )
         units = Units(per=decision_units(cfg, attn.k_proj.out_features // attn.head_dim))
         score = SCORES[cfg.score]
@@ -94,5 +97,6 @@ class LayerPlan:
 
     @property
     def ring(self) -> int | None:
-        """Size of the layer's recent ring (KV side), or None without a band."""
-        return self.vis.ring if self.vis.recent else None
+        """Size of the layer's recent ring (KV side), or None without a band (or with a budget: its store holds
+        the band)."""
+        return self.vis.ring if self.vis.recent and self.vis.slots is None else None

@@ -172,11 +172,13 @@ class FilterRun:
         qo_skipped: int,
         filtered: torch.Tensor | None = None,
         scores: torch.Tensor | None = None,
+        held: int | None = None,
     ) -> None:
         """One layer's call: the decisions that filtered, the pairs attended and the entries dropped from the layer's
         cache in this call, the tokens that skipped their Q/O projections; with ``record_decisions``, the decisions
         ``filtered`` and ``scores`` ``[B, T]`` (``[B, H, T]`` per KV head). Per KV head, the decisions, pairs and
-        entries are one head's: each counts ``1 / H`` of a token's (the counts may then be fractions)."""
+        entries are one head's: each counts ``1 / H`` of a token's (the counts may then be fractions). ``held``: the
+        most entries the layer's store held for one sequence after a call so far (a budget's; None: not tracked)."""
         n_pairs = int(pairs)
         if self._units > 1:
             n_filtered, n_pairs, dropped = n_filtered / self._units, n_pairs / self._units, dropped / self._units
@@ -185,6 +187,8 @@ class FilterRun:
         c.pairs += n_pairs
         c.kv_dropped += dropped
         c.qo_skipped += qo_skipped
+        if held is not None:
+            c.peak_held = max(c.peak_held or 0, held)
         if self.plans[idx].skip_mlp:
             c.mlp_skipped += n_filtered
         if self.config.record_decisions:

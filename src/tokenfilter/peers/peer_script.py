@@ -11,6 +11,12 @@ IN.json: ``{"model": {"path", "gguf_file", "dtype", "threads"}, "prompts": [{"id
 with Knorm at ``ratio`` on the prefill and a ``DecodingPress`` holding ``target_size`` entries per layer while
 decoding). OUT.json: ``{"versions", "load_seconds", "results": [{"key", "prompt", "press", "ratio", "answer",
 "new_tokens", "seconds", "context_held", "error"}]}``; ``context_held``: context entries left per layer.
+
+Long generation (``tokenfilter longgen``): IN.json's ``"sequences": [{"id", "ids", "prompt_len"}]`` and jobs
+``{"key", "sequence", "base", "target_size"}``: the sequence's continuation scored token by token (teacher forcing)
+under a ``DecodingPress`` over the scorer press ``base`` holding ``target_size`` entries per layer; the results carry
+``nll``, ``tokens``, ``peak_held`` (the most entries a layer held after a step) and ``kv_held`` (the entries held
+after the last step, as a share of dense's, all layers).
 """
 
 from __future__ import annotations
@@ -104,6 +110,52 @@ def run_job(pipe, model, prompt: dict, job: dict) -> dict:
     return {"answer": answer, "seconds": round(seconds, 3), "context_held": held, "new_tokens": new_tokens}
 
 
+def run_continuation(model, seq: dict, job: dict) -> dict:
+    """Teacher-forced negative log-likelihood of ``seq["ids"][prompt_len:]``, the prompt in one call, then one token
+    per call through the cache, positions given as kvpress's pipeline gives them (the cache shrinks)."""
+    import kvpress
+    import torch
+    import torch.nn.functional as F
+    from transformers import DynamicCache
+
+    press = kvpress.DecodingPress(
+        base_press=getattr(kvpress, job["base"])(), compression_interval=DECODING_INTERVAL,
+        target_size=int(job["target_size"]),
+    )
+    ids = torch.tensor([seq["ids"]], dtype=torch.long)
+    p, n, layers = seq["prompt_len"], ids.shape[1], model.config.num_hidden_layers
+    cache, nll, peak = DynamicCache(), 0.0, 0
+    t0 = time.perf_counter()
+    with torch.inference_mode(), press(model):
+        last = model(input_ids=ids[:, :p], past_key_values=cache).logits[0, -1].float()
+        for t in range(p, n):
+            nll += F.cross_entropy(last[None], ids[0, t : t + 1], reduction="sum").item()
+            if t == n - 1:
+                break
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, position_ids=torch.tensor([[t]]))
+            last = out.logits[0, -1].float()
+            peak = max(peak, max(int(cache.get_seq_length(i)) for i in range(layers)))
+    held = sum(int(cache.get_seq_length(i)) for i in range(layers)) / (layers * (n - 1))  # share of dense's entries
+    seconds = round(time.perf_counter() - t0, 3)
+    return {"nll": nll, "tokens": n - p, "peak_held": peak, "kv_held": held, "seconds": seconds}
+
+
+def run_continuations(model, spec: dict, out: dict, out_path: Path) -> None:
+    seqs = {s["id"]: s for s in spec["sequences"]}
+    for i, job in enumerate(spec["jobs"]):
+        row = {k: job.get(k) for k in ("key", "sequence", "base", "target_size")}
+        try:
+            row.update(run_continuation(model, seqs[job["sequence"]], job), error=None)
+        except Exception as exc:  # a press that fails is reported in one line, the run goes on
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            row.update(error=f"{type(exc).__name__}: {first}", trace=traceback.format_exc(limit=3))
+        out["results"].append(row)
+        status = row["error"] or f"nll/token {row['nll'] / row['tokens']:.4f}, peak {row['peak_held']}"
+        print(f"[{i + 1}/{len(spec['jobs'])}] {job['base']} {job['target_size']} {job['sequence']}: {status}",
+              file=sys.stderr)
+        out_path.write_text(json.dumps(out), encoding="utf-8")
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python peer_script.py IN.json OUT.json", file=sys.stderr)
@@ -122,6 +174,9 @@ def main(argv: list[str]) -> int:
         "load_seconds": round(time.perf_counter() - t0, 2),
         "results": [],
     }
+    if "sequences" in spec:
+        run_continuations(model, spec, out, Path(argv[1]))
+        return 0
     prompts = {p["id"]: p for p in spec["prompts"]}
     jobs = spec["jobs"]
     for i, job in enumerate(jobs):

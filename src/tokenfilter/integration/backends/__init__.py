@@ -10,18 +10,21 @@ import warnings
 
 from tokenfilter.algorithm.visibility import Visibility
 from tokenfilter.integration.backends.base import AttentionBackend, Projections, QuerySelection, Reading
+from tokenfilter.integration.backends.budget import BudgetBackend
 from tokenfilter.integration.backends.fast import FastBackend
 from tokenfilter.integration.backends.reference import ReferenceBackend
 from tokenfilter.integration.units import Units
 
 BACKENDS: dict[str, AttentionBackend] = {"fast": FastBackend(), "reference": ReferenceBackend()}
 FALLBACK = "reference"  # runs every layer: the definition
+# a layer under a KV budget (``Visibility.slots``) runs this one in place of the named backend (the reference stays)
+BUDGET: dict[str, AttentionBackend] = {"fast": BudgetBackend()}
 _WARNED: set[str] = set()
 
 
 def backend_for(name: str, units: Units, vis: Visibility) -> AttentionBackend:
     """The backend ``name`` if it runs this layer, else the reference one, with a warning (once per reason)."""
-    backend = BACKENDS[name]
+    backend = BUDGET.get(name, BACKENDS[name]) if vis.slots is not None else BACKENDS[name]
     reason = backend.supports(units, vis)
     if reason is None:
         return backend
