@@ -115,7 +115,7 @@ def run_presses(args: argparse.Namespace, rows: list, seqs: dict, earlier: dict)
     import tempfile
 
     from tokenfilter.longctx.longgen import Result
-    from tokenfilter.peers.cli import _model_file, _peer_env, run_peer_script
+    from tokenfilter.peers.cli import _model_file, _peer_env, peer_model_spec, run_peer_script
     from tokenfilter.peers.peer_script import DECODING_INTERVAL
 
     peer_rows = [r for r in rows if r.peer is not None]
@@ -131,11 +131,8 @@ def run_presses(args: argparse.Namespace, rows: list, seqs: dict, earlier: dict)
                          "target_size": row.budget - (DECODING_INTERVAL - 1), "row": row.name, "config": config})
     if not jobs:
         return results
-    path, name = _model_file(args.model)
     spec = {
-        "model": {"path": str(path.parent if path.suffix == ".gguf" else path),
-                  "gguf_file": path.name if path.suffix == ".gguf" else None, "dtype": args.dtype,
-                  "threads": args.threads},
+        "model": peer_model_spec(_model_file(args.model)[0], args.dtype, args.threads),
         "sequences": [{"id": t, "ids": ids[0].tolist(), "prompt_len": args.prompt} for t, ids in seqs.items()],
         "jobs": jobs,
     }

@@ -107,6 +107,13 @@ def _model_file(spec: str | None) -> tuple[Path, str]:
     return Path(spec).expanduser(), str(spec)
 
 
+def peer_model_spec(path: Path, dtype: str, threads: int) -> dict:
+    """The peer script's ``model`` entry for a .gguf file or a folder."""
+    gguf = path.suffix == ".gguf"
+    return {"path": str(path.parent if gguf else path), "gguf_file": path.name if gguf else None, "dtype": dtype,
+            "threads": threads}
+
+
 def _peer_env(log: object = print) -> env.PeerEnv:
     """The peer venv, built on the first run; a broken one raises ``PeerEnvError`` naming the fix."""
     if env.installed_pins() is None:
@@ -417,12 +424,7 @@ def _run_presses(
     old = _read(out / "peer_out.json") if args.reuse else None
     old = old if old and old.get("model") == model_name else {"results": []}
     kept = {r["key"]: r for r in old["results"]}
-    model_spec = {
-        "path": str(path.parent if path.suffix == ".gguf" else path),
-        "gguf_file": path.name if path.suffix == ".gguf" else None,
-        "dtype": args.dtype,
-        "threads": args.threads,
-    }
+    model_spec = peer_model_spec(path, args.dtype, args.threads)
     if args.reuse:  # a run killed while the peer script ran: the results it had written so far
         for r in _interrupted(out, model_spec):
             if r["key"] not in kept or kept[r["key"]].get("error"):
