@@ -272,29 +272,25 @@ class BudgetKV:
 
     def hold(self, keep: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cols: torch.Tensor,
              idx: torch.Tensor, score: torch.Tensor, capacity: int = 0) -> None:
-        """Keep the entries ``keep`` ``[B, P]`` of a pool (``keys, values`` ``[B, H, P, d]``, the rest ``[B, P]``), in
-        buffers of at least ``capacity`` slots (the free ones ``valid`` False)."""
-        counts = keep.sum(-1)
-        n, total = torch.stack([counts.max(), counts.sum()]).tolist() if keep.numel() else (0, 0)
-        size = min(max(n, capacity), keep.shape[1])  # gather as many slots as the pool has, then pad
-        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :size]
+        """Keep the entries ``keep`` ``[B, P]`` of a pool (``keys, values`` ``[B, H, P, d]``, the rest ``[B, P]``),
+        left-aligned in buffers of at least ``capacity`` slots (the free ones ``valid`` False)."""
+        # here, not at the top: the backends package imports this module
+        from tokenfilter.integration.backends.kernels import compact_order
+
+        order, self.valid, n = compact_order(keep)
         g = order[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
         self.keys, self.values = keys.gather(2, g), values.gather(2, g)
         self.cols, self.idx, self.score = cols.gather(1, order), idx.gather(1, order), score.gather(1, order)
-        self.valid = torch.arange(size, device=keep.device)[None, :] < counts[:, None]
-        if size < capacity:
-            self._pad(capacity - size)
-        self.total = total
+        if n < capacity:  # free slots, so that a decode step writes in place
+            extra = capacity - n
+            for name in ("keys", "values"):
+                t = getattr(self, name)
+                setattr(self, name, torch.cat([t, t.new_zeros(t.shape[0], t.shape[1], extra, t.shape[3])], dim=2))
+            for name in ("cols", "idx", "score", "valid"):
+                t = getattr(self, name)
+                setattr(self, name, torch.cat([t, t.new_zeros(t.shape[0], extra)], dim=1))
+        self.total = int(self.valid.sum())
         self.peak_held = max(self.peak_held or 0, n)
-
-    def _pad(self, extra: int) -> None:
-        b, h, _, d = self.keys.shape
-        self.keys = torch.cat([self.keys, self.keys.new_zeros(b, h, extra, d)], dim=2)
-        self.values = torch.cat([self.values, self.values.new_zeros(b, h, extra, d)], dim=2)
-        self.cols = torch.cat([self.cols, self.cols.new_zeros(b, extra)], dim=1)
-        self.idx = torch.cat([self.idx, self.idx.new_zeros(b, extra)], dim=1)
-        self.score = torch.cat([self.score, self.score.new_zeros(b, extra)], dim=1)
-        self.valid = torch.cat([self.valid, self.valid.new_zeros(b, extra)], dim=1)
 
     @property
     def empty(self) -> bool:
