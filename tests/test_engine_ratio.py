@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from masked_eager import layer_window
 from tokenfilter import TokenFilter
 from tokenfilter.integration.cache_layer import FilteredCacheLayer
 
@@ -114,10 +115,12 @@ def test_stats_dense_flops_match_flop_model(tiny):
     with TokenFilter(threshold=2.0).apply(tiny) as run, torch.no_grad():
         tiny(random_ids(1, n))
     s, fm = run.stats, run.flops
-    window = getattr(tiny.config, "sliding_window", None) if tiny.config.model_type == "mistral" else None
-    pairs = sum(min(i, window) if window else i for i in range(1, n + 1))
-    per_layer = n * (fm.qo_proj + fm.kv_proj + fm.mlp) + pairs * fm.per_pair
-    assert s.flops_dense == pytest.approx(fm.layers * per_layer + n * fm.lm_head)
+    dense = n * fm.lm_head
+    for layer in range(fm.layers):
+        window = layer_window(tiny, layer)
+        pairs = sum(min(i, window) if window else i for i in range(1, n + 1))
+        dense += n * (fm.qo_proj + fm.kv_proj + fm.mlp) + pairs * fm.per_pair
+    assert s.flops_dense == pytest.approx(dense)
     assert s.flops_actual == pytest.approx(s.flops_dense)
     assert s.total_flops_skipped == pytest.approx(0.0)
 
