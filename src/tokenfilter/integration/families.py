@@ -178,3 +178,11 @@ def attention_layers(model: nn.Module) -> list[LayerAttention]:
     """Every decoder layer's ``LayerAttention`` (the checks of ``decoder_layers`` first)."""
     family, layers = family_of(model), decoder_layers(model)
     return [LayerAttention(family, layer.self_attn, model.config, i) for i, layer in enumerate(layers)]
+
+
+def global_layers(model: nn.Module) -> list[int]:
+    """The layers without a sliding window of their own (Gemma 3's global layers; every layer of a model without
+    windows). Where the model keeps only a window of keys, filtering saves little memory; on these it saves what
+    dense holds, so a per-layer schedule may filter them alone, e.g.
+    ``TokenFilter(schedule=[0.9 if i in global_layers(model) else 0.0 for i in range(n_layers)])``."""
+    return [i for i, a in enumerate(attention_layers(model)) if a.window is None]
