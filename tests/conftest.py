@@ -15,10 +15,14 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -47,7 +51,7 @@ def on_test_device(x):
     return x.to(TEST_DEVICE)
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
 # the engine's attention backends (its registry); the equivalence tests run over all
 BACKENDS = sorted(_BACKEND_REGISTRY)
 _COMMON = dict(
@@ -65,7 +69,10 @@ _COMMON = dict(
 
 def make_tiny(family: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
     """A tiny random model of ``family``: GQA everywhere; Mistral with a 24-token sliding window,
-    Qwen2 with q/k/v biases, Qwen3 with q/k norms, Llama with attention biases."""
+    Qwen2 with q/k/v biases, Qwen3 with q/k norms, Llama with attention biases; Phi-3 (the Phi-4 architecture) with
+    its fused qkv_proj and RoPE on half of each head (``partial_rotary_factor``, as Phi-4-mini); Gemma 3 (text) with
+    q/k norms, scaled embeddings, ``query_pre_attn_scalar`` scaling (not ``head_dim``), and local layers with a
+    24-token window (their own RoPE base) interleaved with global ones, one of each among the filtered layers."""
     torch.manual_seed(seed)
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**_COMMON, attention_bias=True))
@@ -75,6 +82,12 @@ def make_tiny(family: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa
         model = Qwen2ForCausalLM(Qwen2Config(**_COMMON))
     elif family == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**_COMMON, head_dim=16))
+    elif family == "phi3":
+        model = Phi3ForCausalLM(Phi3Config(**_COMMON, partial_rotary_factor=0.5))
+    elif family == "gemma3_text":
+        types = ["sliding_attention", "full_attention"] * 2
+        model = Gemma3ForCausalLM(Gemma3TextConfig(
+            **_COMMON, head_dim=16, query_pre_attn_scalar=24, sliding_window=24, layer_types=types))
     else:
         raise ValueError(family)
     model.config._attn_implementation = attn

@@ -8,22 +8,42 @@ is used: no store, no band, no log-sum-exp merge.
 
 from __future__ import annotations
 
+import sys
+
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
 def project(attn: torch.nn.Module, hidden_states: torch.Tensor, position_embeddings: tuple) -> tuple[torch.Tensor, ...]:
-    """The family's own projections: ``(q, k, v [B, T, H, d], q_rot, k_rot [B, H, T, d])`` (with q/k norms)."""
+    """The family's own projections: ``(q, k, v [B, T, H, d], q_rot, k_rot [B, H, T, d])`` (with q/k norms), as the
+    model's own attention computes them: separate q/k/v projections, or Phi-3's fused ``qkv_proj`` (Q, K, V along
+    its output, split by the config's head counts), and RoPE by the family's own ``apply_rotary_pos_emb`` (Phi-3's
+    rotates only part of each head)."""
     b, t, _ = hidden_states.shape
     d = attn.head_dim
-    q = attn.q_proj(hidden_states).view(b, t, -1, d)
-    k = attn.k_proj(hidden_states).view(b, t, -1, d)
+    if hasattr(attn, "qkv_proj"):
+        qkv = attn.qkv_proj(hidden_states)
+        nq, nkv = attn.config.num_attention_heads * d, attn.config.num_key_value_heads * d
+        q, k, v = qkv[..., :nq], qkv[..., nq : nq + nkv], qkv[..., nq + nkv :]
+    else:
+        q, k, v = attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
+    q, k, v = q.reshape(b, t, -1, d), k.reshape(b, t, -1, d), v.reshape(b, t, -1, d)
     if getattr(attn, "q_norm", None) is not None:
         q, k = attn.q_norm(q), attn.k_norm(k)
-    v = attn.v_proj(hidden_states).view(b, t, -1, d)
     cos, sin = position_embeddings
+    apply_rotary_pos_emb = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     q_rot, k_rot = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
     return q, k, v, q_rot, k_rot
+
+
+def layer_window(model: torch.nn.Module, layer: int) -> int | None:
+    """The model's own sliding window at ``layer``, as its decoder picks each layer's mask: per layer type where the
+    config has ``layer_types`` (Gemma 3's local layers, Qwen2/3), else ``sliding_window`` on every layer (Mistral,
+    Phi-3; None or absent: full attention)."""
+    cfg = model.config
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return cfg.sliding_window if types[layer] == "sliding_attention" else None
+    return getattr(cfg, "sliding_window", None)
 
 
 def _eager(attn: torch.nn.Module, mask: torch.Tensor, reads: torch.Tensor):

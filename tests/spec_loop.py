@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from masked_eager import project
+from masked_eager import layer_window, project
 
 LOOP_SCORES = ("similarity", "cumulative-mean", "two-horizon")
 
@@ -181,11 +181,6 @@ def readable(t_col, t_idx, j_col, j_idx, j_filtered, *, recent, sinks, window) -
     return (not j_filtered) or t_idx - j_idx < recent or j_idx < sinks
 
 
-def model_window(model) -> int | None:
-    cfg = model.config
-    return getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-
-
 def oracle_forward(model, ids, mask, prompt_len, *, ratio_per_layer=None, tau_per_layer=None, recent, warmup,
                    score, gamma, fusion, lam, pre_rope=True):
     """The KV-side filter (``skip="none"``, ``kv="drop"``) of a whole run, recomputed in one forward of the full
@@ -197,7 +192,6 @@ def oracle_forward(model, ids, mask, prompt_len, *, ratio_per_layer=None, tau_pe
     the real positions' logits mean anything. The model's own layers run with ``use_cache=False``."""
     targets = ratio_per_layer if ratio_per_layer is not None else tau_per_layer
     layers = model.get_decoder().layers
-    window = model_window(model)
     real = mask.bool()
     idx_of = (mask.long().cumsum(-1) - 1).tolist()
     scores: dict[int, list] = {}
@@ -207,6 +201,7 @@ def oracle_forward(model, ids, mask, prompt_len, *, ratio_per_layer=None, tau_pe
         def forward(hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
             b, t, _ = hidden_states.shape
             d = attn.head_dim
+            window = layer_window(model, layer)
             q, k, v, q_rot, k_rot = project(attn, hidden_states, position_embeddings)  # rotated: [B, H, T, d]
             groups = q_rot.shape[1] // k_rot.shape[1]
             out = torch.zeros(b, t, q_rot.shape[1], d, dtype=torch.float64)

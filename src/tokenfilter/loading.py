@@ -1,5 +1,5 @@
-"""Loading models: a built-in model by short name (the default SmolLM2-135M-Instruct, or qwen2.5-coder-1.5b;
-``builtin_models``), a local Hugging Face folder, a ``.gguf`` file, or a hub id (where online)."""
+"""Loading models: a built-in model by short name (the default SmolLM2-135M-Instruct, qwen2.5-coder-1.5b or
+gemma3-270m; ``builtin_models``), a local Hugging Face folder, a ``.gguf`` file, or a hub id (where online)."""
 
 from __future__ import annotations
 
@@ -145,8 +145,8 @@ def model_source(spec: str | None = None, cache_dir: str | Path | None = None) -
 def load_model(spec: str | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu",
                cache_dir: str | Path | None = None):
     """Return ``(model, tokenizer)`` in eval mode. ``spec``: None (the default model), a built-in model's short
-    name (``smollm2-135m``, ``qwen2.5-coder-1.5b``), a folder, a .gguf file or a hub id (from the local Hugging
-    Face cache first, then the hub where it is reachable)."""
+    name (``smollm2-135m``, ``qwen2.5-coder-1.5b``, ``gemma3-270m``), a folder, a .gguf file or a hub id (from the
+    local Hugging Face cache first, then the hub where it is reachable)."""
     torch_dtype = _dtype(dtype)
     folder, kwargs = model_source(spec, cache_dir)
     from transformers.utils import logging as hf_logging

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from tokenfilter.cli_args import int_at_least, positive_int, positive_ints  # noqa: F401 (positive_ints: also imported from here)
+from tokenfilter.cli_args import MODEL_HELP, int_at_least, positive_int, positive_ints  # noqa: F401 (positive_ints: also imported from here)
 
 DEFAULTS = dict(lengths=[512, 1024, 2048], ratios=[0.3, 0.5, 0.7], batch_sizes=[1], new_tokens=32, repeats=3, warmup=1)
 QUICK = dict(lengths=[128, 256], ratios=[0.5], batch_sizes=[1], new_tokens=8, repeats=2, warmup=1)
@@ -95,7 +95,7 @@ def choose_threads(setting: str | int | None) -> tuple[int, str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the bench options to ``parser`` (the ``tokenfilter bench`` sub-command or a stand-alone parser)."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default=None, help="local folder, .gguf file or hub id (default: SmolLM2-135M)")
+    g.add_argument("--model", default=None, help=MODEL_HELP)
     g.add_argument("--shape", default=None, choices=SHAPE_NAMES,
                    help="instead of --model: a random-weight Llama of this shape (llama-3-8b: 32 layers, hidden 4096, "
                    "32/8 heads, MLP 14336; llama-2-7b: 32/32 heads, MLP 11008; smollm2-135m), built on --device")

@@ -3,7 +3,8 @@
 Shapes: B batch, T tokens in this call, D hidden size, H/Hq key-value/query heads, d head dim.
 
 Per call, for one layer (its options resolved once in its ``LayerPlan``, ``integration/plan.py``):
-1. project: K and V for every token (the decision needs them), the family's k-norm if any;
+1. project: K and V for every token (the decision needs them), through the layer's ``LayerAttention``
+   (``integration/families.py``: separate or fused projections, the family's k-norm if any);
 2. score: against the score's running memory (pre- or post-RoPE keys); the first ``warmup`` real tokens of a row
    are not eligible;
 3. decide: the plan's ``Rule`` (ratio or threshold; a budget decides nothing here: its store evicts) -> filtered;
@@ -27,13 +28,13 @@ from typing import TYPE_CHECKING
 
 import torch
 import transformers
-from torch import nn
 
 from tokenfilter.algorithm.scores import ScoreState
 from tokenfilter.integration.backends import Reading
 from tokenfilter.integration.backends.kernels import compact_order, gather_rows
 from tokenfilter.integration.cache_args import cache_argument
 from tokenfilter.integration.cache_layer import FilteredCacheLayer, layer_state
+from tokenfilter.integration.families import LayerAttention
 from tokenfilter.integration.kv_store import RecentRing
 from tokenfilter.integration.plan import LayerPlan
 
@@ -47,9 +48,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE as the supported families apply it. ``x``: ``[B, T, H, d]``; ``cos, sin``: ``[B, T, d]``."""
+    """RoPE as the supported families apply it. ``x``: ``[B, T, H, d]``; ``cos, sin``: ``[B, T, r]``: the first
+    ``r`` dimensions of each head rotate, the rest pass unchanged (partial rotary, Phi-3's ``partial_rotary_factor``;
+    ``r == d`` elsewhere)."""
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return (x * cos) + (rotate_half(x) * sin)
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return (x * cos) + (rotate_half(x) * sin)
+    turned, passed = x[..., :r], x[..., r:]
+    return torch.cat(((turned * cos) + (rotate_half(turned) * sin), passed), dim=-1)
 
 
 def _pads_after_real(real: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
@@ -64,9 +71,9 @@ class FilteredAttention:
     """Replacement forward for one layer's attention module (see the module docstring); also the ``Projections``
     its backend calls."""
 
-    def __init__(self, run: FilterRun, plan: LayerPlan, attn: nn.Module) -> None:
+    def __init__(self, run: FilterRun, plan: LayerPlan, attn: LayerAttention) -> None:
         self.run, self.plan, self.attn, self.idx = run, plan, attn, plan.index
-        self.scale = attn.scaling
+        self.scale = attn.scale
 
     def __call__(
         self,
@@ -121,31 +128,23 @@ class FilteredAttention:
     # -- the Projections its backend calls ---------------------------------------------------------------
     def queries(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """``h``: ``[B, Q, D]`` -> queries with RoPE ``[B, Hq, Q, d]``."""
-        attn = self.attn
-        q = attn.q_proj(h).view(*h.shape[:2], -1, attn.head_dim)
-        if getattr(attn, "q_norm", None) is not None:
-            q = attn.q_norm(q)
-        return rope(q, cos, sin).transpose(1, 2)
+        return rope(self.attn.queries(h), cos, sin).transpose(1, 2)
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
         """``[B, Hq, Q, d]`` -> ``[B, Q, D]``."""
-        return self.attn.o_proj(o.transpose(1, 2).reshape(o.shape[0], o.shape[2], -1))
+        return self.attn.output(o.transpose(1, 2).reshape(o.shape[0], o.shape[2], -1))
 
     # -- the steps -------------------------------------------------------------------------------------------
     def _project(
         self, h: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, ...]:
         """``(k, v [rows, T, H / per, d], real [rows, T], cos, sin [B, T, d])``: rows per ``Units``."""
-        attn, units = self.attn, self.plan.units
-        b, t, _ = h.shape
-        d = attn.head_dim
+        units = self.plan.units
+        b = h.shape[0]
         cos, sin = position_embeddings
         if cos.shape[0] != b:
             cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
-        k = attn.k_proj(h).view(b, t, -1, d)
-        if getattr(attn, "k_norm", None) is not None:
-            k = attn.k_norm(k)
-        v = attn.v_proj(h).view(b, t, -1, d)
+        k, v = self.attn.keys_values(h)  # the family's projections: keys before RoPE
         return units.kv(k), units.kv(v), units.rows(self.run.call.real), cos, sin
 
     def _is_lean(self, state: FilteredCacheLayer) -> bool:

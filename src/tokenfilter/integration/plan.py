@@ -11,14 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
 from tokenfilter.algorithm.decisions import Rule
 from tokenfilter.algorithm.schedule import Schedule, first_layer, resolve
 from tokenfilter.algorithm.scores import SCORES, Score
 from tokenfilter.algorithm.visibility import Visibility
 from tokenfilter.integration.backends import AttentionBackend, backend_for
-from tokenfilter.integration.families import sliding_window
+from tokenfilter.integration.families import LayerAttention
 from tokenfilter.integration.units import Units
 
 if TYPE_CHECKING:
@@ -69,17 +67,17 @@ class LayerPlan:
     record: bool  # keep every decision and score (record_decisions)
 
     @classmethod
-    def build(cls, cfg: TokenFilter, index: int, attn: nn.Module, target: float) -> LayerPlan:
+    def build(cls, cfg: TokenFilter, index: int, attn: LayerAttention, target: float) -> LayerPlan:
         kv_side = cfg.skip == "none"
         vis = Visibility(
             filtered_reads=kv_side,
             filtered_stored=cfg.kv == "keep",
             recent=(cfg.window or 1) if kv_side else 0,
             sinks=cfg.warmup,
-            window=sliding_window(attn),
+            window=attn.window,  # the layer's own window (its family's rule: every layer, or its layer type)
             slots=cfg.budget - cfg.warmup - ((cfg.window or 1) - 1) if cfg.mode == "budget" else None,
         )
-        units = Units(per=decision_units(cfg, attn.k_proj.out_features // attn.head_dim))
+        units = Units(per=decision_units(cfg, attn.kv_heads))
         score = SCORES[cfg.score]
         return cls(
             index=index,

@@ -18,7 +18,7 @@ from torch import nn
 
 from tokenfilter.integration.attention import FilteredAttention
 from tokenfilter.integration.cache_args import cache_argument
-from tokenfilter.integration.families import decoder_layers, sliding_window
+from tokenfilter.integration.families import attention_layers, decoder_layers
 from tokenfilter.integration.mlp import FilteredMLP
 from tokenfilter.integration.plan import LayerPlan, decision_units, layer_targets
 from tokenfilter.stats import FilterStats, FlopModel, LayerCounts
@@ -48,12 +48,13 @@ class FilterRun:
         self.config = config
         self.model = model
         self.layers = decoder_layers(model)
+        self.attention = attention_layers(model)  # what the family says of each layer's attention
         self.num_layers = len(self.layers)
         self.flops = FlopModel.from_config(model.config)
         self._units = decision_units(config, self.flops.kv_heads)  # decision units per token
-        self._windows = [sliding_window(layer.self_attn) for layer in self.layers]
+        self._windows = [a.window for a in self.attention]
         self.schedule, self.targets = layer_targets(config, self.num_layers)
-        self.plans = {i: LayerPlan.build(config, i, self.layers[i].self_attn, t) for i, t in self.targets.items()}
+        self.plans = {i: LayerPlan.build(config, i, self.attention[i], t) for i, t in self.targets.items()}
         self.call: CallContext | None = None
         self._handles: list = []
         self._patched: list[nn.Module] = []
@@ -71,7 +72,7 @@ class FilterRun:
         try:
             for idx in self.filtered_layers:
                 layer, plan = self.layers[idx], self.plans[idx]
-                self._patch(layer.self_attn, FilteredAttention(self, plan, layer.self_attn))
+                self._patch(layer.self_attn, FilteredAttention(self, plan, self.attention[idx]))
                 if plan.skip_mlp:
                     self._patch(layer.mlp, FilteredMLP(self, idx, layer.mlp))
             decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model
