@@ -57,6 +57,7 @@ def test_bad_ratio_exits_2_without_a_traceback(capsys, ratios):
     ["peers", "--limit", "0"], ["peers", "--needle-facts", "4"], ["peers", "--needle-lengths", "1024,-5"],
     ["peers", "--needle-depths", "50,150"], ["peers", "--max-new-tokens-cap", "-1"], ["peers", "--ratios", "1.5"],
     ["peers", "--threads", "0"], ["peers", "--max-length", "0"],
+    ["eval", "--tasks", ""], ["eval", "--methods", " , "], ["peers", "--presses", ""],
 ])
 def test_bad_number_is_refused_at_parse_time(capsys, argv):
     """Quality III: ``eval --limit -3`` loaded the model for a minute, then failed inside lm-eval (islice()).

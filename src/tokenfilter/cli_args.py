@@ -26,8 +26,11 @@ def ratios(text: str) -> list[float]:
 
 
 def names(text: str) -> list[str]:
-    """argparse type: comma-separated names."""
-    return [x.strip() for x in text.split(",") if x.strip()]
+    """argparse type: comma-separated names, at least one."""
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected one name or more, comma-separated, got {text!r}")
+    return values
 
 
 def positive_ints(text: str) -> list[int]:

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from tokenfilter.cli_args import int_at_least, int_between, percents, positive_int, positive_ints, ratios
+from tokenfilter.cli_args import int_at_least, int_between, names, percents, positive_int, positive_ints, ratios
 from tokenfilter.peers import budget as bud
 from tokenfilter.peers import env, inputs, merge, report
 
@@ -33,22 +33,18 @@ def run_name(model_name: str, dtype: str = "float32") -> str:
     return model_name if dtype == "float32" else f"{model_name} ({dtype})"
 
 
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--setup", action="store_true", help="build (or rebuild) the peer venv, then stop")
     p.add_argument("--model", default=None, help="built-in name, .gguf file or folder (default: smollm2-135m)")
-    p.add_argument("--presses", type=_names, default=list(merge.PRESSES),
+    p.add_argument("--presses", type=names, default=list(merge.PRESSES),
                    help=f"kvpress classes (default {','.join(merge.PRESSES)})")
     p.add_argument("--ratios", type=ratios, default=[0.5], help="our Token Filtering ratios (default 0.5)")
-    p.add_argument("--ours", type=_names, default=list(OURS_DEFAULT),
+    p.add_argument("--ours", type=names, default=list(OURS_DEFAULT),
                    help="our rows besides dense: default, default-random, paper, sliding-window, or a KV-side study "
                         "candidate (e.g. kv-w64, the previous default, once named kv-window; kv-w64-g0.99) and its "
                         "-random twin "
                         f"(default {','.join(OURS_DEFAULT)})")
-    p.add_argument("--press-budgets", type=_names, default=None,
+    p.add_argument("--press-budgets", type=names, default=None,
                    help="the rows of --ours whose KV held the presses match (default: all but sliding-window)")
     p.add_argument("--note", action="append", default=[],
                    help="a line for the section's 'What ran' list (e.g. why a grid was reduced); repeatable")
@@ -57,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--needle-depths", type=percents, default=[0, 25, 50, 75, 100], help="default 0,25,50,75,100")
     p.add_argument("--needle-facts", type=int_between(1, 3), default=3,
                    help="held-out needle facts per cell (1-3, default 3)")
-    p.add_argument("--tasks", type=_names, default=["needle", "longbench"],
+    p.add_argument("--tasks", type=names, default=["needle", "longbench"],
                    help="needle, longbench and/or ruler, or LongBench task names (default needle,longbench)")
     p.add_argument("--limit", type=positive_int, default=1, help="MiniLongBench samples per task (default 1)")
     p.add_argument("--max-length", type=positive_int, default=2048,
@@ -67,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ruler-lengths", type=positive_ints, default=[4096], help="RULER prompt lengths (default 4096)")
     p.add_argument("--ruler-samples", type=positive_int, default=2,
                    help="RULER samples per task and length (default 2)")
-    p.add_argument("--ruler-tasks", type=_names, default=None,
+    p.add_argument("--ruler-tasks", type=names, default=None,
                    help="RULER tasks: names, a prefix (niah, niah_multikey) or all (default all)")
     p.add_argument("--budget", choices=("measured", "nominal"), default="measured",
                    help="our KV held per prompt: from the engine's stats, or 1 - ratio (default measured)")
