@@ -56,6 +56,20 @@ def test_a_child_reports_the_cache_it_held(tiny_model, tmp_path, chunk):
         assert row["versions"]["torch"]
 
 
+def test_a_long_generate_under_a_budget_holds_its_bound(tiny_model, tmp_path):
+    """``longgen``'s memory part: a child generating ``new_tokens`` greedily; under ``budget=N`` the filtered layers
+    (2 and 3) hold at most N + 1 slots each (the free slot a decode step writes into), however long the text."""
+    spec = {"model": tiny_model, "ids": _ids(), "chunk": None, "new_tokens": 120}
+    dense = memory.run_child(sys.executable, {**spec, "method": {"kind": "dense"}}, tmp_path)
+    budget = memory.run_child(sys.executable, {**spec, "method": {"kind": "tokenfilter", "preset": "budget",
+                                                                  "budget": 80}}, tmp_path)
+    e = _entry_bytes(tiny_model)
+    assert dense["kv_end"] == 4 * (LENGTH + 119) * e  # the last new token is returned, not fed back
+    assert budget["kv_end"] <= 2 * (LENGTH + 119) * e + 2 * 81 * e
+    assert budget["kv_end"] >= 2 * (LENGTH + 119) * e + 2 * 80 * e
+    assert budget["kv_held_fraction"] < 0.7
+
+
 def test_a_failing_child_is_one_sentence(tiny_model, tmp_path):
     with pytest.raises(RuntimeError, match="memory trial .* failed"):
         _child(tiny_model, {"kind": "tokenfilter", "preset": "default", "ratio": 7.0}, None, tmp_path)

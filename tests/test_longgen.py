@@ -60,3 +60,97 @@ def test_cli_arguments():
     assert args.budgets == [256, 512] and args.seeds == [0] and args.texts == ["essays"]
     with pytest.raises(SystemExit):
         build_parser("longgen").parse_args(["longgen", "--seeds", "-1"])
+
+
+# ---- the recall task: a long greedy answer with a checkable result -------------------------------------------------
+def _recall_material():
+    from tiny_lm import tiny_lm
+    from tokenfilter.longctx.ruler import WordsError, wikitext_words
+
+    try:
+        wikitext_words()
+    except WordsError as exc:
+        pytest.skip(str(exc))
+    return tiny_lm()
+
+
+def test_recall_prompts_are_fixed_by_the_seed_and_end_with_the_first_line():
+    from tokenfilter.longctx.recall import MARGIN, recall_samples
+
+    _, tok = _recall_material()
+    a, b = recall_samples(tok, 6, 2, seed=3), recall_samples(tok, 6, 2, seed=3)
+    assert [s.ids.tolist() for s in a] == [s.ids.tolist() for s in b]
+    assert a[0].ids.tolist() != a[1].ids.tolist()  # two different lists
+    text = tok.decode(a[0].ids[0])
+    first = text.split("\n\n")[1].splitlines()[0]
+    assert text.endswith(first + "\n") and first.startswith("1. ")
+    assert len(a[0].references) == 5 and all(r in text for r in a[0].references)  # each is in the list, read back
+    body = "\n".join([first, *a[0].references])
+    assert a[0].max_new == len(tok(body).input_ids) + MARGIN
+    with pytest.raises(ValueError, match="at least 2 records"):
+        recall_samples(tok, 1, 1)
+
+
+def test_recall_scores_the_answer_by_string_match(monkeypatch):
+    """The score is the share of the other records whose whole line is in the decoded answer."""
+    import tokenfilter.longctx.recall as recall
+
+    model, tok = _recall_material()
+    sample = recall.recall_samples(tok, 5, 1, seed=1)[0]
+    half = "\n".join(sample.references[:2]) + "\n" + sample.references[2][:-1]  # the third line cut short
+    monkeypatch.setattr(recall, "greedy_answer", lambda m, s, cfg: (torch.tensor(tok(half).input_ids), None))
+    (res,) = recall.run_recall(model, tok, [sample], [Row("dense", "dense", None)])
+    assert res.score == pytest.approx(2 / 4)
+
+
+def test_recall_runs_every_row_under_its_filter_and_resumes(tmp_path, monkeypatch):
+    import tokenfilter.longctx.recall as recall
+
+    model, tok = _recall_material()
+    rows = recall.recall_rows(plan_rows([0.5], [24], [0, 1], presses=["KnormPress"], recent=8))
+    names = [r.name for r in rows]
+    assert "budget-24-random-seed0" in names and "budget-24-random-seed1" not in names
+    assert not any(n.startswith("kvpress") for n in names)
+    path = tmp_path / "recall.json"
+    results = recall.run_recall_file(model, tok, rows, 6, 1, path, {"model": "tiny"})
+    assert [r.row for r in results] == names
+    got = {r.row: r for r in results}
+    assert got["dense"].kv_held == 1.0 and got["dense"].peak_held is None
+    assert got["budget-24"].peak_held == 24 and got["budget-24"].tokens > 24  # the budget held under generate
+    assert all(0 <= r.score <= 1 for r in results)
+    calls = []
+    monkeypatch.setattr(recall, "greedy_answer", lambda *a: calls.append(a))
+    again = recall.run_recall_file(model, tok, rows, 6, 1, path, {"model": "tiny"}, resume=True)
+    assert not calls and [r.seconds for r in again] == [r.seconds for r in results]
+    table = recall.render_recall(again, rows)
+    assert "| budget-24 |" in table and "| dense | " in table
+
+
+def test_the_command_writes_each_part_and_assembles_them_with_resume(tiny_dir, tmp_path, capsys):
+    """Parts run alone write their own files; a later ``--resume`` run of all parts measures nothing again."""
+    from tokenfilter.cli import main
+
+    _recall_material()
+    out, md = tmp_path / "out", tmp_path / "doc.md"
+    argv = ["longgen", "--model", str(tiny_dir), "--prompt", "40", "--continuation", "60", "--texts", "wikitext",
+            "--ratios", "0.5", "--budgets", "80", "--seeds", "0", "--presses", "none", "--recall-samples", "1",
+            "--recall-records", "3", "--output", str(out)]
+    assert main([*argv, "--parts", "ppl"]) == 0
+    assert (out / "longgen.json").exists() and not (out / "recall.json").exists()
+    assert main([*argv, "--parts", "memory,recall"]) == 0
+    memory = json.loads((out / "memory.json").read_text())["rows"]
+    assert [r["name"] for r in memory] == ["dense", "token-filter-0.5", "budget-80"]
+    assert memory[2]["kv_end"] < memory[0]["kv_end"]
+    def measured() -> dict:
+        return {p: json.loads((out / p).read_text()).get("results") or json.loads((out / p).read_text())["rows"]
+                for p in ("longgen.json", "memory.json", "recall.json")}
+
+    saved = measured()
+    capsys.readouterr()
+    assert main([*argv, "--resume", "--results-md", str(md)]) == 0
+    assert measured() == saved  # nothing measured again (the seconds would differ)
+    text = md.read_text()
+    for part in ("Perplexity:", "Memory:", "Recall:", "| budget-80 |", "| streamingllm-80 |"):
+        assert part in text, part
+    with pytest.raises(SystemExit):
+        build_parser("longgen").parse_args(["longgen", "--parts", "ppl,speed"])

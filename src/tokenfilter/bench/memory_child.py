@@ -5,16 +5,17 @@ rows), so it imports only the standard library, torch and transformers at the to
 only for the rows that need them.
 
 The child loads the model, collects garbage, records its resident set (``VmRSS``) and resets the peak
-(``/proc/self/clear_refs``), then runs one ``generate(ids, max_new_tokens=1)``: the prefill of the whole prompt
-(in chunks of ``chunk`` tokens when given, transformers' ``prefill_chunk_size``) and the first token. It reports
+(``/proc/self/clear_refs``), then runs one ``generate(ids, max_new_tokens=new_tokens)``: the prefill of the whole
+prompt (in chunks of ``chunk`` tokens when given, transformers' ``prefill_chunk_size``) and the first token, or a
+long greedy generation of exactly ``new_tokens`` (``tokenfilter longgen``'s memory part). It reports
 the peak resident set of that call (``VmHWM``), and the key/value bytes the cache held: at the end of the call,
 and at their largest during it (read after every attention module's forward, before any kvpress hook
 compresses that layer: kvpress prefills densely and prunes afterwards, so its peak includes a dense layer).
 
-SPEC.json: ``{"model": {"path", "kwargs", "dtype", "threads"}, "ids": [...], "chunk": int | null,
-"method": {"kind": "dense" | "tokenfilter" | "kvpress", "preset": "default" | "sliding-window", "ratio",
-"recent", "press"}}``. OUT.json: ``{"rss_loaded", "peak_rss", "kv_end", "kv_peak", "seconds", "versions",
-"kv_held_fraction"}`` (bytes, except where named).
+SPEC.json: ``{"model": {"path", "kwargs", "dtype", "threads"}, "ids": [...], "chunk": int | null, "new_tokens":
+int | null (1), "method": {"kind": "dense" | "tokenfilter" | "kvpress", "preset": "default" | "sliding-window" |
+"budget", "ratio", "recent", "budget", "press"}}``. OUT.json: ``{"rss_loaded", "peak_rss", "kv_end", "kv_peak",
+"seconds", "versions", "kv_held_fraction"}`` (bytes, except where named).
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def _filter(method: dict):
 
     if method["preset"] == "sliding-window":
         return TokenFilter.sliding_window(recent=int(method.get("recent") or 64))
+    if method["preset"] == "budget":
+        return TokenFilter(budget=int(method["budget"]))
     return TokenFilter(ratio=float(method["ratio"]))
 
 
@@ -99,6 +102,7 @@ def run(spec: dict) -> dict:
     model = AutoModelForCausalLM.from_pretrained(m["path"], dtype=getattr(torch, m["dtype"]), **m["kwargs"]).eval()
     ids = torch.tensor([spec["ids"]], dtype=torch.long)  # [1, T]
     method, chunk = spec["method"], spec.get("chunk")
+    new_tokens = int(spec.get("new_tokens") or 1)  # 1: the prefill (and its first token); more: a long generate
     cache = DynamicCache(config=model.config)
     peak_kv = [0]
 
@@ -121,7 +125,8 @@ def run(spec: dict) -> dict:
         model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            max_new_tokens=1,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
             do_sample=False,
             num_beams=1,
             past_key_values=cache,
