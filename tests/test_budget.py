@@ -172,7 +172,8 @@ def test_generate_holds_the_budget():
     "kwargs, message",
     [
         (dict(budget=64, ratio=0.5), "one of ratio, threshold or budget"),
-        (dict(budget=40), "below the 67 entries"),
+        (dict(budget=40, recent=64), "below the 67 entries"),
+        (dict(budget=3), "below the 4 entries"),
         (dict(budget=100, skip="attention", recent=None), 'skip="none"'),
         (dict(budget=100, granularity="head"), 'granularity="token"'),
         (dict(budget=100.5), "whole number"),
@@ -181,6 +182,16 @@ def test_generate_holds_the_budget():
 def test_budget_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TokenFilter(**kwargs)
+
+
+def test_the_auto_window_is_three_quarters_of_the_budget():
+    """recent="auto" under a budget: 3/4 of it, at most what the budget leaves after the sinks; results record the
+    window itself (before this rule, "auto" meant 64 under a budget too)."""
+    assert TokenFilter(budget=1024).window == 768 and TokenFilter(budget=512).window == 384
+    assert TokenFilter(budget=8).window == 5  # 6 would need 4 + 6 - 1 = 9 entries
+    assert TokenFilter(budget=1024, recent=64).window == 64 and TokenFilter(ratio=0.5).window == 64
+    assert TokenFilter(budget=1024).as_record()["recent"] == 768
+    assert TokenFilter(ratio=0.5).as_record()["recent"] == "auto"
 
 
 def test_replace_switches_modes():

@@ -154,3 +154,25 @@ def test_the_command_writes_each_part_and_assembles_them_with_resume(tiny_dir, t
         assert part in text, part
     with pytest.raises(SystemExit):
         build_parser("longgen").parse_args(["longgen", "--parts", "ppl,speed"])
+
+
+def test_recent_shares_add_each_budget_with_that_window():
+    rows = {r.name: r for r in plan_rows([], [512], [0], recent_shares=[0.5, 0.0625])}
+    assert rows["budget-512-recent256"].filter.window == 256 and rows["budget-512-recent32"].filter.window == 32
+    assert rows["budget-512"].filter.window == 384  # the default: 3/4 of the budget
+    args = build_parser("longgen").parse_args(["longgen", "--texts", "wikitext-sel,essays-sel", "--ratios", ""])
+    assert args.ratios == [] and args.texts == ["wikitext-sel", "essays-sel"]
+
+
+def test_the_selection_texts_are_not_the_reported_ones():
+    from tokenfilter.longctx import longgen_cli
+
+    try:
+        got = longgen_cli.texts(["wikitext", "essays", "wikitext-sel", "essays-sel"])
+    except (FileNotFoundError, OSError) as exc:
+        pytest.skip(str(exc))
+    assert got["wikitext-sel"][-2000:] not in got["wikitext"] and got["wikitext"][:2000] not in got["wikitext-sel"]
+    reported_essays = got["essays"][:40_000]  # far more than 4,608 tokens
+    assert got["essays-sel"][:2000] not in reported_essays
+    with pytest.raises(ValueError, match="Unknown text"):
+        longgen_cli.texts(["books"])

@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 
 
 DEFAULT_RECENT = 64  # the recent window of the KV side (issue 15: 64 keeps x1.06 dense perplexity at ratio 0.5)
+# under a KV budget, recent="auto" is this share of the budget: the latest tokens take three quarters of what a layer
+# holds, the score chooses the older quarter (docs/long-generation.md, "Choosing the window": on selection text of
+# two models at three budgets, the 64-token window lost to StreamingLLM, shares 0.5-0.875 beat it, 0.75 the most often)
+BUDGET_RECENT_SHARE = 0.75
 # fields added after results were recorded (docs/*.json, kept rows): left out of repr() and as_record() while they hold
 # these defaults, so a recorded run still matches the filter it ran and --resume / --reuse keep it
 LATER_FIELDS = {"granularity": "token", "budget": None}
@@ -38,16 +42,18 @@ class TokenFilter:
     leaves first, so a constant score gives StreamingLLM's window), and the sinks and the window never do. Each row
     of a batch keeps its own N (padding is never held). A query reads what its layer holds when it arrives, so a
     prefill reads as a token-by-token decode would, and chunked calls as one call. KV side only, per token.
-    ``run.stats.peak_held_per_layer`` reports the most entries a layer held for one sequence after any call.
+    ``run.stats.peak_held_per_layer`` reports the most entries a layer held for one sequence after any call. With
+    ``recent="auto"`` the window is three quarters of the budget (``BUDGET_RECENT_SHARE``): the latest tokens take
+    most of what a layer holds and the score chooses which older ones stay; a window of 64 lost to StreamingLLM.
 
     The defaults come from the quality studies (``tokenfilter study``, docs/study.md), chosen on selection data
     and reported on held-out data, on two models:
 
     * ``skip="none"`` (KV-side filtering): a filtered token still attends, but its key and value are not kept
-      for later tokens; ``recent`` (``"auto"``: 64 on the KV side) keeps the R most recent real tokens readable
-      whatever their decision (SPEC, "KV-side filtering", "Recent window"). The paper's query-side reading,
-      ``skip="attention"`` (its Q projection, attention and O projection skipped; ``"block"``: the MLP too),
-      costs x25 dense perplexity at ratio 0.5 where the KV side with its window costs x1.06 (SmolLM2-135M).
+      for later tokens; ``recent`` (``"auto"``: 64 on the KV side; 3/4 of a budget) keeps the R most recent real
+      tokens readable whatever their decision (SPEC, "KV-side filtering", "Recent window"). The paper's query-side
+      reading, ``skip="attention"`` (its Q projection, attention and O projection skipped; ``"block"``: the MLP
+      too), costs x25 dense perplexity at ratio 0.5 where the KV side with its window costs x1.06 (SmolLM2-135M).
     * the ``uniform`` schedule from layer 2, which loses far less than the SPEC's ``tail-linear`` ramp from
       ``L // 2``.
     * ``score="two-horizon"`` with ``fusion="key"`` and ``gamma=0.95``: a token is filtered only when its key is
@@ -215,8 +221,11 @@ class TokenFilter:
 
     @property
     def window(self) -> int | None:
-        """The recent window in effect: ``recent``, with ``"auto"`` resolved (DEFAULT_RECENT on the KV side)."""
+        """The recent window in effect: ``recent``, with ``"auto"`` resolved: DEFAULT_RECENT on the KV side; under a
+        budget, ``BUDGET_RECENT_SHARE`` of it (at most what the budget leaves after the sinks)."""
         if self.recent == "auto":
+            if self.budget is not None and not isinstance(self.budget, bool) and isinstance(self.budget, int):
+                return max(1, min(round(BUDGET_RECENT_SHARE * self.budget), self.budget - self.warmup + 1))
             return DEFAULT_RECENT if self.skip == "none" else None
         return self.recent
 
@@ -230,6 +239,8 @@ class TokenFilter:
         """The fields as a JSON-ready dict, as results record the filter they ran (``LATER_FIELDS`` at their
         defaults left out)."""
         record = dataclasses.asdict(self)
+        if self.budget is not None and self.recent == "auto":  # "auto" meant 64 here before: record the window
+            record["recent"] = self.window
         for name, default in LATER_FIELDS.items():
             if record[name] == default:
                 del record[name]

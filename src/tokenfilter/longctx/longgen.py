@@ -48,10 +48,11 @@ class Row:
 
 def plan_rows(
     ratios: Sequence[float], budgets: Sequence[int], seeds: Sequence[int], presses: Sequence[str] = (),
-    press_budgets: Sequence[int] | None = None, **common: object,
+    press_budgets: Sequence[int] | None = None, recent_shares: Sequence[float] = (), **common: object,
 ) -> list[Row]:
     """The rows, in table order; ``presses``: kvpress scorer presses run as a ``DecodingPress`` at each of
-    ``press_budgets`` (default: every budget); ``common``: fields every ``TokenFilter`` gets (e.g. ``recent``)."""
+    ``press_budgets`` (default: every budget); ``recent_shares``: each budget again with a recent window of these
+    shares of it (to choose the window); ``common``: fields every ``TokenFilter`` gets (e.g. ``recent``)."""
 
     def tf(**kw: object) -> TokenFilter:
         return TokenFilter(**{**common, **kw})
@@ -65,6 +66,9 @@ def plan_rows(
     for n in budgets:
         rows.append(Row(f"budget-{n}", "budget", tf(budget=n)))
         rows.append(Row(f"streamingllm-{n}", "streamingllm", tf(budget=n, score="constant")))
+        for share in recent_shares:
+            r = max(1, round(share * n))
+            rows.append(Row(f"budget-{n}-recent{r}", "budget-window", tf(budget=n, recent=r)))
         for s in seeds:
             twin = tf(budget=n, score="random", seed=s)
             rows.append(Row(f"budget-{n}-random-seed{s}", "budget-random", twin))

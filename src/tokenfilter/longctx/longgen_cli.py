@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tokenfilter.cli_args import int_at_least, names, positive_int, positive_ints, ratios
 
-TEXTS = ("wikitext", "essays")
+TEXTS = ("wikitext", "essays", "wikitext-sel", "essays-sel")  # the -sel texts: for choosing, never reported
 RECALL_JSON, MEMORY_JSON = "recall.json", "memory.json"
 PARTS = ("ppl", "memory", "recall")
 
@@ -21,7 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--continuation", type=positive_int, default=4096,
                    help="continuation tokens scored after the prompt (default 4096)")
     p.add_argument("--texts", type=names, default=list(TEXTS),
-                   help="wikitext (WikiText-2 test, from its middle) and/or essays (default both)")
+                   help="wikitext (WikiText-2 test, from its middle) and/or essays (default both); wikitext-sel "
+                   "(the first half, the studies' selection half) and essays-sel (from character 300,000) for "
+                   "choosing settings")
+    p.add_argument("--recent-shares", type=ratios, default=[],
+                   help="also each budget with a recent window of these shares of it (rows budget-N-recentR), to "
+                   "choose the budget's window (default none)")
     p.add_argument("--ratios", type=ratios, default=[0.3, 0.5, 0.7], help="the default at these ratios (0.3,0.5,0.7)")
     p.add_argument("--budgets", type=positive_ints, default=[512, 1024, 2048],
                    help="KV budgets, entries per filtered layer (default 512,1024,2048)")
@@ -36,8 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recall-samples", type=positive_int, default=3,
                    help="the recall task (a long greedy answer that copies a list read far back): prompts per row "
                    "(default 3)")
-    p.add_argument("--recall-records", type=int_at_least(2), default=96,
-                   help="records in each recall list (default 96: about 1,400 prompt tokens and as many new ones)")
+    p.add_argument("--recall-records", type=int_at_least(2), default=64,
+                   help="records in each recall list (default 64: about 950 prompt tokens and 900 new ones)")
     p.add_argument("--parts", type=parts, default=list(PARTS),
                    help="ppl (continuation perplexity, and kvpress's rows), memory (a greedy generate of "
                    "--continuation tokens after --prompt, dense, the middle ratio and each budget, each in a process "
@@ -77,6 +82,11 @@ def texts(names_: list[str]) -> dict[str, str]:
         if name == "wikitext":
             text = wikitext_text()
             out[name] = text[len(text) // 2 :]  # the second half: away from the windows the studies select on
+        elif name == "wikitext-sel":
+            text = wikitext_text()
+            out[name] = text[100_000 : len(text) // 2]
+        elif name == "essays-sel":
+            out[name] = load_haystack_text()[300_000:]  # the reported essays are its first ~20,000 characters
         else:
             out[name] = load_haystack_text()
     return out
@@ -94,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         if n >= args.prompt + args.continuation:
             raise ValueError(f"--budgets {n} holds the whole sequence ({args.prompt + args.continuation} tokens).")
     presses = [] if args.presses == ["none"] else args.presses
-    rows = plan_rows(args.ratios, args.budgets, args.seeds, presses, args.press_budgets)
+    rows = plan_rows(args.ratios, args.budgets, args.seeds, presses, args.press_budgets, args.recent_shares)
     model, tok = load_model(args.model, args.dtype)
     seqs = sequences(tok, texts(args.texts), args.prompt + args.continuation)
     earlier = _earlier_press_results(args.output / JSON_NAME) if args.resume else {}
