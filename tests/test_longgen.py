@@ -176,3 +176,21 @@ def test_the_selection_texts_are_not_the_reported_ones():
     assert got["essays-sel"][:2000] not in reported_essays
     with pytest.raises(ValueError, match="Unknown text"):
         longgen_cli.texts(["books"])
+
+
+def test_runs_of_different_rows_add_up_and_other_settings_are_refused(tmp_path):
+    """Two processes measuring different rows into one folder keep both (the doc's table comes from one --resume
+    run over them); a --resume on other texts stops before it measures or overwrites anything."""
+    model = make_tiny("llama")
+    seqs = {"a": random_ids(1, 90, seed=15)}
+    ratio_rows, budget_rows = plan_rows([0.4], [], [0], recent=8), plan_rows([], [40], [], recent=8)
+    run_longgen(model, seqs, 30, ratio_rows, tmp_path, chunk=30, meta={"model": "tiny"})
+    run_longgen(model, seqs, 30, budget_rows, tmp_path, chunk=30, meta={"model": "tiny"})
+    saved = {r["row"] for r in json.loads((tmp_path / "longgen.json").read_text())["results"]}
+    assert saved == {r.name for r in ratio_rows + budget_rows}
+    before = (tmp_path / "longgen.json").read_text()
+    with pytest.raises(ValueError, match="other texts, lengths or model"):
+        run_longgen(model, {"b": random_ids(1, 90, seed=16)}, 30, budget_rows, tmp_path, meta={"model": "tiny"},
+                    resume=True)
+    assert (tmp_path / "longgen.json").read_text() == before
+    assert build_parser("longgen").parse_args(["longgen", "--budgets", ""]).budgets == []

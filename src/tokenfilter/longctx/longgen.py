@@ -146,9 +146,10 @@ def run_longgen(
     done: dict[tuple[str, str], dict] = {}
     if resume and path.exists():
         old = json.loads(path.read_text())
-        if {k: old["meta"].get(k) for k in ("prompt", "lengths", "model")} == {k: meta.get(k) for k in
-                                                                              ("prompt", "lengths", "model")}:
-            done = {(r["text"], r["row"]): r for r in old["results"]}
+        if not same_setup(old["meta"], meta):
+            raise ValueError(f"{path} holds rows measured on other texts, lengths or model than asked; give another "
+                             "--output, or remove that file to measure again.")
+        done = {(r["text"], r["row"]): r for r in old["results"]}
     results: list[Result] = []
     total = sum(v.shape[1] for v in seqs.values()) * sum(r.peer is None for r in rows)
     with tqdm(total=total, desc="longgen", unit="tok") as bar:
@@ -179,8 +180,31 @@ def run_longgen(
     return results
 
 
+SETUP = ("prompt", "lengths", "model")  # what must match for saved rows to be kept
+
+
+def same_setup(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in SETUP)
+
+
 def save(path: Path, meta: dict, results: Sequence[Result]) -> None:
-    path.write_text(json.dumps({"meta": meta, "results": [r.__dict__ for r in results]}, indent=1))
+    """Write ``results`` into ``path``, keeping the rows already there that they do not replace when the file was
+    measured the same way (``SETUP``), so that processes measuring different rows into one folder add up; a file
+    measured another way is replaced. A lock file beside it keeps two writers from interleaving."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        kept = []
+        if path.exists():
+            old = json.loads(path.read_text())
+            if same_setup(old["meta"], meta):
+                mine = {(r.text, r.row) for r in results}
+                kept = [r for r in old["results"] if (r["text"], r["row"]) not in mine]
+        rows = kept + [r.__dict__ for r in results]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+        tmp.replace(path)
 
 
 def render_markdown(results: Sequence[Result], rows: Sequence[Row], meta: dict) -> str:

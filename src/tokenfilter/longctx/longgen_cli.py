@@ -9,7 +9,8 @@ from pathlib import Path
 
 from tokenfilter.cli_args import int_at_least, names, positive_int, positive_ints, ratios
 
-TEXTS = ("wikitext", "essays", "wikitext-sel", "essays-sel")  # the -sel texts: for choosing, never reported
+TEXTS = ("wikitext", "essays")  # the reported texts (the default)
+SELECTION_TEXTS = ("wikitext-sel", "essays-sel")  # for choosing settings, never reported
 RECALL_JSON, MEMORY_JSON = "recall.json", "memory.json"
 PARTS = ("ppl", "memory", "recall")
 
@@ -28,8 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also each budget with a recent window of these shares of it (rows budget-N-recentR), to "
                    "choose the budget's window (default none)")
     p.add_argument("--ratios", type=ratios, default=[0.3, 0.5, 0.7], help="the default at these ratios (0.3,0.5,0.7)")
-    p.add_argument("--budgets", type=positive_ints, default=[512, 1024, 2048],
-                   help="KV budgets, entries per filtered layer (default 512,1024,2048)")
+    p.add_argument("--budgets", type=positive_ints_or_none, default=[512, 1024, 2048],
+                   help="KV budgets, entries per filtered layer (default 512,1024,2048; \"\" for none)")
     p.add_argument("--seeds", type=positive_ints_or_zero, default=[0, 1, 2], help="random twins' seeds (0,1,2)")
     p.add_argument("--presses", type=names, default=["StreamingLLMPress", "KnormPress"],
                    help="kvpress scorer presses run as its DecodingPress at each budget, in kvpress's own venv "
@@ -63,6 +64,10 @@ def parts(text: str) -> list[str]:
     return got
 
 
+def positive_ints_or_none(text: str) -> list[int]:
+    return positive_ints(text) if text.strip() else []
+
+
 def positive_ints_or_zero(text: str) -> list[int]:
     out = [int(x) for x in text.split(",") if x.strip()]
     if not out or any(x < 0 for x in out):
@@ -74,9 +79,9 @@ def texts(names_: list[str]) -> dict[str, str]:
     from tokenfilter.eval.ppl import wikitext_text
     from tokenfilter.longctx.needle import load_haystack_text
 
-    unknown = [n for n in names_ if n not in TEXTS]
+    unknown = [n for n in names_ if n not in TEXTS + SELECTION_TEXTS]
     if unknown:
-        raise ValueError(f"Unknown text(s) {unknown}; use {', '.join(TEXTS)}.")
+        raise ValueError(f"Unknown text(s) {unknown}; use {', '.join(TEXTS + SELECTION_TEXTS)}.")
     out = {}
     for name in names_:
         if name == "wikitext":
