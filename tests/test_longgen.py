@@ -117,6 +117,7 @@ def test_recall_runs_every_row_under_its_filter_and_resumes(tmp_path, monkeypatc
     got = {r.row: r for r in results}
     assert got["dense"].kv_held == 1.0 and got["dense"].peak_held is None
     assert got["budget-24"].peak_held == 24 and got["budget-24"].tokens > 24  # the budget held under generate
+    assert got["dense"].realized == 0 and 0 < got["token-filter-0.5"].realized < 1
     assert all(0 <= r.score <= 1 for r in results)
     calls = []
     monkeypatch.setattr(recall, "greedy_answer", lambda *a: calls.append(a))

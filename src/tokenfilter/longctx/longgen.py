@@ -208,13 +208,13 @@ def save(path: Path, meta: dict, results: Sequence[Result]) -> None:
 
 
 def render_markdown(results: Sequence[Result], rows: Sequence[Row], meta: dict) -> str:
-    """The table: per row and text, continuation perplexity (x dense), realized ratio, KV held, peak entries per
-    filtered layer; random twins as the range over seeds."""
+    """The table: per row and text, continuation perplexity (x dense), realized ratio (the share of (token, layer)
+    entries filtered), KV held, peak entries per filtered layer; random twins as the range over seeds."""
     texts = list(dict.fromkeys(r.text for r in results))
     by = {(r.text, r.row): r for r in results}
     lines = [
-        "| method | " + " | ".join(f"{t}: ppl (x dense) | KV held | peak held" for t in texts) + " |",
-        "|---|" + "---|---|---|" * len(texts),
+        "| method | " + " | ".join(f"{t}: ppl (x dense) | realized | KV held | peak held" for t in texts) + " |",
+        "|---|" + "---|---|---|---|" * len(texts),
     ]
     groups: dict[str, list[Row]] = {}
     for row in rows:
@@ -225,7 +225,7 @@ def render_markdown(results: Sequence[Result], rows: Sequence[Row], meta: dict) 
         for t in texts:
             got = [by[(t, m.name)] for m in members if (t, m.name) in by]
             if not got:
-                cells.append("- | - | -")
+                cells.append("- | - | - | -")
                 continue
             dense = by.get((t, "dense"))
             ppls = [g.ppl for g in got]
@@ -235,8 +235,9 @@ def render_markdown(results: Sequence[Result], rows: Sequence[Row], meta: dict) 
                 rel = f"{lo / dense.ppl:.3f}" + ("" if len(got) == 1 else f"-{hi / dense.ppl:.3f}")
                 ppl += f" (x{rel})"
             held = sum(g.kv_held for g in got) / len(got)
+            realized = sum(g.realized for g in got) / len(got)
             peaks = [g.peak_held for g in got if g.peak_held is not None]
-            cells.append(f"{ppl} | {held:.3f} | {max(peaks) if peaks else '-'}")
+            cells.append(f"{ppl} | {realized:.3f} | {held:.3f} | {max(peaks) if peaks else '-'}")
         label = key + (f" ({len(members)} seeds)" if len(members) > 1 else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

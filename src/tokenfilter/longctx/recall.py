@@ -61,6 +61,7 @@ class RecallResult:
     sample: int
     score: float
     tokens: int  # prompt + generated
+    realized: float  # the filter's realized ratio over the prompt and the answer (0 for dense)
     kv_held: float
     peak_held: int | None
     seconds: float
@@ -103,7 +104,7 @@ def run_recall(model: torch.nn.Module, tokenizer, samples: Sequence[RecallSample
                     peak = max(peaks) if peaks else None
                 results.append(RecallResult(
                     row=row.name, sample=i, score=string_match_all(text, sample.references),
-                    tokens=sample.ids.shape[1] + new.shape[0],
+                    tokens=sample.ids.shape[1] + new.shape[0], realized=stats.ratio if stats is not None else 0.0,
                     kv_held=stats.kv_held_fraction if stats is not None else 1.0, peak_held=peak,
                     seconds=time.perf_counter() - t0, config=cfg,
                 ))
@@ -155,7 +156,8 @@ def render_recall(results: Sequence[RecallResult], rows: Sequence) -> str:
     by: dict[str, list[RecallResult]] = {}
     for r in results:
         by.setdefault(r.row, []).append(r)
-    lines = ["| method | records recalled (mean ± s.e.) | KV held | peak held |", "|---|---|---|---|"]
+    lines = ["| method | records recalled (mean ± s.e.) | realized ratio | KV held | peak held |",
+             "|---|---|---|---|---|"]
     groups: dict[str, list[str]] = {}
     for row in rows:
         if row.name in by:
@@ -167,13 +169,14 @@ def render_recall(results: Sequence[RecallResult], rows: Sequence) -> str:
             means.append((sum(scores) / len(scores), _stderr(scores)))
         got = [r for n in names for r in by[n]]
         held = sum(r.kv_held for r in got) / len(got)
+        realized = sum(r.realized for r in got) / len(got)
         peaks = [r.peak_held for r in got if r.peak_held is not None]
         if len(names) == 1:
             cell = f"{means[0][0]:.3f} ± {means[0][1]:.3f}"
         else:
             cell = f"{min(m for m, _ in means):.3f}-{max(m for m, _ in means):.3f}"
             key += f" ({len(names)} seeds)"
-        lines.append(f"| {key} | {cell} | {held:.3f} | {max(peaks) if peaks else '-'} |")
+        lines.append(f"| {key} | {cell} | {realized:.3f} | {held:.3f} | {max(peaks) if peaks else '-'} |")
     return "\n".join(lines) + "\n"
 
 
