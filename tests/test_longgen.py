@@ -134,13 +134,13 @@ def test_the_command_writes_each_part_and_assembles_them_with_resume(tiny_dir, t
     _recall_material()
     out, md = tmp_path / "out", tmp_path / "doc.md"
     argv = ["longgen", "--model", str(tiny_dir), "--prompt", "40", "--continuation", "60", "--texts", "wikitext",
-            "--ratios", "0.5", "--budgets", "80", "--seeds", "0", "--presses", "none", "--recall-samples", "1",
+            "--ratios", "0.5", "--budgets", "60,80,90", "--seeds", "0", "--presses", "none", "--recall-samples", "1",
             "--recall-records", "3", "--output", str(out)]
     assert main([*argv, "--parts", "ppl"]) == 0
     assert (out / "longgen.json").exists() and not (out / "recall.json").exists()
     assert main([*argv, "--parts", "memory,recall"]) == 0
     memory = json.loads((out / "memory.json").read_text())["rows"]
-    assert [r["name"] for r in memory] == ["dense", "token-filter-0.5", "budget-80"]
+    assert [r["name"] for r in memory] == ["dense", "token-filter-0.5", "budget-80"]  # the middle ratio and budget
     assert memory[2]["kv_end"] < memory[0]["kv_end"]
     def measured() -> dict:
         return {p: json.loads((out / p).read_text()).get("results") or json.loads((out / p).read_text())["rows"]

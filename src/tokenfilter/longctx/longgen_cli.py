@@ -46,8 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="records in each recall list (default 64: about 950 prompt tokens and 900 new ones)")
     p.add_argument("--parts", type=parts, default=list(PARTS),
                    help="ppl (continuation perplexity, and kvpress's rows), memory (a greedy generate of "
-                   "--continuation tokens after --prompt, dense, the middle ratio and each budget, each in a process "
-                   "of its own: peak resident set and KV bytes), recall (a long greedy answer with a checkable "
+                   "--continuation tokens after --prompt, dense, the middle ratio and the middle budget, each in a "
+                   "process of its own: peak resident set and KV bytes), recall (a long greedy answer with a checkable "
                    "result); default all three. Parts write their own files in OUTPUT, so they may run in separate "
                    "processes at once; a later run with --resume assembles them")
     p.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1)")
@@ -214,8 +214,9 @@ def run_presses(args: argparse.Namespace, rows: list, seqs: dict, earlier: dict)
 
 def _memory(args: argparse.Namespace, rows: list, seqs: dict) -> str:
     """The memory part: a greedy ``generate`` of ``--continuation`` new tokens after the first text's prompt, per
-    row (dense, the default at the middle ratio, each budget), each in a child process (``bench/memory_child.py``):
-    the peak resident set above the loaded model, and the key/value bytes the cache held at the end and at most."""
+    row (dense, the default at the middle ratio, the middle budget), each in a child process
+    (``bench/memory_child.py``): the peak resident set above the loaded model, and the key/value bytes the cache held
+    at the end and at most."""
     import json
     import tempfile
 
@@ -232,8 +233,10 @@ def _memory(args: argparse.Namespace, rows: list, seqs: dict) -> str:
     if ratio_rows:
         mid = ratio_rows[len(ratio_rows) // 2]
         methods.append((mid.name, {"kind": "tokenfilter", "preset": "default", "ratio": mid.filter.ratio}))
-    methods += [(r.name, {"kind": "tokenfilter", "preset": "budget", "budget": r.filter.budget})
-                for r in rows if r.family == "budget"]
+    budget_rows = [r for r in rows if r.family == "budget"]
+    if budget_rows:  # the middle budget: a generate of this length takes minutes per row on one core
+        mid = budget_rows[len(budget_rows) // 2]
+        methods.append((mid.name, {"kind": "tokenfilter", "preset": "budget", "budget": mid.filter.budget}))
     path = args.output / MEMORY_JSON
     old = json.loads(path.read_text()) if args.resume and path.exists() else {"rows": []}
     kept = {json.dumps(r["spec"], sort_keys=True): r for r in old["rows"]}
