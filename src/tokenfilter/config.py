@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 
 DEFAULT_RECENT = 64  # the recent window of the KV side (issue 15: 64 keeps x1.06 dense perplexity at ratio 0.5)
 # under a KV budget, recent="auto" is this share of the budget: the latest tokens take three quarters of what a layer
-# holds, the score chooses the older quarter (docs/long-generation.md, "Choosing the window": on selection text of
-# two models at three budgets, the 64-token window lost to StreamingLLM, shares 0.5-0.875 beat it, 0.75 the most often)
+# holds, the score chooses the older quarter. Chosen on selection texts of two models (docs/long-generation.md,
+# "Choosing the budget's window"): the 64-token window lost to StreamingLLM everywhere; 0.75 was the best share or
+# within 0.05 perplexity of it at every budget and text
 BUDGET_RECENT_SHARE = 0.75
 # fields added after results were recorded (docs/*.json, kept rows): left out of repr() and as_record() while they hold
 # these defaults, so a recorded run still matches the filter it ran and --resume / --reuse keep it
