@@ -195,3 +195,13 @@ def test_runs_of_different_rows_add_up_and_other_settings_are_refused(tmp_path):
                     resume=True)
     assert (tmp_path / "longgen.json").read_text() == before
     assert build_parser("longgen").parse_args(["longgen", "--budgets", ""]).budgets == []
+
+
+def test_a_kvpress_row_shows_no_realized_ratio():
+    from tokenfilter.longctx.longgen import Result
+
+    rows = plan_rows([], [64], [], presses=["KnormPress"], recent=8)
+    results = [Result("t", r.name, 10.0, 1.0, 4, 0.0 if r.peer else 0.5, 0.5, 64, 1.0) for r in rows]
+    lines = {line.split(" | ")[0]: line for line in render_markdown(results, rows, {}).splitlines()}
+    assert "| 10.000 (x1.000) | - | 0.500 | 64 |" in lines["| kvpress-KnormPress-64"]
+    assert "| 0.500 | 0.500 | 64 |" in lines["| budget-64"]

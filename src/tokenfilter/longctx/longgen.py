@@ -235,9 +235,9 @@ def render_markdown(results: Sequence[Result], rows: Sequence[Row], meta: dict) 
                 rel = f"{lo / dense.ppl:.3f}" + ("" if len(got) == 1 else f"-{hi / dense.ppl:.3f}")
                 ppl += f" (x{rel})"
             held = sum(g.kv_held for g in got) / len(got)
-            realized = sum(g.realized for g in got) / len(got)
+            realized = "-" if members[0].peer else f"{sum(g.realized for g in got) / len(got):.3f}"  # kvpress: none
             peaks = [g.peak_held for g in got if g.peak_held is not None]
-            cells.append(f"{ppl} | {realized:.3f} | {held:.3f} | {max(peaks) if peaks else '-'}")
+            cells.append(f"{ppl} | {realized} | {held:.3f} | {max(peaks) if peaks else '-'}")
         label = key + (f" ({len(members)} seeds)" if len(members) > 1 else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
