@@ -225,7 +225,7 @@ class TokenFilter:
         """The recent window in effect: ``recent``, with ``"auto"`` resolved: DEFAULT_RECENT on the KV side; under a
         budget, ``BUDGET_RECENT_SHARE`` of it (at most what the budget leaves after the sinks)."""
         if self.recent == "auto":
-            if self.budget is not None and not isinstance(self.budget, bool) and isinstance(self.budget, int):
+            if self.budget is not None:  # a whole number by now: _check_budget checks the type before it asks
                 return max(1, min(round(BUDGET_RECENT_SHARE * self.budget), self.budget - self.warmup + 1))
             return DEFAULT_RECENT if self.skip == "none" else None
         return self.recent

@@ -92,6 +92,26 @@ class Result:
     config: dict | None = field(default=None)
 
 
+def twin_group(name: str) -> str:
+    """A row's name without its seed (``budget-512-random-seed1`` -> ``budget-512-random``): the rows one table line
+    gathers."""
+    return name.rsplit("-seed", 1)[0]
+
+
+def stats_fields(stats: object | None) -> dict:
+    """What a result keeps from a run's ``FilterStats`` (None: dense): realized ratio, KV held, the most entries one
+    filtered layer held (None without a budget)."""
+    if stats is None:
+        return {"realized": 0.0, "kv_held": 1.0, "peak_held": None}
+    peaks = [p for p in stats.peak_held_per_layer if p is not None]
+    return {"realized": stats.ratio, "kv_held": stats.kv_held_fraction, "peak_held": max(peaks) if peaks else None}
+
+
+def setup_meta(meta: dict | None, prompt: int, seqs: dict[str, torch.Tensor]) -> dict:
+    """``meta`` with what saved rows must match to be kept (``SETUP``): the prompt and each text's length."""
+    return {**(meta or {}), "prompt": prompt, "lengths": {k: int(v.shape[1]) for k, v in seqs.items()}}
+
+
 def continuation_nll(
     model: torch.nn.Module, ids: torch.Tensor, prompt: int, row: Row, chunk: int = 512,
     progress: Callable[[int], None] | None = None,
@@ -142,7 +162,7 @@ def run_longgen(
     the same settings) and returns the results."""
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / JSON_NAME
-    meta = {**(meta or {}), "prompt": prompt, "lengths": {k: int(v.shape[1]) for k, v in seqs.items()}}
+    meta = setup_meta(meta, prompt, seqs)
     done: dict[tuple[str, str], dict] = {}
     if resume and path.exists():
         old = json.loads(path.read_text())
@@ -166,14 +186,8 @@ def run_longgen(
                 bar.set_postfix_str(f"{text} {row.name}")
                 t0 = time.perf_counter()
                 nll, count, stats = continuation_nll(model, ids, prompt, row, chunk, bar.update)
-                peak = None
-                if stats is not None:
-                    peaks = [p for p in stats.peak_held_per_layer if p is not None]
-                    peak = max(peaks) if peaks else None
                 results.append(Result(
-                    text=text, row=row.name, ppl=math.exp(nll / count), nll=nll, tokens=count,
-                    realized=stats.ratio if stats is not None else 0.0,
-                    kv_held=stats.kv_held_fraction if stats is not None else 1.0, peak_held=peak,
+                    text=text, row=row.name, ppl=math.exp(nll / count), nll=nll, tokens=count, **stats_fields(stats),
                     seconds=time.perf_counter() - t0, config=cfg,
                 ))
                 save(path, meta, results)
@@ -218,8 +232,7 @@ def render_markdown(results: Sequence[Result], rows: Sequence[Row], meta: dict) 
     ]
     groups: dict[str, list[Row]] = {}
     for row in rows:
-        key = row.name.rsplit("-seed", 1)[0] if "-seed" in row.name else row.name
-        groups.setdefault(key, []).append(row)
+        groups.setdefault(twin_group(row.name), []).append(row)
     for key, members in groups.items():
         cells = []
         for t in texts:

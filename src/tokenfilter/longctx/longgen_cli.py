@@ -102,7 +102,16 @@ def run(args: argparse.Namespace) -> int:
 
     from tokenfilter.eval.sections import write_section
     from tokenfilter.loading import display_name, load_model
-    from tokenfilter.longctx.longgen import JSON_NAME, MD_NAME, plan_rows, render_markdown, run_longgen, save, sequences
+    from tokenfilter.longctx.longgen import (
+        JSON_NAME,
+        MD_NAME,
+        plan_rows,
+        render_markdown,
+        run_longgen,
+        save,
+        sequences,
+        setup_meta,
+    )
 
     torch.set_num_threads(args.threads)
     for n in args.budgets:
@@ -120,8 +129,7 @@ def run(args: argparse.Namespace) -> int:
     if "ppl" in args.parts:
         results = run_longgen(model, seqs, args.prompt, rows, args.output, args.chunk, meta, args.resume)
         results += run_presses(args, rows, seqs, earlier)
-        lengths = {k: int(v.shape[1]) for k, v in seqs.items()}  # what run_longgen's resume compares, with prompt
-        save(args.output / JSON_NAME, {**meta, "prompt": args.prompt, "lengths": lengths}, results)
+        save(args.output / JSON_NAME, setup_meta(meta, args.prompt, seqs), results)
         text += (f"Perplexity: {args.prompt} prompt tokens, then {args.continuation} continuation tokens scored, read "
                  "through the cache as generation reads them (a ratio token by token; dense, budgets and "
                  f"StreamingLLM in calls of {args.chunk}, which read as token by token does). KV held: share of "

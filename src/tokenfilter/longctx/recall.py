@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenfilter.config import TokenFilter
+from tokenfilter.longctx.longgen import stats_fields, twin_group
 from tokenfilter.longctx.ruler import string_match_all, wikitext_words
 
 HEAD = "Here is a numbered list of records, one per line: a word, a colon, then its number.\n\n"
@@ -68,7 +69,9 @@ class RecallResult:
     config: dict | None = None
 
 
-def greedy_answer(model: torch.nn.Module, sample: RecallSample, cfg: TokenFilter | None) -> tuple[str, object | None]:
+def greedy_answer(
+    model: torch.nn.Module, sample: RecallSample, cfg: TokenFilter | None,
+) -> tuple[torch.Tensor, object | None]:
     """The greedy continuation's token ids ``[max_new]`` under ``cfg`` (None: dense) and the filter's stats."""
     device = next(model.parameters()).device
     with (cfg or TokenFilter(ratio=0.0)).apply(model) as run, torch.no_grad():
@@ -98,14 +101,9 @@ def run_recall(model: torch.nn.Module, tokenizer, samples: Sequence[RecallSample
                 t0 = time.perf_counter()
                 new, stats = greedy_answer(model, sample, row.filter)
                 text = tokenizer.decode(new, skip_special_tokens=True)
-                peak = None
-                if stats is not None:
-                    peaks = [p for p in stats.peak_held_per_layer if p is not None]
-                    peak = max(peaks) if peaks else None
                 results.append(RecallResult(
                     row=row.name, sample=i, score=string_match_all(text, sample.references),
-                    tokens=sample.ids.shape[1] + new.shape[0], realized=stats.ratio if stats is not None else 0.0,
-                    kv_held=stats.kv_held_fraction if stats is not None else 1.0, peak_held=peak,
+                    tokens=sample.ids.shape[1] + new.shape[0], **stats_fields(stats),
                     seconds=time.perf_counter() - t0, config=cfg,
                 ))
                 bar.update()
@@ -122,10 +120,9 @@ def recall_rows(rows: Sequence) -> list:
         if row.peer is not None:
             continue
         if "-seed" in row.name:
-            key = row.name.rsplit("-seed", 1)[0]
-            if key in seen:
+            if twin_group(row.name) in seen:
                 continue
-            seen.add(key)
+            seen.add(twin_group(row.name))
         out.append(row)
     return out
 
@@ -161,7 +158,7 @@ def render_recall(results: Sequence[RecallResult], rows: Sequence) -> str:
     groups: dict[str, list[str]] = {}
     for row in rows:
         if row.name in by:
-            groups.setdefault(row.name.rsplit("-seed", 1)[0], []).append(row.name)
+            groups.setdefault(twin_group(row.name), []).append(row.name)
     for key, names in groups.items():
         means = []
         for name in names:
