@@ -95,32 +95,32 @@ def _assert_quantiles_match(layer, raw: list[list[float]]) -> None:
         torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("ragged", [True, False])
-def test_sorted_score_history_quantile_equals_nanquantile(ragged):
+@pytest.mark.parametrize(("ragged", "rows"), [(True, 3), (False, 3), (False, 1)])
+def test_sorted_score_history_quantile_equals_nanquantile(ragged, rows):
     """``ScoreHistory`` keeps each row's scores sorted so decode reads the quantile without sorting; it must give
     exactly what ``torch.nanquantile`` gives on the unsorted history, for ragged rows (a padded batch: ranks
-    computed per row) and equal rows (ranks computed in Python)."""
+    computed per row) and equal rows (ranks computed in Python); one row takes the in-place insertion."""
     from tokenfilter.algorithm.decisions import ScoreHistory
 
     torch.manual_seed(0)
-    layer = ScoreHistory(3, torch.device("cpu"))
-    raw: list[list[float]] = [[], [], []]
+    layer = ScoreHistory(rows, torch.device("cpu"))
+    raw: list[list[float]] = [[] for _ in range(rows)]
     _assert_quantiles_match(layer, raw)  # empty: NaN everywhere
     if ragged:
         eligible = torch.tensor([[True] * 5, [True, False, True, False, False], [False] * 5])
     else:
-        eligible = torch.ones(3, 5, dtype=torch.bool)
+        eligible = torch.ones(rows, 5, dtype=torch.bool)
     for _ in range(2):  # two prefill chunks
-        scores = torch.rand(3, 5)
+        scores = torch.rand(rows, 5)
         layer.add(scores, eligible)
-        for r in range(3):
+        for r in range(rows):
             raw[r] += scores[r][eligible[r]].tolist()
         _assert_quantiles_match(layer, raw)
     assert (layer.shortest == layer.longest) != ragged
     for _ in range(70):  # decode steps: one score inserted per row, ties included, across a buffer growth
-        s = torch.rand(3).round(decimals=1)
+        s = torch.rand(rows).round(decimals=1)
         layer.add(s[:, None], None)
-        for r in range(3):
+        for r in range(rows):
             raw[r].append(float(s[r]))
         _assert_quantiles_match(layer, raw)
 

@@ -41,7 +41,9 @@ def test_similarity_step_is_the_registry_score_bit_for_bit(fusion, batch, dtype)
 
 @pytest.mark.parametrize("name", ["cumulative-mean", "two-horizon"])
 @pytest.mark.parametrize("fusion", FUSIONS)
-@pytest.mark.parametrize("batch", [1, 3])
+# 100 rows: 600 similarities per score, 1200 for the two-horizon step's two scores fused in one call (either side
+# of fuse_stacked's few-rows limit): each must still give the numbers its own score gives
+@pytest.mark.parametrize("batch", [1, 3, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mean_steps_are_the_registry_scores_bit_for_bit(name, fusion, batch, dtype):
     g = torch.Generator().manual_seed(batch)

@@ -54,22 +54,38 @@ def above(scores: torch.Tensor, eligible: torch.Tensor | None, tau: torch.Tensor
 class ScoreHistory:
     """Each row's eligible scores so far, sorted, ``+inf``-padded (``values`` ``[B, N]``, ``lengths`` ``[B]``), so
     that the decode rule reads a quantile without sorting. Python bounds of the lengths (``longest``, ``shortest``)
-    spare host syncs: equal bounds mean every row holds as many scores. ``filtered`` and ``seen`` ``[B]`` count each
-    row's filtered and real tokens so far (the decode controller's realized ratio)."""
+    spare host syncs: equal bounds mean every row holds as many scores. ``filtered`` and ``seen`` count each row's
+    filtered and real tokens so far (the decode controller's realized ratio), kept as Python numbers: the controller
+    is a few scalar operations per row, which cost less on the host than as tensor operators."""
 
     def __init__(self, batch: int, device: torch.device) -> None:
         self.values = torch.empty(batch, 0, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.longest = 0
         self.shortest = 0
-        # float64: the controller's excess (filtered - ratio * seen) is compared with its bounds without rounding
-        self.filtered = torch.zeros(batch, dtype=torch.float64, device=device)
-        self.seen = torch.zeros(batch, dtype=torch.float64, device=device)
+        self.filtered_rows = [0] * batch  # whole numbers: the controller's excess is computed without rounding
+        self.seen_rows = [0] * batch
 
-    def count(self, filtered: torch.Tensor, real: torch.Tensor) -> None:
-        """Count a call's filtered and real tokens per row (``[B, T]`` bool each)."""
-        self.filtered = self.filtered + filtered.sum(-1)
-        self.seen = self.seen + real.sum(-1)
+    @property
+    def filtered(self) -> torch.Tensor:
+        """``[B]`` float64: each row's filtered tokens so far."""
+        return torch.tensor(self.filtered_rows, dtype=torch.float64, device=self.values.device)
+
+    @property
+    def seen(self) -> torch.Tensor:
+        """``[B]`` float64: each row's real tokens so far."""
+        return torch.tensor(self.seen_rows, dtype=torch.float64, device=self.values.device)
+
+    def count(self, filtered: torch.Tensor, real: torch.Tensor | None) -> None:
+        """Count a call's filtered and real tokens per row (``[B, T]`` bool each; ``real`` None: one real token per
+        row). One host sync."""
+        if real is None:
+            got = filtered.view(-1).tolist()
+            self.seen_rows = [s + 1 for s in self.seen_rows]
+        else:
+            got, n_real = torch.stack([filtered.sum(-1), real.sum(-1)]).tolist()
+            self.seen_rows = [s + n for s, n in zip(self.seen_rows, n_real, strict=True)]
+        self.filtered_rows = [f + int(n) for f, n in zip(self.filtered_rows, got, strict=True)]
 
     def add(self, scores: torch.Tensor, eligible: torch.Tensor | None) -> None:
         """Add each row's eligible scores ``[B, T]`` (``eligible`` None: one token per row, every one eligible)."""
@@ -86,14 +102,25 @@ class ScoreHistory:
         self.longest, self.shortest = longest, shortest
 
     def _add_one(self, scores: torch.Tensor) -> None:
-        """Insert one score ``[B]`` into every row: a binary search and a shift, no sort and no host sync."""
+        """Insert one score ``[B]`` into every row: a binary search and a shift, no sort (and no host sync, but for
+        one row on the CPU, where a sync is free and the shift in place is cheaper than three passes over the row)."""
         width = self.longest + 1
         self._reserve(width)
         h = self.values[:, :width]  # column width - 1 is +inf in every row (longest bounds the lengths)
         s = scores.float()[:, None]
         at = torch.searchsorted(self.values, s)  # [B, 1]; the whole (contiguous) rows: the tail is +inf
+        if h.shape[0] == 1 and h.device.type == "cpu":  # one row on the host: shift the tail by one, in place
+            i = int(at)
+            if i < width - 1:
+                h[0, i + 1 :] = h[0, i:-1].clone()
+            h[0, i] = s[0, 0]
+            self._grew_by_one()
+            return
         col = torch.arange(width, device=h.device)
         self.values[:, :width] = torch.where(col < at, h, torch.where(col == at, s, h.roll(1, -1)))
+        self._grew_by_one()
+
+    def _grew_by_one(self) -> None:
         self.lengths = self.lengths + 1
         self.longest += 1
         self.shortest += 1
@@ -119,7 +146,9 @@ class ScoreHistory:
     def select(self, index: torch.Tensor) -> None:
         """Keep (or reorder, repeat) the rows ``index`` ``[N]`` (the Python bounds stay bounds of a subset)."""
         self.values, self.lengths = self.values[index], self.lengths[index]
-        self.filtered, self.seen = self.filtered[index], self.seen[index]
+        rows = index.tolist()
+        self.filtered_rows = [self.filtered_rows[i] for i in rows]
+        self.seen_rows = [self.seen_rows[i] for i in rows]
 
     def _reserve(self, need: int) -> None:
         if need > self.values.shape[1]:
@@ -157,7 +186,7 @@ class Rule:
         else:
             filtered = top_ratio(scores, eligible, real.sum(-1), self.target)
         history.add(scores, eligible)
-        history.count(filtered, real)
+        history.count(filtered, None if eligible is None else real)
         return filtered
 
     def controlled(self, scores: torch.Tensor, eligible: torch.Tensor | None, history: ScoreHistory) -> torch.Tensor:
@@ -167,10 +196,18 @@ class Rule:
         ``CONTROL_ABOVE``, and filter it (when eligible) if keeping it would take the excess below
         ``-CONTROL_BELOW``. With no excess the level is the SPEC's ``1 - ratio``."""
         r = self.target
-        excess = history.filtered - r * history.seen  # [B], before this token
-        level = 1 - (r - excess / CONTROL_HORIZON).clamp(0, 1)
+        # per row, in Python floats (float64): the excess before this token and the quantile's level
+        excess = [f - r * s for f, s in zip(history.filtered_rows, history.seen_rows, strict=True)]
+        levels = [1 - min(max(r - e / CONTROL_HORIZON, 0.0), 1.0) for e in excess]
+        one = all(lv == levels[0] for lv in levels)
+        level = levels[0] if one else torch.tensor(levels, dtype=torch.float64, device=scores.device)
         filtered = above(scores, eligible, history.quantile(level))
-        kept_excess = (excess - r)[:, None]  # the excess after this token, if it is kept
-        filtered = filtered & (kept_excess + 1 <= CONTROL_ABOVE)  # the excess if it is filtered
-        forced = kept_excess < -CONTROL_BELOW
-        return filtered | (forced if eligible is None else forced & eligible)
+        # the excess after this token: ``e - r`` if it is kept, one more if it is filtered
+        allowed = [e - r + 1 <= CONTROL_ABOVE for e in excess]
+        forced = [e - r < -CONTROL_BELOW for e in excess]
+        if not all(allowed):
+            filtered = filtered & torch.tensor(allowed, device=scores.device)[:, None]
+        if any(forced):
+            force = torch.tensor(forced, device=scores.device)[:, None]
+            filtered = filtered | (force if eligible is None else force & eligible)
+        return filtered

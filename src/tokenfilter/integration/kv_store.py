@@ -145,6 +145,22 @@ class RaggedKV:
             mask = (torch.arange(n, device=self.lengths.device)[None, :] < self.lengths[:, None])[:, None, None, :]
         return self.keys[:, :, :n], self.values[:, :, :n], mask
 
+    def lean_view_with_band(
+        self, band_keys: torch.Tensor, band_values: torch.Tensor, live: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A lean step's keys over the stored entries and a recent band at once, when every row holds L entries
+        (``min_len == max_len``). ``band_keys, band_values``: ``[B, H, S, d]``, ``live``: ``[B, S]`` (the band's
+        entries only the band reads). The band is written into the free slots just past the stored entries (the next
+        append overwrites them), so one attention call reads both: ``(keys [B, H, L + S, d], values, mask [B, 1, 1,
+        L + S])``, the mask True on the stored entries and the live band entries."""
+        n, s = self.max_len, band_keys.shape[2]
+        self._reserve(n + s)
+        self.keys[:, :, n : n + s] = band_keys
+        self.values[:, :, n : n + s] = band_values
+        mask = live.new_ones(live.shape[0], n + s)
+        mask[:, n:] = live
+        return self.keys[:, :, : n + s], self.values[:, :, : n + s], mask[:, None, None, :]
+
     def stored_entries(self) -> int:
         return self.total if self.lengths is not None else 0
 

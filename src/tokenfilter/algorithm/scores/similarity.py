@@ -53,8 +53,12 @@ def fuse(s_k: torch.Tensor, s_v: torch.Tensor, fusion: str, lam: float, eps: flo
     return fuse_stacked(torch.stack([s_k, s_v], dim=-2), fusion, lam, eps)
 
 
-def fuse_stacked(s: torch.Tensor, fusion: str, lam: float, eps: float = 1e-6) -> torch.Tensor:
-    """``fuse`` on key and value similarities stacked as ``[..., 2, H]`` (keys first).
+def fuse_stacked(
+    s: torch.Tensor, fusion: str, lam: float, eps: float = 1e-6, few: bool | None = None
+) -> torch.Tensor:
+    """``fuse`` on key and value similarities stacked as ``[..., 2, H]`` (keys first). ``few`` (default: at most
+    ``_FEW`` similarities) picks the formula for few rows; a caller that fuses several scores' similarities at once
+    passes what one score's call would pick, so that each gives the numbers it gives alone.
 
     ``sum_i w_i (mu_i - lam sigma_i)`` with ``w_i = (1/v_i) / (1/v_k + 1/v_v)``, ``v_i = sigma_i^2 + eps``;
     with two terms the weights are ``w_k = v_v / (v_k + v_v)`` and ``w_v = v_k / (v_k + v_v)``, which is
@@ -72,7 +76,7 @@ def fuse_stacked(s: torch.Tensor, fusion: str, lam: float, eps: float = 1e-6) ->
         return s[..., 0, :].amin(-1)
     if fusion != "variance":
         raise ValueError(f"Unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}.")
-    if s.numel() <= _FEW:  # decode: one operator for both statistics
+    if (s.numel() <= _FEW) if few is None else few:  # decode: one operator for both statistics
         sd, mu = torch.std_mean(s, -1, correction=0)  # [..., 2]
         var = torch.addcmul(torch.full_like(sd, eps), sd, sd)
     else:  # prefill: std_mean's reduction over a handful of heads is several times slower than this on CPU
@@ -183,7 +187,8 @@ def two_horizon_step(k: torch.Tensor, v: torch.Tensor, state: ScoreState) -> tor
     cross = (trio[0] * trio).sum(-1)  # [3, B, 2, H]: x.x, x.a, x.m
     own = (trio[1:] * trio[1:]).sum(-1)  # [2, B, 2, H]: a.a, m.m
     cos = cross[1:] * (cross[0] * own).clamp_min(_EPS2).rsqrt()  # [2, B, 2, H]
-    return torch.minimum(fuse_stacked(cos[0], fusion, lam), fuse_stacked(cos[1], fusion, lam))
+    # both horizons fused in one call (the reductions are per row), each as its own score's call would
+    return fuse_stacked(cos, fusion, lam, few=cos[0].numel() <= _FEW).amin(0)
 
 
 SIMILARITY = Score(similarity, similarity_step, PARAMS)

@@ -117,13 +117,20 @@ class FastBackend:
         if n == 0:
             return r.h.new_zeros(b, 1, dim), 0, None
         q = proj.queries(r.h, r.cos, r.sin)  # [B, Hq, 1, d]
-        keys, values, mask = kv.lean_view()  # every entry is in the past (and in the window)
         n_live = r.band_live
-        if n_live == 0:
+        if n_live and kv.min_len == kv.max_len:  # the band beside the stored entries: one call reads both
+            band_keys, band_values, _, _, live = r.band
+            keys, values, mask = kv.lean_view_with_band(band_keys, band_values, live)
             o = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, scale=proj.scale, enable_gqa=q.shape[1] != keys.shape[1]
             )
-        else:
+        elif n_live == 0:
+            keys, values, mask = kv.lean_view()  # every entry is in the past (and in the window)
+            o = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=proj.scale, enable_gqa=q.shape[1] != keys.shape[1]
+            )
+        else:  # rows holding different numbers of entries: the band apart, merged by log-sum-exp
+            keys, values, mask = kv.lean_view()
             band_keys, band_values, _, _, live = r.band
             o_kept, lse_kept = attend_lse(q, keys, values, None if mask is None else mask[:, 0], proj.scale)
             o_band, lse_band = attend_lse(q, band_keys, band_values, live[:, None, :], proj.scale)
