@@ -206,6 +206,14 @@ def test_report_and_plot_from_json(result, tmp_path):
     assert "## Paired measurement (`--paired-steps`)" in text
     assert "![speed ratio vs context length](performance.png)" in text
     assert (tmp_path / "docs" / "performance.png").read_bytes()[:8] == PNG_MAGIC
+    # re-rendering evaluates the targets as they stand now from the cells, not the list the JSON kept
+    path.write_text(json.dumps({**result, "targets": []}))
+    assert report_main([str(path), str(md)]) == 0
+    assert "| prefill at 512 tokens (ratio >= 0.3) (" in md.read_text()
+    quiet = {**result, "machine": {**result["machine"], "load_average_at_end": [1.0, 1.0, 1.0], "torch_threads": 1}}
+    busy = {**result, "machine": {**result["machine"], "load_average_at_end": [3.2, 3.0, 3.0], "torch_threads": 1}}
+    assert "little else ran" in render(quiet) and "The machine is shared" not in render(quiet)
+    assert "The machine is shared" in render(busy)
     text = render(result)
     # one row per batch size in the wall-clock, CPU-time, KV and paired tables
     assert text.count("| 40 | query side 0.5 |") == 8 and "## The same ratios from process CPU time" in text

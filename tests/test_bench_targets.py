@@ -23,7 +23,7 @@ def by_name(result: dict) -> dict[str, dict]:
 
 
 def test_every_target_states_which_side_is_better():
-    assert len(TARGETS) == 7
+    assert len(TARGETS) == 10
     for target in TARGETS:
         assert target.better in ("lower", "higher")
     for entry in evaluate_targets({"cells": [], "kv_checks": []}):
@@ -93,6 +93,22 @@ def test_filter_targets_read_the_measured_default_when_it_ran():
     t = res["not slower than dense (ratio >= 0.3, context >= 1024), decode"]
     assert t["reads"] == "filter" and t["met"] is False and t["where"] == "B=1 T=2048 filter 0.5"
     assert "reads" not in res["overhead with nothing filtered, decode"]
+
+
+def test_issue_29_targets_read_paired_speed_flop_and_byte_ideals():
+    """The default at 512 tokens (>= 0.97 of dense's prefill speed), its prefill FLOP efficiency and its decode byte
+    efficiency at 4096+ tokens (>= 0.9): paired ratios where the cell has them, the rounds' otherwise."""
+    short = cell("kv", 512, 0.5, speedup=1.2)
+    short["paired"] = {ph: {"extra": 0.05, "cpu": {"extra": 0.01}} for ph in ("prefill", "decode")}  # 1/1.05
+    long = cell("kv", 4096, 0.5, speedup=1.1, efficiency=0.95)
+    long["decode"]["byte_ideal"] = 1.25  # 1.1 / 1.25 = 0.88
+    res = by_name({"cells": [short, long, cell("kv", 4096, 0.1, efficiency=0.1)]})
+    at_512 = res["prefill at 512 tokens (ratio >= 0.3)"]
+    assert (at_512["met"], at_512["met_cpu"]) == (False, True) and at_512["worst"] == pytest.approx(1 / 1.05)
+    flop = res["prefill FLOP efficiency at 4096+ tokens (ratio >= 0.3)"]
+    assert flop["met"] is True and flop["worst"] == pytest.approx(0.95)  # the ratio-0.1 cell is not read
+    byte = res["decode byte efficiency at 4096+ tokens (ratio >= 0.3)"]
+    assert byte["met"] is False and byte["worst"] == pytest.approx(1.1 / 1.25) and byte["reads"] == "kv"
 
 
 def test_the_same_value_meets_one_side_and_misses_the_other():

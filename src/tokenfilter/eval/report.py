@@ -9,6 +9,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from tokenfilter.eval.long_part import SUMMARY_HEAD, describe, method_key, summary_rows
 from tokenfilter.eval.methods import LAYER_REMOVAL
 from tokenfilter.eval.sections import write_keeping_sections
 
@@ -87,26 +88,42 @@ def terminal_tables(result: dict, width: int = 80) -> list[Table | str]:
     legend = [f"{s} = {t}" for s, t in zip(short, tasks, strict=True) if s != t]
     if legend:
         out.append("tasks: " + ", ".join(legend) + "; ± se: standard error of the average accuracy.")
+    if result.get("long"):
+        out.append(_rich_table(f"long inputs: RULER at {result['long']['config']['lengths'][0]} tokens",
+                               SUMMARY_HEAD, summary_rows(result["long"]), width))
+        out.append(describe(result["long"]))
     return out
 
 
 def print_table(result: dict, console: Console | None = None) -> None:
     console = console or Console()
     for i, item in enumerate(terminal_tables(result, console.width)):
-        if i == 1:
+        if i and isinstance(item, Table):  # a blank line before every table but the first
             console.print()
         console.print(item)
 
 
+def _timed(label: str, seconds: dict[str, float]) -> list[str]:
+    """``time LABEL NAME: S s (xR dense)``, one line per name (no ratio on dense's own line or without dense)."""
+    dense = seconds.get("dense")
+    return [f"time {label}{name}: {s:.1f} s" + (f" (x{s / dense:.2f} dense)" if dense and name != "dense" else "")
+            for name, s in seconds.items()]
+
+
 def timing_lines(result: dict) -> list[str]:
     """Each row's compute time (its tasks and perplexities, in this run or the kept parts' earlier ones) and its
-    ratio to dense's, one line each: what Token Filtering costs or saves on this machine, measured in the run."""
-    rows = [r for r in result["rows"] if r.get("seconds") is not None]
-    dense = next((r["seconds"] for r in rows if r["method"] == "dense"), None)
-    lines = []
-    for r in rows:
-        versus = f" (x{r['seconds'] / dense:.2f} dense)" if dense and r["method"] != "dense" else ""
-        lines.append(f"time {r['method']} {r['target_ratio']:g}: {r['seconds']:.1f} s{versus}")
+    ratio to dense's, one line each; then the long-input part's per method, and each method's whole time over both
+    parts against dense's: what Token Filtering costs or saves on this machine, measured in the run."""
+    timed = [r for r in result["rows"] if r.get("seconds") is not None]
+    dense = next((r["seconds"] for r in timed if r["method"] == "dense"), None)
+    lines = [f"time {r['method']} {r['target_ratio']:g}: {r['seconds']:.1f} s"
+             + (f" (x{r['seconds'] / dense:.2f} dense)" if dense and r["method"] != "dense" else "") for r in timed]
+    rows = {method_key(r["method"], r["target_ratio"]): r["seconds"] for r in timed}
+    long = result.get("long")
+    if long:
+        spent = {name: m["seconds"] for name, m in long["methods"].items()}
+        lines += _timed("long inputs ", spent)
+        lines += _timed("both parts ", {name: rows[name] + s for name, s in spent.items() if name in rows})
     return lines
 
 
@@ -232,6 +249,7 @@ def write_markdown(result: dict, path: Path, command: str) -> None:
         *[f"- {s}" for s in findings(result)],
         "",
     ]
+    text += long_section(result)
     removal = [r for r in result["rows"] if r.get("removed_layers")]
     if removal:
         text += ["## Layer removal", ""]
@@ -239,6 +257,18 @@ def write_markdown(result: dict, path: Path, command: str) -> None:
                  for r in removal]
         text.append("")
     write_keeping_sections(path, "\n".join(text))
+
+
+def long_section(result: dict) -> list[str]:
+    """The long-input part's Markdown (none when it did not run): what ran, the summary and the score per task."""
+    long = result.get("long")
+    if not long:
+        return []
+    from tokenfilter.longctx.ruler_runner import table
+
+    length = long["config"]["lengths"][0]
+    return [f"## Long inputs (RULER at {length} tokens)", "", describe(long), "",
+            markdown_table(SUMMARY_HEAD, summary_rows(long)), "", "Per task (score x100):", "", table(long, length), ""]
 
 
 def _plain_log_formatter():

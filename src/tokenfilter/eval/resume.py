@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 ROWS_DIR = "rows"
+LONG_DIR = "long"  # the long-input part's folder (tokenfilter.eval.long_part)
 # the settings a kept result depends on; methods and ratios may change between runs (new rows are computed)
 FINGERPRINT_FIELDS = ("model", "tasks", "limit", "dtype", "ppl_file", "ppl_window", "ppl_windows", "lambada",
                       "calib_file", "calib_windows", "seed")
@@ -37,9 +38,10 @@ def has_results(folder: Path) -> bool:
 
 
 def clear(folder: Path) -> None:
-    """Forget an earlier run (``--force``): its kept parts and its results.json (the report and plot are
-    overwritten at the end)."""
+    """Forget an earlier run (``--force``): its kept parts (the rows and the long part) and its results.json (the
+    report and plot are overwritten at the end)."""
     shutil.rmtree(folder / ROWS_DIR, ignore_errors=True)
+    shutil.rmtree(folder / LONG_DIR, ignore_errors=True)
     (folder / "results.json").unlink(missing_ok=True)
 
 

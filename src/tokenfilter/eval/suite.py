@@ -16,6 +16,7 @@ from tokenfilter.config import SlidingWindowShare, TokenFilter, for_input
 from tokenfilter.eval.console import quiet_libraries
 from tokenfilter.eval.harness_tasks import resolve_tasks, task_config
 from tokenfilter.eval.harness_tasks import task_manager as task_manager_for_our_tasks
+from tokenfilter.eval.long_part import LongPart, run_long_part
 from tokenfilter.eval.methods import FILTER_VARIANTS, LAYER_REMOVAL, SIZED_PER_INPUT, filter_for, resolve_methods
 from tokenfilter.eval.ppl import lambada_text, perplexity, wikitext_text, windows
 from tokenfilter.eval.resume import FINGERPRINT_FIELDS, RowStore, clear, has_results
@@ -43,6 +44,7 @@ class EvalConfig:
     calib_file: str | None = None
     calib_windows: int = 8
     seed: int = 0
+    long: LongPart = field(default_factory=LongPart)  # the long-input part (RULER at 4096 tokens); samples=0: none
 
 
 def _metrics(results: dict) -> dict[str, dict[str, float]]:
@@ -138,7 +140,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, output: Path | None = None,
     store = _store(cfg, task_names, output, existing)
     store.check(plan)
     t0 = time.time()
-    steps = len(plan) * (len(task_names) + 1)
+    steps = len(plan) * (len(task_names) + 1) + bool(cfg.long.samples)
     with quiet_libraries(), tqdm(total=steps, desc="eval", unit="step", disable=not progress, leave=True,
                                  dynamic_ncols=True) as bar:
         bar.set_postfix_str("loading the model", refresh=True)
@@ -150,15 +152,28 @@ def run_eval(cfg: EvalConfig, progress: bool = True, output: Path | None = None,
         run = _Run(cfg, lm_eval, model, tok, lm, task_names, task_configs, task_manager_for_our_tasks(),
                    ppl_sets, store, bar)
         rows = [_row(run, method, ratio) for method, ratio in plan]
+        bar.set_postfix_str("long inputs (RULER)", refresh=True)
+        long = run_long_part(model, tok, cfg.long, cfg.ratios, _long_key(cfg), output, existing, progress)
+        bar.update(bool(long))
+    kept = sum(long["methods"][name]["seconds"] for name in long.get("reused", [])) if long else 0.0
     return {
         "model": display_name(cfg.model),
         "config": asdict(cfg),
         "tasks": task_names,
         "rows": rows,
-        "seconds": time.time() - t0 + run.kept_seconds,  # a resumed run counts its reused parts' time too
+        "long": long,
+        "seconds": time.time() - t0 + run.kept_seconds + kept,  # a resumed run counts its reused parts' time too
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
+
+
+def _long_key(cfg: EvalConfig) -> dict:
+    """What the long part's kept answers depend on besides their prompts: the model and its dtype."""
+    model = display_name(cfg.model)
+    if cfg.model and Path(cfg.model).expanduser().exists():
+        model = str(Path(cfg.model).expanduser().resolve())
+    return {"model": model, "dtype": cfg.dtype, "device": cfg.device}
 
 
 class OutputExistsError(ValueError):

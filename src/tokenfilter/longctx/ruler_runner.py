@@ -25,7 +25,7 @@ from tokenfilter.longctx.runner import PerInput, _answerer, _config_dict, max_po
 
 JSON_NAME, MD_NAME = "ruler.json", "ruler.md"
 # settings that change what a method's scores mean; a resumed run keeps a method only where they are all equal
-_SAME_RUN_KEYS = ("tasks", "lengths", "samples_per_task", "seed", "chat", "prompts_sha256", "max_new_tokens")
+_SAME_RUN_KEYS = ("tasks", "lengths", "samples_per_task", "seed", "chat", "prompts_sha256", "max_new_tokens", "run")
 
 
 def mean_se(xs: Sequence[float]) -> tuple[float, float]:
@@ -121,10 +121,12 @@ def run_ruler(
     chat: bool | None = None,
     previous: Mapping | None = None,
     command: str | None = None,
+    run_key: Mapping | None = None,
 ) -> dict:
     """Every method (``None``: the dense model) on every sample. ``seed`` / ``chat``: how the samples were built
     (recorded); ``previous``: an earlier result (its ``ruler.json``): a method it holds with the same filter on the
-    same prompts and settings is kept instead of run again. With ``output_dir``, writes ``ruler.json`` after every
+    same prompts and settings (and the same ``run_key``: what else the caller's results depend on, e.g. the model and
+dtype) is kept instead of run again. With ``output_dir``, writes ``ruler.json`` after every
     method (an interrupted run keeps what it finished) and ``ruler.md`` at the end."""
     if not samples:
         raise ValueError("No RULER samples to run.")
@@ -144,6 +146,7 @@ def run_ruler(
             "max_position_embeddings": max_positions(model),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            **({"run": dict(run_key)} if run_key is not None else {}),
         },
         "methods": {},
         "files": [],
