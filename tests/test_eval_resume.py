@@ -175,3 +175,13 @@ def test_resume_keeps_the_long_part_and_force_redoes_it(argv, tmp_path):
     with one_thread():
         assert main([*argv, "--force"]) == 0
     assert "reused" not in json.loads((tmp_path / "out" / "results.json").read_text())["long"]
+
+
+def test_no_long_part_without_the_default_method(argv, tmp_path, capsys):
+    argv = argv[: argv.index("--long-samples")] + ["--long-samples", "1", "--long-length", "512", "--long-tasks", "vt"]
+    argv[argv.index("--methods") + 1] = "dense,random"
+    with one_thread():
+        assert main(argv) == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["long"] is None
+    printed = capsys.readouterr().out
+    assert "long inputs" not in printed.split("\n", 1)[0] and "time long inputs" not in printed

@@ -79,7 +79,7 @@ def _start_line(args: argparse.Namespace, threads: int, tasks: list[str], method
     model = args.model or "the default model (SmolLM2-135M)"
     ratios_text = ", ".join(f"{r:g}" for r in args.ratios)
     long = ""
-    if getattr(args, "long_samples", 0) and not {"ruler", "longctx"} & set(args.tasks):
+    if getattr(args, "long_samples", 0) and "token-filter" in methods and not {"ruler", "longctx"} & set(args.tasks):
         long = (f"; long inputs: RULER at {args.long_length} tokens, {args.long_samples} per task, dense and "
                 f"{max(args.ratios):g}")
     return (f"tokenfilter eval: model {model}; methods {', '.join(methods)}; ratios {ratios_text}; "

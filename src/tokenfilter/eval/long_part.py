@@ -1,5 +1,6 @@
 """The main job's long-input part: RULER's synthetic tasks (:mod:`tokenfilter.longctx.ruler`) at one length, a few
-samples per task, answered by dense and by the default at the run's highest ratio, with the KV held beside the scores.
+samples per task, answered by dense and by the default at the run's highest ratio, with the KV held beside the scores
+(in a run whose methods include the default, ``token-filter``).
 
 Why the main job has it: the zero-shot prompts are shorter than the recent window (64 tokens, always held and read),
 so there the default keeps nearly every entry and skips almost nothing; a long input is where the method holds less

@@ -140,7 +140,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True, output: Path | None = None,
     store = _store(cfg, task_names, output, existing)
     store.check(plan)
     t0 = time.time()
-    steps = len(plan) * (len(task_names) + 1) + bool(cfg.long.samples)
+    long_part = cfg.long if any(m == "token-filter" for m, _ in plan) else LongPart(samples=0)  # the default's part
+    steps = len(plan) * (len(task_names) + 1) + bool(long_part.samples)
     with quiet_libraries(), tqdm(total=steps, desc="eval", unit="step", disable=not progress, leave=True,
                                  dynamic_ncols=True) as bar:
         bar.set_postfix_str("loading the model", refresh=True)
@@ -153,7 +154,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, output: Path | None = None,
                    ppl_sets, store, bar)
         rows = [_row(run, method, ratio) for method, ratio in plan]
         bar.set_postfix_str("long inputs (RULER)", refresh=True)
-        long = run_long_part(model, tok, cfg.long, cfg.ratios, _long_key(cfg), output, existing, progress)
+        long = run_long_part(model, tok, long_part, cfg.ratios, _long_key(cfg), output, existing, progress)
         bar.update(bool(long))
     kept = sum(long["methods"][name]["seconds"] for name in long.get("reused", [])) if long else 0.0
     return {
