@@ -76,10 +76,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _start_line(args: argparse.Namespace, threads: int, tasks: list[str], methods: list[str]) -> str:
+    from tokenfilter.eval.long_part import includes_default
+
     model = args.model or "the default model (SmolLM2-135M)"
     ratios_text = ", ".join(f"{r:g}" for r in args.ratios)
     long = ""
-    if getattr(args, "long_samples", 0) and "token-filter" in methods and not {"ruler", "longctx"} & set(args.tasks):
+    if getattr(args, "long_samples", 0) and includes_default(methods) and not {"ruler", "longctx"} & set(args.tasks):
         long = (f"; long inputs: RULER at {args.long_length} tokens, {args.long_samples} per task, dense and "
                 f"{max(args.ratios):g}")
     return (f"tokenfilter eval: model {model}; methods {', '.join(methods)}; ratios {ratios_text}; "
@@ -161,29 +163,21 @@ def _longctx_methods(args: argparse.Namespace, group: str) -> dict:
 
 def _run_ruler(args: argparse.Namespace) -> int:
     """``--tasks ruler``: RULER's synthetic tasks, dense vs Token Filtering (+ its random twin, the sliding window)."""
-    import json
-
-    from tqdm.auto import tqdm
-
     from tokenfilter.loading import load_model
     from tokenfilter.longctx import ruler
-    from tokenfilter.longctx.ruler_runner import JSON_NAME, markdown, run_ruler
-    from tokenfilter.longctx.runner import clip_lengths, max_positions
+    from tokenfilter.longctx.ruler_runner import JSON_NAME, build_samples, markdown, run_ruler, saved_result
+    from tokenfilter.longctx.runner import max_positions
 
     methods = _longctx_methods(args, "ruler")
     tasks = ruler.resolve_tasks(args.ruler_tasks)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    positions = max_positions(model)
-    budget = max(ruler.TASKS[t].max_new_tokens for t in tasks)
-    lengths = clip_lengths(args.ruler_lengths or ruler.DEFAULT_LENGTHS, positions - budget if positions else None)
-    builder = ruler.RulerBuilder(tok, seed=args.ruler_seed)
-    plan = [(t, n, i) for n in lengths for t in tasks for i in range(args.ruler_samples)]
-    samples = [builder.build(t, n, i) for t, n, i in tqdm(plan, desc="ruler prompts", leave=False)]
+    samples, chat = build_samples(tok, tasks, args.ruler_lengths or ruler.DEFAULT_LENGTHS, args.ruler_samples,
+                                  max_positions(model), args.ruler_seed, progress=True)
     out_dir = args.output / "ruler"
     saved = out_dir / JSON_NAME
-    previous = json.loads(saved.read_text(encoding="utf-8")) if args.resume and saved.exists() else None
+    previous = saved_result(out_dir) if args.resume else None
     command = "tokenfilter " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    result = run_ruler(model, tok, methods, samples, out_dir, seed=args.ruler_seed, chat=builder.chat,
+    result = run_ruler(model, tok, methods, samples, out_dir, seed=args.ruler_seed, chat=chat,
                        previous=previous, command=command)
     if result.get("reused"):
         print(f"reused from {saved}: {', '.join(result['reused'])}")

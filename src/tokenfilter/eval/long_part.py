@@ -10,7 +10,7 @@ finished; ``tokenfilter eval --tasks ruler`` runs the full RULER comparison on i
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,11 @@ class LongPart:
     samples: int = 1
     length: int = DEFAULT_LENGTH
     tasks: tuple[str, ...] | None = None
+
+
+def includes_default(methods: Iterable[str]) -> bool:
+    """Whether a run's methods include the default (``token-filter``), the method the long part is for."""
+    return "token-filter" in set(methods)
 
 
 def long_methods(ratios: list[float]) -> dict[str, object | None]:
@@ -54,21 +59,16 @@ def run_long_part(model: object, tok: object, part: LongPart, ratios: list[float
     if not part.samples:
         return None
     from tokenfilter.longctx import ruler
-    from tokenfilter.longctx.ruler_runner import JSON_NAME, run_ruler
-    from tokenfilter.longctx.runner import clip_lengths, max_positions
+    from tokenfilter.longctx.ruler_runner import build_samples, run_ruler, saved_result
+    from tokenfilter.longctx.runner import max_positions
 
     tasks = ruler.resolve_tasks(list(part.tasks or DEFAULT_TASKS))
-    positions = max_positions(model)
-    room = max(ruler.TASKS[t].max_new_tokens for t in tasks)
-    length = clip_lengths([part.length], positions - room if positions else None)[0]
-    builder = ruler.RulerBuilder(tok)
-    samples = builder.samples(tasks, [length], part.samples)
+    samples, chat = build_samples(tok, tasks, [part.length], part.samples, max_positions(model), ruler.DEFAULT_SEED,
+                                  progress)
     out_dir = output / LONG_DIR if output is not None else None
-    previous = None
-    if existing == "resume" and out_dir is not None and (out_dir / JSON_NAME).exists():
-        previous = json.loads((out_dir / JSON_NAME).read_text(encoding="utf-8"))
-    return run_ruler(model, tok, long_methods(ratios), samples, out_dir, progress, seed=builder.seed,
-                     chat=builder.chat, previous=previous, run_key=fingerprint)
+    previous = saved_result(out_dir) if existing == "resume" else None
+    return run_ruler(model, tok, long_methods(ratios), samples, out_dir, progress, seed=ruler.DEFAULT_SEED,
+                     chat=chat, previous=previous, run_key=fingerprint)
 
 
 def summary_rows(long: dict) -> list[list[str]]:

@@ -103,10 +103,10 @@ def print_table(result: dict, console: Console | None = None) -> None:
         console.print(item)
 
 
-def _timed(label: str, seconds: dict[str, float]) -> list[str]:
+def _timed(label: str, seconds: dict[str, float], dense_name: str = "dense") -> list[str]:
     """``time LABEL NAME: S s (xR dense)``, one line per name (no ratio on dense's own line or without dense)."""
-    dense = seconds.get("dense")
-    return [f"time {label}{name}: {s:.1f} s" + (f" (x{s / dense:.2f} dense)" if dense and name != "dense" else "")
+    dense = seconds.get(dense_name)
+    return [f"time {label}{name}: {s:.1f} s" + (f" (x{s / dense:.2f} dense)" if dense and name != dense_name else "")
             for name, s in seconds.items()]
 
 
@@ -115,9 +115,7 @@ def timing_lines(result: dict) -> list[str]:
     ratio to dense's, one line each; then the long-input part's per method, and each method's whole time over both
     parts against dense's: what Token Filtering costs or saves on this machine, measured in the run."""
     timed = [r for r in result["rows"] if r.get("seconds") is not None]
-    dense = next((r["seconds"] for r in timed if r["method"] == "dense"), None)
-    lines = [f"time {r['method']} {r['target_ratio']:g}: {r['seconds']:.1f} s"
-             + (f" (x{r['seconds'] / dense:.2f} dense)" if dense and r["method"] != "dense" else "") for r in timed]
+    lines = _timed("", {f"{r['method']} {r['target_ratio']:g}": r["seconds"] for r in timed}, "dense 0")
     rows = {method_key(r["method"], r["target_ratio"]): r["seconds"] for r in timed}
     long = result.get("long")
     if long:

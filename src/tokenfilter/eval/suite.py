@@ -16,7 +16,7 @@ from tokenfilter.config import SlidingWindowShare, TokenFilter, for_input
 from tokenfilter.eval.console import quiet_libraries
 from tokenfilter.eval.harness_tasks import resolve_tasks, task_config
 from tokenfilter.eval.harness_tasks import task_manager as task_manager_for_our_tasks
-from tokenfilter.eval.long_part import LongPart, run_long_part
+from tokenfilter.eval.long_part import LongPart, includes_default, run_long_part
 from tokenfilter.eval.methods import FILTER_VARIANTS, LAYER_REMOVAL, SIZED_PER_INPUT, filter_for, resolve_methods
 from tokenfilter.eval.ppl import lambada_text, perplexity, wikitext_text, windows
 from tokenfilter.eval.resume import FINGERPRINT_FIELDS, RowStore, clear, has_results
@@ -66,13 +66,17 @@ def average_stderr(accuracy: dict[str, dict[str, float]]) -> float | None:
     return math.sqrt(sum(e * e for e in errors)) / len(errors)
 
 
+def _model_key(cfg: EvalConfig) -> str:
+    """The model as kept results name it: a local path resolved, else the display name."""
+    if cfg.model and Path(cfg.model).expanduser().exists():
+        return str(Path(cfg.model).expanduser().resolve())
+    return display_name(cfg.model)
+
+
 def fingerprint(cfg: EvalConfig, task_names: list[str]) -> dict:
     """The settings a kept result depends on (see ``tokenfilter.eval.resume``)."""
-    model = display_name(cfg.model)
-    if cfg.model and Path(cfg.model).expanduser().exists():
-        model = str(Path(cfg.model).expanduser().resolve())
     return {**{k: getattr(cfg, k) for k in FINGERPRINT_FIELDS if k not in ("model", "tasks")},
-            "model": model, "tasks": list(task_names)}
+            "model": _model_key(cfg), "tasks": list(task_names)}
 
 
 def _calibration_sets(tok, cfg: EvalConfig) -> list[torch.Tensor]:
@@ -140,7 +144,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, output: Path | None = None,
     store = _store(cfg, task_names, output, existing)
     store.check(plan)
     t0 = time.time()
-    long_part = cfg.long if any(m == "token-filter" for m, _ in plan) else LongPart(samples=0)  # the default's part
+    long_part = cfg.long if includes_default(m for m, _ in plan) else LongPart(samples=0)
     steps = len(plan) * (len(task_names) + 1) + bool(long_part.samples)
     with quiet_libraries(), tqdm(total=steps, desc="eval", unit="step", disable=not progress, leave=True,
                                  dynamic_ncols=True) as bar:
@@ -170,11 +174,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True, output: Path | None = None,
 
 
 def _long_key(cfg: EvalConfig) -> dict:
-    """What the long part's kept answers depend on besides their prompts: the model and its dtype."""
-    model = display_name(cfg.model)
-    if cfg.model and Path(cfg.model).expanduser().exists():
-        model = str(Path(cfg.model).expanduser().resolve())
-    return {"model": model, "dtype": cfg.dtype, "device": cfg.device}
+    """What the long part's kept answers depend on besides their prompts: the model, its dtype and device."""
+    return {"model": _model_key(cfg), "dtype": cfg.dtype, "device": cfg.device}
 
 
 class OutputExistsError(ValueError):

@@ -20,12 +20,42 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tokenfilter.longctx.ruler import TASKS, RulerSample
-from tokenfilter.longctx.runner import PerInput, _answerer, _config_dict, max_positions
+from tokenfilter.longctx.ruler import DEFAULT_SEED, TASKS, RulerBuilder, RulerSample
+from tokenfilter.longctx.runner import PerInput, _answerer, _config_dict, clip_lengths, max_positions
 
 JSON_NAME, MD_NAME = "ruler.json", "ruler.md"
 # settings that change what a method's scores mean; a resumed run keeps a method only where they are all equal
 _SAME_RUN_KEYS = ("tasks", "lengths", "samples_per_task", "seed", "chat", "prompts_sha256", "max_new_tokens", "run")
+
+
+def build_samples(
+    tokenizer: object,
+    tasks: Sequence[str],
+    lengths: Sequence[int],
+    n: int,
+    positions: int | None = None,
+    seed: int = DEFAULT_SEED,
+    progress: bool = False,
+    haystack: str | None = None,
+    words: Sequence[str] | None = None,
+) -> tuple[list[RulerSample], bool]:
+    """``n`` samples of every task at every length (length-major, then task, then index), the lengths clipped so that
+    a prompt and the longest answer fit ``positions`` (None: unclipped); and whether they use the chat template."""
+    room = max(TASKS[t].max_new_tokens for t in tasks)
+    lengths = clip_lengths(lengths, positions - room if positions else None)
+    builder = RulerBuilder(tokenizer, haystack, words, seed=seed)
+    plan = [(t, length, i) for length in lengths for t in tasks for i in range(n)]
+    samples = [builder.build(t, length, i)
+               for t, length, i in tqdm(plan, desc="ruler prompts", leave=False, disable=not progress)]
+    return samples, builder.chat
+
+
+def saved_result(out_dir: Path | None) -> dict | None:
+    """The ``ruler.json`` an earlier run wrote in ``out_dir`` (for ``previous``), or None."""
+    import json
+
+    path = None if out_dir is None else Path(out_dir) / JSON_NAME
+    return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.exists() else None
 
 
 def mean_se(xs: Sequence[float]) -> tuple[float, float]:

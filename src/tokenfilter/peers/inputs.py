@@ -26,8 +26,9 @@ from pathlib import Path
 from tokenfilter.longctx import longbench
 from tokenfilter.longctx.longbench import ENGLISH_TASKS, Sample
 from tokenfilter.longctx.needle import Needle, NeedleBuilder, NeedlePrompt
-from tokenfilter.longctx.ruler import DEFAULT_SEED, TASKS, RulerBuilder, RulerSample, resolve_tasks, string_match_all
-from tokenfilter.longctx.runner import NEEDLE_MAX_NEW_TOKENS, TEMPLATE_MARGIN, clip_lengths
+from tokenfilter.longctx.ruler import DEFAULT_SEED, RulerSample, resolve_tasks, string_match_all
+from tokenfilter.longctx.ruler_runner import build_samples
+from tokenfilter.longctx.runner import NEEDLE_MAX_NEW_TOKENS, TEMPLATE_MARGIN
 
 # Where each LongBench task's final instruction starts (its last occurrence in the truncated prompt).
 QUESTION_MARKERS: dict[str, tuple[str, ...]] = {
@@ -221,11 +222,9 @@ def ruler_prompts(
 ) -> list[SplitPrompt]:
     """``samples`` prompts of each RULER task (None: all) at each length, the lengths clipped so that the input and
     the longest answer fit the model's positions, as ``eval --tasks ruler`` builds them."""
-    chosen = resolve_tasks(tasks)
-    budget = max(TASKS[t].max_new_tokens for t in chosen)
-    lengths = clip_lengths(lengths, positions - budget if positions else None)
-    builder = RulerBuilder(tokenizer, haystack, words, seed=seed)
-    return [ruler_prompt(tokenizer, s) for s in builder.samples(chosen, lengths, samples)]
+    built, _ = build_samples(tokenizer, resolve_tasks(tasks), lengths, samples, positions, seed, haystack=haystack,
+                             words=words)
+    return [ruler_prompt(tokenizer, s) for s in built]
 
 
 def score(prompt: SplitPrompt, output: str) -> float:
