@@ -136,3 +136,32 @@ def test_right_padded_batch_equals_each_row_alone(family, path, reading):
                 assert torch.equal(a[i, -1:], b[0, -1:]), "the same decode-step decision"
             torch.testing.assert_close(batch[i, :n], alone[0], **TEST_TOL)
             torch.testing.assert_close(step[i], alone_step[0], **TEST_TOL)
+
+
+FILTERING = {  # ratio 0.5: tokens really filtered; the KV side's band covering the whole call or not, the query side
+    "within-band": TokenFilter(ratio=0.5, recent=128),
+    "band": TokenFilter(ratio=0.5, recent=8),
+    "paper": TokenFilter.paper(ratio=0.5),
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", list(FILTERING))
+def test_right_padding_columns_fast_equals_reference(family, name):
+    """With tokens filtered, the padding columns of a right-padded batch read the stored entries before them (the
+    reference backend's definition; not the band), on the fast backend too, where they are queries of the readers'
+    own calls: the logits at every computed column, padding included, agree, and so do the counts (padding columns
+    are not counted)."""
+    tiny = on_test_device(make_tiny(family))
+    seqs = [conftest.random_ids(1, n, seed=s)[0] for n, s in ((72, 4), (40, 5), (57, 6))]
+    ids, mask = pad(seqs, "right")
+    computed = mask.cumsum(-1) > 0
+    out, counts = {}, {}
+    for path in ("fast", "reference"):
+        with FILTERING[name].replace(path=path).apply(tiny) as run:
+            out[path] = forward(tiny, ids, mask).logits
+        assert run.stats.ratio > 0
+        counts[path] = [(c.filtered, c.pairs) for c in run.stats.layers]
+    assert counts["fast"] == counts["reference"]
+    assert bool((~mask.bool() & computed).any()), "the batch has padding columns to compute"
+    torch.testing.assert_close(out["fast"][computed], out["reference"][computed], **TEST_TOL)

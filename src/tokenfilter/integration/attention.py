@@ -115,7 +115,7 @@ class FilteredAttention:
 
         pads = None if call.all_real else _pads_after_real(real, idx)
         reading = Reading(hidden_states, cos, sin, readers, stored, cols, idx, band, fresh, lean, b - n_unread, pads,
-                          band_live=held_before + n_unstored if band is not None else 0)
+                          band_live=held_before + n_unstored if band is not None else 0, aligned=call.aligned)
         out, pairs, selection = plan.backend.attend(reading, self, vis, units, state.kv)
         call.keep[self.idx] = (units.any_unit(readers if pads is None else readers | pads), selection)
         evicted = state.kv.evicted - evicted_before  # a budget's evictions: entries no longer held
@@ -173,11 +173,12 @@ class FilteredAttention:
             scores = self.plan.score(k, v, self._score_state(state, None))
             state.advance_real(t, warmup)  # every row gained t real tokens
             return scores, seen[:, None] + torch.arange(t, device=k.device)[None, :] >= warmup
-        order, valid, n = compact_order(real)
+        aligned = self.run.call.aligned
+        order, valid, n = compact_order(real, aligned)
         if n == 0:
             nan = torch.full((b, t), float("nan"), device=k.device)
             return nan, torch.zeros(b, t, dtype=torch.bool, device=k.device)
-        k, v = gather_rows(k, order), gather_rows(v, order)  # the real tokens, left-aligned: [B, N, H, d]
+        k, v = gather_rows(k, order, aligned), gather_rows(v, order, aligned)  # the real tokens, left-aligned
         s = self.plan.score(k, v, self._score_state(state, valid))
         index = seen[:, None] + torch.arange(n, device=k.device)[None, :]
         state.advance_real(valid.sum(-1), warmup)
@@ -218,12 +219,13 @@ class FilteredAttention:
         b, t = real.shape
         if self.run.call.all_real:  # already left-aligned: nothing to gather
             return ring.extend(k, v, cols.expand(b, t), idx, ~stored, None)
-        order, valid, _ = compact_order(real)
-        live = (real & ~stored).gather(1, order) & valid
+        aligned = self.run.call.aligned
+        order, valid, _ = compact_order(real, aligned)
+        live = gather_rows(real & ~stored, order, aligned) & valid
         k_c = v_c = None
         if ring.with_values:
-            k_c = gather_rows(k.transpose(1, 2), order).transpose(1, 2)
-            v_c = gather_rows(v.transpose(1, 2), order).transpose(1, 2)
+            k_c = gather_rows(k.transpose(1, 2), order, aligned).transpose(1, 2)
+            v_c = gather_rows(v.transpose(1, 2), order, aligned).transpose(1, 2)
         return ring.extend(k_c, v_c, cols[order], idx.gather(1, order), live, valid.sum(-1))
 
     # -- state -----------------------------------------------------------------------------------------------

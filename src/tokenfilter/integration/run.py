@@ -35,6 +35,7 @@ class CallContext:
 
     real: torch.Tensor  # [B, T] True = real token, False = padding
     all_real: bool = False  # no padding in this call
+    aligned: bool = False  # each row's real tokens are its first columns (no padding, or right padding only)
     cache: object | None = None  # the cache the decoder was given (or None: use_cache=False)
     past: int = 0  # columns already processed before this call
     keep: dict[int, tuple] = field(default_factory=dict)  # layer -> (keep [B,T], kept-token gather or None)
@@ -140,7 +141,9 @@ class FilterRun:
                 "This call continues a sequence (its attention_mask is longer than its input) but carries no cache: "
                 "Token Filtering needs the cache of the earlier calls (pass past_key_values/cache, use_cache=True)."
             )
-        self.call = CallContext(real=real, all_real=all_real or tokens == b * t, cache=cache, past=past)
+        all_real = all_real or tokens == b * t
+        aligned = all_real or not bool((~real[:, :-1] & real[:, 1:]).any())  # no real token after a padding one
+        self.call = CallContext(real=real, all_real=all_real, aligned=aligned, cache=cache, past=past)
         self._call_decisions, self._call_scores = {}, {}
         pairs_by_window: dict[int | None, int] = {}
         for idx, c in enumerate(self._counts):

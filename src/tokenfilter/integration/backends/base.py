@@ -43,7 +43,8 @@ class Reading:
     ``pads`` ``[rows, T]`` (None when there is none): padding columns after a real token of their row (right
     padding). The unmodified model computes their attention over the real tokens before them, and ``generate``
     reads a right-padded row's next token from its last column, so a backend computes them as the model's own
-    queries would, over the stored entries in their past (no band; not counted in the statistics)."""
+    queries would, over the stored entries in their past (no band; not counted in the statistics). ``aligned``: each
+    row's real tokens are its first columns (no padding, or right padding only: ``pads`` then trail them)."""
 
     h: torch.Tensor
     cos: torch.Tensor
@@ -58,6 +59,7 @@ class Reading:
     n_readers: int = 0
     pads: torch.Tensor | None = None
     band_live: int = 0  # entries only the band reads among its sources (Python: no host sync to ask)
+    aligned: bool = False
 
 
 QuerySelection = tuple[torch.Tensor, torch.Tensor] | None

@@ -51,54 +51,75 @@ class FastBackend:
     ) -> tuple[torch.Tensor, torch.Tensor | int, QuerySelection]:
         if r.lean:
             return self._attend_one(r, proj, kv)
-        out, pairs, selection = self._attend_readers(r, proj, vis, kv)
-        if r.pads is None:
-            return out, pairs, selection
-        return out + self._attend_pads(r, proj, vis, kv), pairs, compact_order(r.readers | r.pads)[:2]
+        if r.pads is not None and not r.aligned:  # padding between real tokens: the padding columns apart
+            out, pairs, _ = self._attend_readers(r, proj, vis, kv, fold_pads=False)
+            return out + self._attend_pads(r, proj, vis, kv), pairs, compact_order(r.readers | r.pads)[:2]
+        return self._attend_readers(r, proj, vis, kv, fold_pads=r.pads is not None)
 
     def _attend_readers(
-        self, r: Reading, proj: Projections, vis: Visibility, kv: RaggedKV
+        self, r: Reading, proj: Projections, vis: Visibility, kv: RaggedKV, fold_pads: bool
     ) -> tuple[torch.Tensor, torch.Tensor | int, QuerySelection]:
-        """The reading tokens, gathered: over the stored entries, and the band's other entries merged by lse."""
+        """The reading tokens, gathered: over the stored entries, and the band's other entries merged by lse.
+        With ``fold_pads`` (right padding: the padding columns come after their row's real tokens) the padding
+        columns are queries of the same calls, reading the stored entries only (no band, not counted); a right-padded
+        batch then needs no gather at all."""
         b, t, dim = r.h.shape
-        sel, q_valid, n = compact_order(r.readers)
+        computed = r.readers | r.pads if fold_pads else r.readers
+        sel, q_valid, n = compact_order(computed)
         if n == 0:
             return r.h.new_zeros(b, t, dim), torch.zeros((), dtype=torch.long), None
         all_read = n == t and bool(q_valid.all())
         if all_read:  # nothing to gather
             hs, cs, ss, q_pos, q_idx = r.h, r.cos, r.sin, r.cols.expand(b, t), r.idx
+            q_read = r.readers
         else:
             hs, cs, ss, q_pos = gather_rows(r.h, sel), gather_rows(r.cos, sel), gather_rows(r.sin, sel), r.cols[sel]
             q_idx = r.idx.gather(1, sel)
+            q_read = r.readers.gather(1, sel) & q_valid if fold_pads else q_valid
         q = proj.queries(hs, cs, ss)
         keys, values, k_pos, k_valid = kv.view()
+        n_read = n if not fold_pads else int(r.readers.sum(-1).max())
         if r.band_live == 0:  # nothing only the band reads: the stored entries are all
             # stored == queries when the store was empty and exactly the reading tokens are stored
-            causal = r.fresh and (vis.window is None or t <= vis.window)
+            causal = not fold_pads and r.fresh and (vis.window is None or t <= vis.window)
             causal = causal and (vis.stored_are_readers or torch.equal(r.readers, r.stored))
-            o, pairs = attend(q, q_pos, q_valid, keys, values, k_pos, k_valid, proj.scale, vis, causal=causal)
-        elif r.fresh and n <= vis.recent and (vis.window is None or t <= vis.window):
-            o, pairs = self._attend_within_band(q, q_pos, q_valid, r, proj, vis, n)
-        else:  # the readers are the call's real tokens, in the order the band's sources list them
+            o, pairs = attend(q, q_pos, q_valid, keys, values, k_pos, k_valid, proj.scale, vis, causal=causal,
+                              counted=q_read)
+        elif r.fresh and n_read <= vis.recent and (vis.window is None or t <= vis.window):
+            o, pairs = self._attend_within_band(q, q_pos, q_valid, q_idx, q_read, r, proj, vis, n_read, fold_pads)
+        else:  # the readers are the call's real tokens, in the order the band's sources list them (padding after)
             lo, hi = key_ranges(q_pos, q_valid, k_pos, k_valid, vis.window)  # the stored keys each query reads
             o_kept, lse_kept = attend_lse_ranges(q, keys, values, lo, hi, q_valid, proj.scale)
-            o_band, lse_band, band_pairs = attend_band(q, q_pos, q_idx, q_valid, r.band, proj.scale, vis)
+            o_band, lse_band, band_pairs = attend_band(q, q_pos, q_idx, q_read, r.band, proj.scale, vis)
             o = merge_lse(o_kept, lse_kept, o_band, lse_band).to(q.dtype)
-            pairs = (hi - lo).sum() + band_pairs
+            pairs = ((hi - lo) * q_read).sum() + band_pairs
         o = proj.output(o)
-        if all_read:
+        if all_read:  # every column of every row computed
             return o, pairs, None
         return scatter_rows(o, sel, q_valid, t), pairs, (sel, q_valid)
 
     def _attend_within_band(
-        self, q: torch.Tensor, q_pos: torch.Tensor, q_valid: torch.Tensor, r: Reading, proj: Projections,
-        vis: Visibility, n: int,
+        self, q: torch.Tensor, q_pos: torch.Tensor, q_valid: torch.Tensor, q_idx: torch.Tensor, q_read: torch.Tensor,
+        r: Reading, proj: Projections, vis: Visibility, n: int, fold_pads: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A first call no longer than the band: every query reads every real token before it (kept, or filtered
         but in its band), so the attention is plain causal attention over the call's tokens (the band's sources
-        after the empty ring, compacted as the queries are), whatever was decided."""
+        after the empty ring, compacted as the queries are), whatever was decided. Folded padding columns read only
+        the stored ones among them: one mask, by real-token index."""
         keys, values = r.band[0][:, :, -n:], r.band[1][:, :, -n:]
-        return attend(q, q_pos, q_valid, keys, values, None, None, proj.scale, vis, causal=True)
+        if not fold_pads:
+            return attend(q, q_pos, q_valid, keys, values, None, None, proj.scale, vis, causal=True)
+        k_idx, k_live = r.band[3][:, -n:], r.band[4][:, -n:]
+        k_real = torch.arange(n, device=q.device)[None, :] < r.readers.sum(-1, keepdim=True)
+        allowed = k_real[:, None, :] & (k_idx[:, None, :] <= q_idx[:, :, None])
+        allowed &= q_read[:, :, None] | ~k_live[:, None, :]  # padding columns: stored entries only
+        allowed &= q_valid[:, :, None]
+        pairs = (allowed & q_read[:, :, None]).sum()
+        allowed = allowed | ~allowed.any(-1, keepdim=True)  # rows of invalid queries: any finite output
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=allowed[:, None], scale=proj.scale, enable_gqa=q.shape[1] != keys.shape[1]
+        )
+        return out, pairs
 
     def _attend_pads(self, r: Reading, proj: Projections, vis: Visibility, kv: RaggedKV) -> torch.Tensor:
         """The output ``[B, T, D]`` of the padding columns ``r.pads`` (0 elsewhere): each over the stored entries in

@@ -15,20 +15,27 @@ import torch.nn.functional as F
 from tokenfilter.algorithm.visibility import Visibility
 
 
-def compact_order(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def compact_order(mask: torch.Tensor, aligned: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Indices that bring each row's True entries to the front, in order.
 
-    ``mask``: ``[B, T]`` -> ``(order [B, N], valid [B, N], N)`` with N the largest row count.
+    ``mask``: ``[B, T]`` -> ``(order [B, N], valid [B, N], N)`` with N the largest row count. ``aligned`` promises
+    that each row's True entries already lead it (right padding): the order is then the identity, with no sort.
     """
     counts = mask.sum(-1)
     n = int(counts.max()) if mask.numel() else 0
-    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :n]
-    valid = torch.arange(n, device=mask.device)[None, :] < counts[:, None]
-    return order, valid, n
+    arange = torch.arange(n, device=mask.device)[None, :]
+    if aligned:
+        order = arange.expand(mask.shape[0], n)
+    else:
+        order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :n]
+    return order, arange < counts[:, None], n
 
 
-def gather_rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """``x``: ``[B, T, ...]``, ``order``: ``[B, N]`` -> ``[B, N, ...]``."""
+def gather_rows(x: torch.Tensor, order: torch.Tensor, aligned: bool = False) -> torch.Tensor:
+    """``x``: ``[B, T, ...]``, ``order``: ``[B, N]`` -> ``[B, N, ...]``; ``aligned`` (``order`` is the identity,
+    ``compact_order``'s promise): the first N columns, a view."""
+    if aligned:
+        return x[:, : order.shape[1]]
     idx = order.view(*order.shape, *([1] * (x.dim() - 2))).expand(*order.shape, *x.shape[2:])
     return x.gather(1, idx)
 
@@ -53,12 +60,13 @@ def attend(
     scale: float,
     vis: Visibility,
     causal: bool = False,
+    counted: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over stored entries, causal by original column positions (and the model's own window).
 
     ``q``: ``[B, Hq, Q, d]``; ``q_pos, q_valid``: ``[B, Q]``; ``keys, values``: ``[B, H, K, d]``;
     ``k_pos, k_valid``: ``[B, K]``. Returns ``(out [B, Hq, Q, d], pairs)`` where ``pairs`` counts the
-    (valid query, key) pairs attended.
+    (query, key) pairs attended by the ``counted`` queries ``[B, Q]`` (default: the valid ones).
 
     ``causal=True`` promises that row b's keys are its valid queries, in the same order, left-aligned
     (``K == Q``) and all within the window: then the mask is plain causal and is not built.
@@ -71,7 +79,7 @@ def attend(
         )
         return out, pairs
     allowed = k_valid[:, None, :] & vis.in_window(q_pos[:, :, None], k_pos[:, None, :])
-    pairs = (allowed & q_valid[:, :, None]).sum()
+    pairs = (allowed & (q_valid if counted is None else counted)[:, :, None]).sum()
     allowed = allowed | ~allowed.any(-1, keepdim=True)  # rows of padding queries: any finite output
     out = F.scaled_dot_product_attention(
         q, keys, values, attn_mask=allowed[:, None], scale=scale, enable_gqa=q.shape[1] != keys.shape[1]
