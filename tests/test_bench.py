@@ -214,6 +214,7 @@ def test_report_and_plot_from_json(result, tmp_path):
     busy = {**result, "machine": {**result["machine"], "load_average_at_end": [3.2, 3.0, 3.0], "torch_threads": 1}}
     assert "little else ran" in render(quiet) and "The machine is shared" not in render(quiet)
     assert "The machine is shared" in render(busy)
+    assert "Other jobs shared the cores" in render(busy) and "Other jobs shared the cores" not in render(quiet)
     text = render(result)
     # one row per batch size in the wall-clock, CPU-time, KV and paired tables
     assert text.count("| 40 | query side 0.5 |") == 8 and "## The same ratios from process CPU time" in text

@@ -65,6 +65,12 @@ def gpu_section(result: dict, gpu: dict | None) -> list[str]:
     return out
 
 
+def _shared(machine: dict) -> bool:
+    """Other jobs ran during the run: the load average at its end exceeds the benchmark's own threads by 0.5."""
+    load_end = machine.get("load_average_at_end")
+    return bool(load_end) and load_end[0] > (machine.get("torch_threads") or 1) + 0.5
+
+
 def render(
     result: dict,
     png_name: str | None = None,
@@ -96,7 +102,7 @@ def render(
         own = m.get("torch_threads") or 1
         busy = (
             "The machine is shared: other jobs ran on the same cores during the run, so single timings are noisy"
-            if load_end[0] > own + 0.5
+            if _shared(m)
             else f"About the benchmark's own {own} thread(s): little else ran"
         )
         add(
@@ -213,9 +219,11 @@ def render(
         add("## The same ratios from process CPU time")
         add("")
         add(
-            "Other jobs shared the cores, so wall-clock times include waiting for a core. The process CPU time "
-            "(`time.process_time`, user + system, all threads) of the same trials is much less sensitive to that; "
-            "with one torch thread it is the compute time. Ratios per round against dense, medians as above."
+            ("Other jobs shared the cores, so wall-clock times include waiting for a core. " if _shared(m) else
+             "Little else ran, so wall clock and CPU time should agree; where other jobs share the cores, ")
+            + "the process CPU time (`time.process_time`, user + system, all threads) of the same trials is much less "
+            "sensitive to waiting for a core; with one torch thread it is the compute time. Ratios per round against "
+            "dense, medians as above."
         )
         add("")
         add("| batch | context | method | prefill × | eff. | decode × | eff. |")
