@@ -9,6 +9,7 @@ import torch
 from masked_eager import forward_with_layer_masks, layer_window
 from test_engine_equivalence import logits, thresholds_that_filter
 from tokenfilter import TokenFilter
+from tokenfilter.integration.backends import kernels
 
 from conftest import BACKENDS, assert_ran_and_kept_everything, left_pad, make_tiny, random_ids
 
@@ -145,6 +146,26 @@ def test_fast_equals_reference(tiny, recent, mode):
     assert torch.equal(f_gen, r_gen)
     assert f_stats.ratio > 0
     assert f_stats.as_dict() == r_stats.as_dict()
+
+
+def test_band_in_blocks_shorter_than_the_band_equals_reference(tiny, monkeypatch):
+    """A band longer than ``_BAND_BLOCK`` is read in blocks of that many queries (here 3, for a band of 8): the
+    same outputs, decisions and counts as the reference, prefill and decode, padded."""
+    monkeypatch.setattr(kernels, "_BAND_BLOCK", 3)
+    ids, mask = left_pad([random_ids(1, 40, seed=2)[0], random_ids(1, 29, seed=3)[0]])
+    results = {}
+    for path in ("fast", "reference"):
+        cfg = TokenFilter(ratio=0.5, recent=8, path=path, record_decisions=True)
+        with cfg.apply(tiny) as run:
+            out = logits(tiny, ids, mask)
+            with torch.no_grad():
+                gen = tiny.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+            results[path] = (out, run.decisions, gen, run.stats.as_dict())
+    (f_out, f_dec, f_gen, f_stats), (r_out, r_dec, r_gen, r_stats) = results["fast"], results["reference"]
+    real = mask.bool()
+    torch.testing.assert_close(f_out[real], r_out[real], atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(f_dec, r_dec, strict=True))
+    assert torch.equal(f_gen, r_gen) and f_stats == r_stats
 
 
 @pytest.mark.parametrize("recent", RECENT)
@@ -315,8 +336,10 @@ def streaming_mask(b: int, t: int, recent: int, sinks: int, window: int | None) 
     return mask.expand(b, t, t)
 
 
-@pytest.mark.parametrize("recent", [1, 6])
-def test_sliding_window_preset_equals_streaming_llm(tiny, recent):
+@pytest.mark.parametrize("recent", [1, 6, 16])
+@pytest.mark.parametrize("band_block", [256, 4])  # 4: the band's queries in blocks shorter than the band
+def test_sliding_window_preset_equals_streaming_llm(tiny, recent, band_block, monkeypatch):
+    monkeypatch.setattr(kernels, "_BAND_BLOCK", band_block)
     b, t, sinks = 2, 30, 3
     ids = random_ids(b, t, seed=13)
     cfg = TokenFilter.sliding_window(recent=recent, warmup=sinks)

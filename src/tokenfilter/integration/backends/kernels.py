@@ -88,6 +88,7 @@ def attend(
 
 
 LSE_IMPLS = ("cpu-flash", "cuda-efficient", "math")
+_BAND_BLOCK = 256  # queries per block of ``attend_band`` when the band is longer
 
 
 def lse_impl(device: torch.device) -> str:
@@ -269,8 +270,9 @@ def attend_band(
     with ``M = vis.recent - 1``: query i reads sources ``i .. i + M``. Returns ``(out [B, Hq, N, d] float32,
     lse [B, Hq, N] float32, pairs)``.
 
-    The queries go in blocks of R = ``vis.recent``: block c reads the ``2R - 1`` sources that its queries' bands
-    cover, one batched masked attention for all blocks (about 2R products per query, never N).
+    The queries go in blocks of ``m = min(R, _BAND_BLOCK)`` (R = ``vis.recent``): block c reads the ``m + R - 1``
+    sources that its queries' bands cover, one batched masked attention for all blocks (at most ``R + m`` products
+    per query, never N; a long band is not read in blocks of R, which would cost 2R per query).
     """
     keys, values, cols, idx, live = band
     r = vis.recent
@@ -283,27 +285,28 @@ def attend_band(
         lse = (q.float() * own_k.float()).sum(-1) * scale  # [B, Hq, N]
         lse = lse.masked_fill(~ok[:, None], float("-inf"))
         return own_v.float() * ok[:, None, :, None], lse, ok.sum()
-    blocks, win = -(-n // r), 2 * r - 1
-    extra = blocks * r + r - 1 - keys.shape[2]  # pad the sources so that the last block has its window
+    m = min(r, _BAND_BLOCK)
+    blocks, win = -(-n // m), m + r - 1
+    extra = blocks * m + r - 1 - keys.shape[2]  # pad the sources so that the last block has its window
     pad = (0, extra)
     keys, values = F.pad(keys, (0, 0, *pad)), F.pad(values, (0, 0, *pad))
     cols, idx, live = F.pad(cols, pad), F.pad(idx, pad), F.pad(live, pad)
-    qp = blocks * r - n
+    qp = blocks * m - n
     q = F.pad(q, (0, 0, 0, qp))
     q_pos, q_idx, q_valid = F.pad(q_pos, (0, qp)), F.pad(q_idx, (0, qp)), F.pad(q_valid, (0, qp))
 
     def windows(x: torch.Tensor, dim: int) -> torch.Tensor:  # [.., S, ..] -> [.., blocks, .., win] (a view)
-        return x.unfold(dim, win, r)
+        return x.unfold(dim, win, m)
 
     kb = windows(keys, 2).permute(0, 2, 1, 4, 3).reshape(b * blocks, h, win, d)
     vb = windows(values, 2).permute(0, 2, 1, 4, 3).reshape(b * blocks, h, win, d)
-    qb = q.reshape(b, hq, blocks, r, d).transpose(1, 2).reshape(b * blocks, hq, r, d)
-    ok = windows(live, 1)[:, :, None, :] & q_valid.view(b, blocks, r, 1)  # [B, blocks, R, win]
-    ok &= vis.in_window(q_pos.view(b, blocks, r, 1), windows(cols, 1)[:, :, None, :])
-    ok &= vis.in_band(q_idx.view(b, blocks, r, 1), windows(idx, 1)[:, :, None, :])
-    out, lse = attend_lse(qb, kb, vb, ok.reshape(b * blocks, r, win), scale)
-    out = out.view(b, blocks, hq, r, d).transpose(1, 2).reshape(b, hq, blocks * r, d)[:, :, :n]
-    lse = lse.view(b, blocks, hq, r).transpose(1, 2).reshape(b, hq, blocks * r)[:, :, :n]
+    qb = q.reshape(b, hq, blocks, m, d).transpose(1, 2).reshape(b * blocks, hq, m, d)
+    ok = windows(live, 1)[:, :, None, :] & q_valid.view(b, blocks, m, 1)  # [B, blocks, m, win]
+    ok &= vis.in_window(q_pos.view(b, blocks, m, 1), windows(cols, 1)[:, :, None, :])
+    ok &= vis.in_band(q_idx.view(b, blocks, m, 1), windows(idx, 1)[:, :, None, :])
+    out, lse = attend_lse(qb, kb, vb, ok.reshape(b * blocks, m, win), scale)
+    out = out.view(b, blocks, hq, m, d).transpose(1, 2).reshape(b, hq, blocks * m, d)[:, :, :n]
+    lse = lse.view(b, blocks, hq, m).transpose(1, 2).reshape(b, hq, blocks * m)[:, :, :n]
     return out, lse, ok.sum()
 
 
