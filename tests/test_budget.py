@@ -132,6 +132,28 @@ def test_left_padded_batch_equals_alone(path):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_right_padded_batch_equals_alone(path):
+    """Right padding (lm-eval's batches): the real tokens' logits and each row's greedy continuation equal the row
+    alone; the padding columns are computed (over what the row holds) and agree between the two paths."""
+    model = make_tiny("llama")
+    seqs = [random_ids(1, n, seed=s)[0] for n, s in ((90, 4), (64, 5), (75, 6))]
+    n = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), n, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    cfg = TokenFilter(budget=25, recent=8, path=path)
+    with cfg.apply(model) as run:
+        batch = logits(model, ids, mask)
+        assert max(p for p in run.stats.peak_held_per_layer if p is not None) == 25
+        for i, s in enumerate(seqs):
+            torch.testing.assert_close(batch[i, : len(s)], logits(model, s[None])[0], rtol=1e-4, atol=1e-5)
+    with cfg.replace(path="reference" if path == "fast" else "fast").apply(model):
+        other = logits(model, ids, mask)
+    torch.testing.assert_close(batch, other, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_a_budget_above_the_input_is_the_unmodified_model(path):
     model = make_tiny("mistral")  # its own 24-token window applies on top
     ids = random_ids(2, 60, seed=7)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from tokenfilter.algorithm.visibility import Visibility
 from tokenfilter.integration.backends.base import Projections, QuerySelection, Reading
-from tokenfilter.integration.backends.kernels import compact_order, gather_rows, scatter_rows
+from tokenfilter.integration.backends.kernels import attend_masked, compact_order, gather_rows, scatter_rows
 from tokenfilter.integration.kv_store import BudgetKV
 from tokenfilter.integration.units import Units
 
@@ -90,14 +90,20 @@ class BudgetBackend:
         pool_score, pool_real = torch.cat([kv.score, score], dim=1), torch.cat([kv.valid, valid], dim=1)
         allowed = vis.allowed(q_col, q_idx, pool_col, pool_idx, pool_real, None, pool_score) & valid[:, :, None]
         pairs = allowed.sum()
-        allowed = allowed | ~allowed.any(-1, keepdim=True)  # rows of padding queries: any finite output
-        o = F.scaled_dot_product_attention(
-            q, pool_k, pool_v, attn_mask=allowed[:, None], scale=scale, enable_gqa=q.shape[1] != pool_k.shape[1]
-        )
+        o = attend_masked(q, pool_k, pool_v, allowed, scale)
         kv.seen = kv.seen + valid.sum(-1)
         keep = vis.held(kv.seen, pool_idx, pool_score, pool_real)
         kv.hold(keep, pool_k, pool_v, pool_col, pool_idx, pool_score, capacity=capacity(vis) + 1)
         return o, pairs
+
+    def _attend_pads(self, r: Reading, proj: Projections, vis: Visibility, kv: BudgetKV) -> torch.Tensor:
+        """The padding columns after a real token (``r.pads``): each over what its row holds after the call (what the
+        row's next token would find), in the model's window; 0 elsewhere."""
+        sel, valid, _ = compact_order(r.pads)
+        q = proj.queries(gather_rows(r.h, sel), gather_rows(r.cos, sel), gather_rows(r.sin, sel))
+        allowed = kv.valid[:, None, :] & vis.in_window(r.cols[sel][:, :, None], kv.cols[:, None, :])
+        o = attend_masked(q, kv.keys, kv.values, allowed, proj.scale)
+        return scatter_rows(proj.output(o), sel, valid, r.h.shape[1])
 
     def _step(
         self, r: Reading, proj: Projections, vis: Visibility, kv: BudgetKV, k: torch.Tensor, v: torch.Tensor,
@@ -137,16 +143,3 @@ class BudgetBackend:
 def capacity(vis: Visibility) -> int:
     """N: the entries a layer under a budget holds at most (sinks, band before the next token, slots)."""
     return vis.sinks + vis.recent - 1 + vis.slots
-
-    def _attend_pads(self, r: Reading, proj: Projections, vis: Visibility, kv: BudgetKV) -> torch.Tensor:
-        """The padding columns after a real token (``r.pads``): each over what its row holds after the call (what the
-        row's next token would find), in the model's window; 0 elsewhere."""
-        sel, valid, _ = compact_order(r.pads)
-        q = proj.queries(gather_rows(r.h, sel), gather_rows(r.cos, sel), gather_rows(r.sin, sel))
-        allowed = kv.valid[:, None, :] & vis.in_window(r.cols[sel][:, :, None], kv.cols[:, None, :])
-        allowed = allowed | ~allowed.any(-1, keepdim=True)
-        o = F.scaled_dot_product_attention(
-            q, kv.keys, kv.values, attn_mask=allowed[:, None], scale=proj.scale,
-            enable_gqa=q.shape[1] != kv.keys.shape[1],
-        )
-        return scatter_rows(proj.output(o), sel, valid, r.h.shape[1])

@@ -23,6 +23,7 @@ from tokenfilter.integration.backends.kernels import (
     attend_band,
     attend_lse,
     attend_lse_ranges,
+    attend_masked,
     compact_order,
     gather_rows,
     key_ranges,
@@ -78,15 +79,17 @@ class FastBackend:
             q_read = r.readers.gather(1, sel) & q_valid if fold_pads else q_valid
         q = proj.queries(hs, cs, ss)
         keys, values, k_pos, k_valid = kv.view()
-        n_read = n if not fold_pads else int(r.readers.sum(-1).max())
+        within_band = r.fresh and (vis.window is None or t <= vis.window)
+        read_counts = r.readers.sum(-1) if fold_pads and r.band_live and within_band else None
+        n_read = n if read_counts is None else int(read_counts.max())  # the padding columns are not in the band
         if r.band_live == 0:  # nothing only the band reads: the stored entries are all
             # stored == queries when the store was empty and exactly the reading tokens are stored
             causal = not fold_pads and r.fresh and (vis.window is None or t <= vis.window)
             causal = causal and (vis.stored_are_readers or torch.equal(r.readers, r.stored))
             o, pairs = attend(q, q_pos, q_valid, keys, values, k_pos, k_valid, proj.scale, vis, causal=causal,
                               counted=q_read)
-        elif r.fresh and n_read <= vis.recent and (vis.window is None or t <= vis.window):
-            o, pairs = self._attend_within_band(q, q_pos, q_valid, q_idx, q_read, r, proj, vis, n_read, fold_pads)
+        elif within_band and n_read <= vis.recent:
+            o, pairs = self._attend_within_band(q, q_pos, q_valid, q_idx, q_read, r, proj, vis, n_read, read_counts)
         else:  # the readers are the call's real tokens, in the order the band's sources list them (padding after)
             lo, hi = key_ranges(q_pos, q_valid, k_pos, k_valid, vis.window)  # the stored keys each query reads
             o_kept, lse_kept = attend_lse_ranges(q, keys, values, lo, hi, q_valid, proj.scale)
@@ -100,26 +103,22 @@ class FastBackend:
 
     def _attend_within_band(
         self, q: torch.Tensor, q_pos: torch.Tensor, q_valid: torch.Tensor, q_idx: torch.Tensor, q_read: torch.Tensor,
-        r: Reading, proj: Projections, vis: Visibility, n: int, fold_pads: bool,
+        r: Reading, proj: Projections, vis: Visibility, n: int, read_counts: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A first call no longer than the band: every query reads every real token before it (kept, or filtered
         but in its band), so the attention is plain causal attention over the call's tokens (the band's sources
         after the empty ring, compacted as the queries are), whatever was decided. Folded padding columns read only
-        the stored ones among them: one mask, by real-token index."""
+        the stored ones among them: one mask, by real-token index (``read_counts`` ``[B]``: each row's real tokens)."""
         keys, values = r.band[0][:, :, -n:], r.band[1][:, :, -n:]
-        if not fold_pads:
+        if read_counts is None:
             return attend(q, q_pos, q_valid, keys, values, None, None, proj.scale, vis, causal=True)
         k_idx, k_live = r.band[3][:, -n:], r.band[4][:, -n:]
-        k_real = torch.arange(n, device=q.device)[None, :] < r.readers.sum(-1, keepdim=True)
+        k_real = torch.arange(n, device=q.device)[None, :] < read_counts[:, None]
         allowed = k_real[:, None, :] & (k_idx[:, None, :] <= q_idx[:, :, None])
         allowed &= q_read[:, :, None] | ~k_live[:, None, :]  # padding columns: stored entries only
         allowed &= q_valid[:, :, None]
         pairs = (allowed & q_read[:, :, None]).sum()
-        allowed = allowed | ~allowed.any(-1, keepdim=True)  # rows of invalid queries: any finite output
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=allowed[:, None], scale=proj.scale, enable_gqa=q.shape[1] != keys.shape[1]
-        )
-        return out, pairs
+        return attend_masked(q, keys, values, allowed, proj.scale), pairs
 
     def _attend_pads(self, r: Reading, proj: Projections, vis: Visibility, kv: RaggedKV) -> torch.Tensor:
         """The output ``[B, T, D]`` of the padding columns ``r.pads`` (0 elsewhere): each over the stored entries in

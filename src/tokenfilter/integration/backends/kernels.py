@@ -80,11 +80,19 @@ def attend(
         return out, pairs
     allowed = k_valid[:, None, :] & vis.in_window(q_pos[:, :, None], k_pos[:, None, :])
     pairs = (allowed & (q_valid if counted is None else counted)[:, :, None]).sum()
-    allowed = allowed | ~allowed.any(-1, keepdim=True)  # rows of padding queries: any finite output
-    out = F.scaled_dot_product_attention(
+    return attend_masked(q, keys, values, allowed, scale), pairs
+
+
+def attend_masked(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """SDPA of ``q`` ``[B, Hq, Q, d]`` over ``keys, values`` ``[B, H, K, d]`` where ``allowed`` ``[B, Q, K]`` (the
+    same for every head). A query that may read no key (padding) reads them all instead: any finite output, which
+    the caller discards."""
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    return F.scaled_dot_product_attention(
         q, keys, values, attn_mask=allowed[:, None], scale=scale, enable_gqa=q.shape[1] != keys.shape[1]
     )
-    return out, pairs
 
 
 LSE_IMPLS = ("cpu-flash", "cuda-efficient", "math")

@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from tokenfilter.algorithm.visibility import Visibility
 from tokenfilter.integration.backends.base import Projections, QuerySelection, Reading
+from tokenfilter.integration.backends.kernels import attend_masked
 from tokenfilter.integration.kv_store import MaskedKV
 from tokenfilter.integration.units import Units
 
@@ -45,11 +45,7 @@ class ReferenceBackend:
             pad_allowed = vis.in_window(q_col[:, :, None], k_col[:, None, :]) & past
             allowed = torch.where(r.pads[:, :, None], pad_allowed, allowed)
             computed = computed | r.pads
-        allowed = allowed | ~allowed.any(-1, keepdim=True)  # rows of padding queries: any finite output
-        o = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=allowed[:, None], scale=proj.scale, enable_gqa=q.shape[1] != keys.shape[1]
-        )
-        o = proj.output(units.outputs(o))
+        o = proj.output(units.outputs(attend_masked(q, keys, values, allowed, proj.scale)))
         return o * units.any_unit(computed)[..., None].to(o.dtype), pairs, None
 
     @staticmethod
