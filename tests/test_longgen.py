@@ -142,6 +142,8 @@ def test_the_command_writes_each_part_and_assembles_them_with_resume(tiny_dir, t
     memory = json.loads((out / "memory.json").read_text())["rows"]
     assert [r["name"] for r in memory] == ["dense", "token-filter-0.5", "budget-80"]  # the middle ratio and budget
     assert memory[2]["kv_end"] < memory[0]["kv_end"]
+    assert memory[0]["realized"] is None and 0 < memory[1]["realized"] < 1  # greedy tokens, the ratio's controller
+    assert f"| token-filter-0.5 | {memory[1]['realized']:.3f} |" in (out / "longgen.md").read_text()
     def measured() -> dict:
         return {p: json.loads((out / p).read_text()).get("results") or json.loads((out / p).read_text())["rows"]
                 for p in ("longgen.json", "memory.json", "recall.json")}

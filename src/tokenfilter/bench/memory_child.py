@@ -145,6 +145,7 @@ def run(spec: dict) -> dict:
         "kv_peak": peak_kv[0],
         "seconds": round(seconds, 3),
         "kv_held_fraction": getattr(stats, "kv_held_fraction", None),
+        "realized": getattr(stats, "ratio", None),  # over the prompt and every generated token, all filtered layers
         "versions": {p: importlib.metadata.version(p) for p in ("torch", "transformers")},
     }
 

@@ -266,12 +266,14 @@ def _memory(args: argparse.Namespace, rows: list, seqs: dict) -> str:
     lines = [f"Memory: one greedy `generate` of {args.continuation} new tokens after the first {args.prompt} tokens "
              f"of the {next(iter(seqs))} text, each row in a process of its own ({args.threads} thread(s)). Peak RSS: "
              "the process's peak resident set during the call, above the loaded model; KV: bytes of the key/value "
-             "tensors the cache holds (at the end of the call, and at most after any layer's forward).\n",
-             "| method | KV at the end (MiB) | KV peak (MiB) | peak RSS above loaded (MiB) | seconds |",
-             "|---|---|---|---|---|"]
+             "tensors the cache holds (at the end of the call, and at most after any layer's forward); realized: the "
+             "filtered share of (token, filtered layer) pairs over the prompt and the model's own greedy tokens.\n",
+             "| method | realized | KV at the end (MiB) | KV peak (MiB) | peak RSS above loaded (MiB) | seconds |",
+             "|---|---|---|---|---|---|"]
     for r in out:
         rss = None if r["peak_rss"] is None or r["rss_loaded"] is None else r["peak_rss"] - r["rss_loaded"]
         rel = f" ({r['kv_end'] / dense['kv_end']:.2f} of dense)" if dense["kv_end"] else ""
-        lines.append(f"| {r['name']} | {mib(r['kv_end'])}{rel} | {mib(r['kv_peak'])} | {mib(rss)} | "
+        realized = "-" if r.get("realized") is None else f"{r['realized']:.3f}"  # dense; rows measured before it
+        lines.append(f"| {r['name']} | {realized} | {mib(r['kv_end'])}{rel} | {mib(r['kv_peak'])} | {mib(rss)} | "
                      f"{r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
