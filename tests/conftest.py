@@ -111,15 +111,24 @@ def random_ids(batch: int, length: int, vocab: int = 128, seed: int = 1) -> torc
     return torch.randint(3, vocab, (batch, length), generator=g)
 
 
-def left_pad(seqs: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad 1-D id tensors into ``(input_ids, attention_mask)``."""
+def pad_batch(seqs: list[torch.Tensor], side: str = "left", pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad 1-D id tensors on ``side`` ("left" or "right") into ``(input_ids, attention_mask)``."""
     n = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), n, dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, n - len(s) :] = s
-        mask[i, n - len(s) :] = 1
+        at = slice(0, len(s)) if side == "right" else slice(n - len(s), n)
+        ids[i, at], mask[i, at] = s.cpu(), 1
     return ids, mask
+
+
+def left_pad(seqs: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    return pad_batch(seqs, "left", pad_id)
+
+
+def right_pad(seqs: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right padding: lm-eval's batches."""
+    return pad_batch(seqs, "right", pad_id)
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:

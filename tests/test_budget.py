@@ -12,7 +12,7 @@ from tokenfilter import TokenFilter
 from tokenfilter.algorithm.visibility import Visibility
 from tokenfilter.integration.kv_store import BudgetKV
 
-from conftest import FAMILIES, left_pad, make_tiny, positions, random_ids
+from conftest import FAMILIES, left_pad, make_tiny, positions, random_ids, right_pad
 
 PATHS = ("fast", "reference")
 
@@ -137,11 +137,7 @@ def test_right_padded_batch_equals_alone(path):
     alone; the padding columns are computed (over what the row holds) and agree between the two paths."""
     model = make_tiny("llama")
     seqs = [random_ids(1, n, seed=s)[0] for n, s in ((90, 4), (64, 5), (75, 6))]
-    n = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), n, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    ids, mask = right_pad(seqs)
     cfg = TokenFilter(budget=25, recent=8, path=path)
     with cfg.apply(model) as run:
         batch = logits(model, ids, mask)

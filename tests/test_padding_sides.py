@@ -32,13 +32,8 @@ CONFIGS = {
 
 
 def pad(seqs: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` of 1-D id tensors padded (id 0) on ``side``."""
-    n = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), n, dtype=torch.long)
-    mask = torch.zeros(len(seqs), n, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        at = slice(0, len(s)) if side == "right" else slice(n - len(s), n)
-        ids[i, at], mask[i, at] = s.cpu(), 1
+    """``(input_ids, attention_mask)`` of 1-D id tensors padded (id 0) on ``side``, on the test device."""
+    ids, mask = conftest.pad_batch(seqs, side)
     return on_test_device(ids), on_test_device(mask)
 
 

@@ -13,6 +13,7 @@ from typing import ClassVar, Protocol
 import torch
 
 from tokenfilter.algorithm.visibility import Visibility
+from tokenfilter.integration.backends.kernels import attend, compact_order, gather_rows, scatter_rows
 from tokenfilter.integration.kv_store import MaskedKV, RaggedKV
 from tokenfilter.integration.units import Units
 
@@ -60,6 +61,19 @@ class Reading:
     pads: torch.Tensor | None = None
     band_live: int = 0  # entries only the band reads among its sources (Python: no host sync to ask)
     aligned: bool = False
+
+
+def attend_pads(
+    r: Reading, proj: Projections, vis: Visibility, keys: torch.Tensor, values: torch.Tensor, k_pos: torch.Tensor,
+    k_valid: torch.Tensor,
+) -> torch.Tensor:
+    """The output ``[B, T, D]`` of the padding columns ``r.pads`` (0 elsewhere), each over the given entries
+    (``keys, values`` ``[B, H, K, d]``, ``k_pos, k_valid`` ``[B, K]``) in its past and in the model's window: what
+    the row's next token would read. Each backend passes the entries its layout holds."""
+    sel, valid, _ = compact_order(r.pads)
+    q = proj.queries(gather_rows(r.h, sel), gather_rows(r.cos, sel), gather_rows(r.sin, sel))
+    o, _ = attend(q, r.cols[sel], valid, keys, values, k_pos, k_valid, proj.scale, vis)
+    return scatter_rows(proj.output(o), sel, valid, r.h.shape[1])
 
 
 QuerySelection = tuple[torch.Tensor, torch.Tensor] | None

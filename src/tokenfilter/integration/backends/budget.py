@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenfilter.algorithm.visibility import Visibility
-from tokenfilter.integration.backends.base import Projections, QuerySelection, Reading
+from tokenfilter.integration.backends.base import Projections, QuerySelection, Reading, attend_pads
 from tokenfilter.integration.backends.kernels import attend_masked, compact_order, gather_rows, scatter_rows
 from tokenfilter.integration.kv_store import BudgetKV
 from tokenfilter.integration.units import Units
@@ -75,7 +75,8 @@ class BudgetBackend:
         kv.evicted += before + int(q_valid.sum()) - kv.total
         selection = None if all_read else (sel, q_valid)
         if r.pads is not None:
-            out = out + self._attend_pads(r, proj, vis, kv)
+            # what the row holds after the call: what its next token would find
+            out = out + attend_pads(r, proj, vis, kv.keys, kv.values, kv.cols, kv.valid)
             selection = compact_order(r.readers | r.pads)[:2]
         return out, pairs, selection
 
@@ -95,15 +96,6 @@ class BudgetBackend:
         keep = vis.held(kv.seen, pool_idx, pool_score, pool_real)
         kv.hold(keep, pool_k, pool_v, pool_col, pool_idx, pool_score, capacity=capacity(vis) + 1)
         return o, pairs
-
-    def _attend_pads(self, r: Reading, proj: Projections, vis: Visibility, kv: BudgetKV) -> torch.Tensor:
-        """The padding columns after a real token (``r.pads``): each over what its row holds after the call (what the
-        row's next token would find), in the model's window; 0 elsewhere."""
-        sel, valid, _ = compact_order(r.pads)
-        q = proj.queries(gather_rows(r.h, sel), gather_rows(r.cos, sel), gather_rows(r.sin, sel))
-        allowed = kv.valid[:, None, :] & vis.in_window(r.cols[sel][:, :, None], kv.cols[:, None, :])
-        o = attend_masked(q, kv.keys, kv.values, allowed, proj.scale)
-        return scatter_rows(proj.output(o), sel, valid, r.h.shape[1])
 
     def _step(
         self, r: Reading, proj: Projections, vis: Visibility, kv: BudgetKV, k: torch.Tensor, v: torch.Tensor,

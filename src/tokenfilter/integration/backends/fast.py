@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenfilter.algorithm.visibility import Visibility
-from tokenfilter.integration.backends.base import Projections, QuerySelection, Reading
+from tokenfilter.integration.backends.base import Projections, QuerySelection, Reading, attend_pads
 from tokenfilter.integration.backends.kernels import (
     attend,
     attend_band,
@@ -54,7 +54,7 @@ class FastBackend:
             return self._attend_one(r, proj, kv)
         if r.pads is not None and not r.aligned:  # padding between real tokens: the padding columns apart
             out, pairs, _ = self._attend_readers(r, proj, vis, kv, fold_pads=False)
-            return out + self._attend_pads(r, proj, vis, kv), pairs, compact_order(r.readers | r.pads)[:2]
+            return out + attend_pads(r, proj, vis, *kv.view()), pairs, compact_order(r.readers | r.pads)[:2]
         return self._attend_readers(r, proj, vis, kv, fold_pads=r.pads is not None)
 
     def _attend_readers(
@@ -66,7 +66,8 @@ class FastBackend:
         batch then needs no gather at all."""
         b, t, dim = r.h.shape
         computed = r.readers | r.pads if fold_pads else r.readers
-        sel, q_valid, n = compact_order(computed)
+        aligned = vis.filtered_reads and r.aligned  # every real token reads, and they lead their rows: no sort
+        sel, q_valid, n = compact_order(computed, aligned)
         if n == 0:
             return r.h.new_zeros(b, t, dim), torch.zeros((), dtype=torch.long), None
         all_read = n == t and bool(q_valid.all())
@@ -74,7 +75,8 @@ class FastBackend:
             hs, cs, ss, q_pos, q_idx = r.h, r.cos, r.sin, r.cols.expand(b, t), r.idx
             q_read = r.readers
         else:
-            hs, cs, ss, q_pos = gather_rows(r.h, sel), gather_rows(r.cos, sel), gather_rows(r.sin, sel), r.cols[sel]
+            hs, cs, ss = (gather_rows(x, sel, aligned) for x in (r.h, r.cos, r.sin))
+            q_pos = r.cols[sel]
             q_idx = r.idx.gather(1, sel)
             q_read = r.readers.gather(1, sel) & q_valid if fold_pads else q_valid
         q = proj.queries(hs, cs, ss)
@@ -84,8 +86,7 @@ class FastBackend:
         n_read = n if read_counts is None else int(read_counts.max())  # the padding columns are not in the band
         if r.band_live == 0:  # nothing only the band reads: the stored entries are all
             # stored == queries when the store was empty and exactly the reading tokens are stored
-            causal = not fold_pads and r.fresh and (vis.window is None or t <= vis.window)
-            causal = causal and (vis.stored_are_readers or torch.equal(r.readers, r.stored))
+            causal = not fold_pads and within_band and (vis.stored_are_readers or torch.equal(r.readers, r.stored))
             o, pairs = attend(q, q_pos, q_valid, keys, values, k_pos, k_valid, proj.scale, vis, causal=causal,
                               counted=q_read)
         elif within_band and n_read <= vis.recent:
@@ -119,15 +120,6 @@ class FastBackend:
         allowed &= q_valid[:, :, None]
         pairs = (allowed & q_read[:, :, None]).sum()
         return attend_masked(q, keys, values, allowed, proj.scale), pairs
-
-    def _attend_pads(self, r: Reading, proj: Projections, vis: Visibility, kv: RaggedKV) -> torch.Tensor:
-        """The output ``[B, T, D]`` of the padding columns ``r.pads`` (0 elsewhere): each over the stored entries in
-        its past and in the model's window."""
-        sel, valid, _ = compact_order(r.pads)
-        q = proj.queries(gather_rows(r.h, sel), gather_rows(r.cos, sel), gather_rows(r.sin, sel))
-        keys, values, k_pos, k_valid = kv.view()
-        o, _ = attend(q, r.cols[sel], valid, keys, values, k_pos, k_valid, proj.scale, vis)
-        return scatter_rows(proj.output(o), sel, valid, r.h.shape[1])
 
     def _attend_one(self, r: Reading, proj: Projections, kv: RaggedKV) -> tuple[torch.Tensor, int, QuerySelection]:
         """A lean decode step: each reading row's query over all its stored entries (and its band's live ones,
