@@ -10,7 +10,7 @@ import torch
 from tiny_lm import save_tiny_lm, tiny_lm
 from tokenfilter import TokenFilter
 from tokenfilter.config import sliding_window_pairs
-from tokenfilter.study import quality
+from tokenfilter.study import quality, quality_report
 from tokenfilter.study.quality_report import render, verdicts
 
 
@@ -24,6 +24,48 @@ def test_choice_is_most_needle_hits_within_the_perplexity_target():
     choice = quality.choose(sel, 0.5)
     assert choice["within_target"] == ["a", "b", "d"]  # c is above 1.08x dense
     assert choice["chosen"] == "d"  # b and d tie on the needle: the lower perplexity wins
+
+
+def _sel(dense: float, runs: dict) -> dict:
+    return {"dense": {"ppl": dense}, "runs": {n: {**_run(p, f), "needle": {"found": f, "logp": -f}} for n, (p, f)
+                                              in runs.items()}}
+
+
+def test_ladder_choice_is_the_best_worst_case_within_every_models_target():
+    a, b, c = "kv-w64", "kv-w64-key", "kv-w64-2h"  # real candidate names: the rule reads the candidate registry
+    ladder = {"small": _sel(10.0, {a: (10.5, 0.9), b: (10.2, 0.5), c: (12.0, 1.0)}),
+              "other": _sel(20.0, {a: (21.0, 0.3), b: (21.0, 0.6), c: (20.1, 1.0), "kv-w32": (20.0, 1.0)})}
+    lad = quality.choose_ladder(ladder, 0.5)
+    assert lad["within_target"] == [a, b]  # c is above x1.08 on "small"; kv-w32 was measured on one model only
+    assert lad["chosen"] == b  # worst case 0.5 against a's 0.3, though a finds more on "small"
+    assert lad["table"][a]["other"]["x_dense"] == pytest.approx(1.05)
+    text = "\n".join(quality_report.ladder_section({"models": {m: {"select": s, "config": {"budget_ratio": 0.5}}
+                                                                for m, s in ladder.items()}}))
+    assert f"| {b} (chosen) | **x1.020 / 0.50** | **x1.050 / 0.60** | yes | 0.50 |" in text
+    assert f"| {c} | x1.200 / 1.00 | **x1.005 / 1.00** | no | 1.00 |" in text and "kv-w32" not in text
+
+
+def test_ladder_without_a_candidate_within_every_target_says_so():
+    a, b = "kv-w64", "kv-w64-key"
+    ladder = {"small": _sel(10.0, {a: (11.5, 0.9), b: (10.2, 0.5)}), "other": _sel(20.0, {a: (21.0, 0.3),
+                                                                                          b: (24.0, 0.6)})}
+    lad = quality.choose_ladder(ladder, 0.5)
+    assert lad["chosen"] is None and lad["within_target"] == [] and lad["closest"] == a  # x1.15 beats x1.20
+    text = "\n".join(quality_report.ladder_section({"models": {m: {"select": s, "config": {"budget_ratio": 0.5}}
+                                                                for m, s in ladder.items()}}))
+    assert "**No candidate meets every model's target**; the closest is `kv-w64`." in text
+    assert f"| {a} (closest) |" in text
+    with pytest.raises(ValueError, match="two or more models"):
+        quality.choose_ladder({"small": ladder["small"]}, 0.5)
+    assert quality_report.ladder_section({"models": {"small": {"select": ladder["small"],
+                                                               "config": {"budget_ratio": 0.5}}}}) == []
+
+
+def test_a_candidates_random_twin_is_a_selection_candidate():
+    assert quality.is_candidate("kv-w64-random") and not quality.is_candidate("kv-w99-random")
+    assert quality.candidate_fields("kv-w64-random") == {**quality.CANDIDATES["kv-w64"], "score": "random", "seed": 0}
+    with pytest.raises(ValueError, match="Unknown KV-side candidate"):
+        quality.candidate_fields("nope")
 
 
 def test_sliding_window_holding_holds_the_asked_share():
@@ -278,3 +320,22 @@ def test_report_of_a_run_stopped_mid_ratio_says_what_is_missing(tiny_study):
     assert "held-out ratios asked but not measured: 0.9" in text
     assert "held-out ratio 0.7 measured in part (not: sliding_window, sliding_window_pairs, paper, random twin)" in text
     assert "- ratio 0.7: PPL against its random twin: not measured over seeds." in text
+
+
+def test_forced_log_probability_equals_a_full_forward():
+    """The forced score reads the LM head on the answer's positions only; its log-probability is the one a forward
+    computing every position's logits gives."""
+    from tokenfilter.bench.model import supports_logits_to_keep
+    from tokenfilter.longctx.needle import NEEDLES, NeedleBuilder
+
+    model, tok = tiny_lm()
+    assert supports_logits_to_keep(model)  # else the test would not run the path it names
+    fact = NEEDLES["select"][1]
+    forced = quality.needle_forced(model, tok, None, [200], [10.0], (fact,))["cells"][0]
+    p = NeedleBuilder(tok).for_needle(fact).build(200, 10.0)
+    answer = tok(" " + fact.answer, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([p.input_ids + answer])).logits[0].float()
+    n = len(p.input_ids)
+    lp = torch.log_softmax(logits[n - 1 : n - 1 + len(answer)], -1).gather(-1, torch.tensor(answer)[:, None]).sum()
+    assert forced["logp"] == pytest.approx(float(lp), abs=1e-4)

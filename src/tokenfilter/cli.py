@@ -286,9 +286,12 @@ def _run_kv_study(args: argparse.Namespace) -> int:
     # an older name (e.g. kv-window) gives the candidate's own name, the one its recorded runs carry
     args.candidates = args.candidates and [_preset_name(n) for n in args.candidates]
     args.chosen = args.chosen and _preset_name(args.chosen)
-    for name in [*(args.candidates or []), *([args.chosen] if args.chosen else [])]:
-        if name not in quality.CANDIDATES:
-            raise ValueError(f"Unknown KV-side candidate {name!r}; choose from {', '.join(quality.CANDIDATES)}.")
+    for name in args.candidates or []:
+        if not quality.is_candidate(name):
+            raise ValueError(f"Unknown KV-side candidate {name!r}; choose from {', '.join(quality.CANDIDATES)} "
+                             "(or <name>-random, its random twin).")
+    if args.chosen and args.chosen not in quality.CANDIDATES:
+        raise ValueError(f"Unknown KV-side candidate {args.chosen!r}; choose from {', '.join(quality.CANDIDATES)}.")
     cfg = quality.QualityConfig(model=args.model, stages=args.stages or ["select", "heldout"], chosen=args.chosen,
                                 seeds=args.seeds, ppl_window=args.ppl_window, ppl_windows=args.ppl_windows or 16,
                                 dtype=args.dtype)

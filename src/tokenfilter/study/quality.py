@@ -44,6 +44,19 @@ def ppl_target(model: str, ratio: float) -> float | None:
     return PPL_TARGET.get(ratio)
 
 
+def is_candidate(name: str) -> bool:
+    """A KV-side candidate, or a candidate's random twin (``<name>-random``, seed 0: the selection's chance floor)."""
+    return name in CANDIDATES or name.removesuffix(presets.RANDOM_SUFFIX) in CANDIDATES
+
+
+def candidate_fields(name: str) -> dict:
+    if not is_candidate(name):
+        raise ValueError(f"Unknown KV-side candidate {name!r}; choose from {', '.join(CANDIDATES)} (or <name>-random).")
+    if name in CANDIDATES:
+        return dict(CANDIDATES[name])
+    return random_twin(CANDIDATES[name.removesuffix(presets.RANDOM_SUFFIX)], 0)
+
+
 def random_twin(kwargs: dict, seed: int) -> dict:
     return presets.random_twin(kwargs, seed)
 
@@ -124,6 +137,7 @@ def needle_forced(model, tok, tf: TokenFilter | None, lengths: list[int], depths
     Per prompt: ``hit`` (every answer token is the argmax: what greedy decoding would write), ``logp`` (the
     answer's log-probability), ``needle_kept`` (share of the needle's (token, layer) entries kept, over the
     layers that filtered anything) and the KV held."""
+    from tokenfilter.bench.model import supports_logits_to_keep
     from tokenfilter.longctx.needle import NeedleBuilder
 
     base = NeedleBuilder(tok)
@@ -132,12 +146,14 @@ def needle_forced(model, tok, tf: TokenFilter | None, lengths: list[int], depths
     for fact in facts:
         builder = base.for_needle(fact)
         answer = tok(" " + fact.answer, add_special_tokens=False)["input_ids"]
+        # the LM head on the answer's positions only (a large vocabulary's head costs more than the model's body)
+        head = {"logits_to_keep": len(answer) + 1} if supports_logits_to_keep(model) else {}
         for length in lengths:
             for depth in depths:
                 p = builder.build(length, depth)
                 with torch.no_grad(), cfg.apply(model) as run:
-                    logits = model(torch.tensor([p.input_ids + answer]), use_cache=False).logits[0].float()
-                n = len(p.input_ids)
+                    logits = model(torch.tensor([p.input_ids + answer]), use_cache=False, **head).logits[0].float()
+                n = len(p.input_ids) - (len(p.input_ids) + len(answer) - logits.shape[0])  # the kept logits' offset
                 lp = torch.log_softmax(logits[n - 1:n - 1 + len(answer)], -1)
                 target = torch.tensor(answer)
                 kept = [float((~d[0, ..., p.needle_start:p.needle_end]).float().mean()) for d in run.decisions
@@ -175,13 +191,13 @@ def select(model, tok, ids: torch.Tensor, cfg: QualityConfig, progress: bool,
     keep(out)
     for name in tqdm(cfg.candidates, desc="selection", disable=not progress):
         if name not in out["runs"]:
-            out["runs"][name] = measure(TokenFilter(ratio=r, **CANDIDATES[name], **cfg.overrides))
+            out["runs"][name] = measure(TokenFilter(ratio=r, **candidate_fields(name), **cfg.overrides))
             keep(out)
         if progress:
             row = out["runs"][name]
             print(f"  {name}: PPL x{row['ppl'] / out['dense']['ppl']:.3f}, needle {row['needle']['found']:.2f} "
                   f"(logp {row['needle']['logp']:.2f})", flush=True)
-    out["choice"] = choose(out, r, [n for n in cfg.candidates if n in out["runs"]])
+    out["choice"] = choose(out, r, [n for n in cfg.candidates if n in out["runs"] and n in CANDIDATES])
     return out
 
 
@@ -308,6 +324,43 @@ def run_quality(cfg: QualityConfig, progress: bool = True, previous: dict | None
 
 
 STAGE_KEYS = ("select", "heldout")
+
+
+def choose_ladder(selects: dict[str, dict], ratio: float) -> dict:
+    """The rule over a ladder of models (model name -> its selection half, ``select``'s output): among the
+    candidates every model measured, those within each model's perplexity target at ``ratio`` on every model; of
+    them the most needle hits on the model where it finds the fewest (the worst case), ties by the mean answer
+    log-probability, then by the worst perplexity ratio. When no candidate meets every model's target the rule says
+    so and names the one closest to it (the smallest worst-case ratio of its perplexity to the model's target)."""
+    names = [n for n in CANDIDATES if all(n in sel["runs"] for sel in selects.values())]
+    if len(selects) < 2 or not names:
+        raise ValueError("The ladder rule needs the selection half of two or more models with candidates in common.")
+
+    def per_model(name: str) -> dict[str, dict]:
+        out = {}
+        for model, sel in selects.items():
+            row, dense = sel["runs"][name], sel["dense"]["ppl"]
+            target = ppl_target(model, ratio) or 1.08
+            out[model] = {"x_dense": row["ppl"] / dense, "target": target, "ok": row["ppl"] <= target * dense,
+                          "found": row["needle"]["found"], "logp": row["needle"].get("logp", 0.0)}
+        return out
+
+    table = {n: per_model(n) for n in names}
+    within = [n for n in names if all(m["ok"] for m in table[n].values())]
+    if within:
+        best = max(within, key=lambda n: (min(m["found"] for m in table[n].values()),
+                                          sum(m["logp"] for m in table[n].values()) / len(selects),
+                                          -max(m["x_dense"] for m in table[n].values())))
+    else:
+        best = min(names, key=lambda n: max(m["x_dense"] / m["target"] for m in table[n].values()))
+    rule = ("among the candidates within every model's perplexity target at ratio "
+            f"{ratio}, the most needle hits on the model where it finds the fewest; ties by the mean answer "
+            "log-probability, then the worst perplexity ratio")
+    if not within:
+        rule += ("; no candidate meets every model's target, so none is chosen: the closest (smallest worst-case "
+                 "perplexity over target) is named")
+    return {"chosen": best if within else None, "closest": best, "within_target": within, "table": table,
+            "models": list(selects), "rule": rule}
 
 
 def merge_results(parts: dict[str, dict], notes: list[str] | None = None) -> dict:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tokenfilter.study.quality import needle_summary, ppl_target
+from tokenfilter.study.quality import CANDIDATES, choose_ladder, needle_summary, ppl_target
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -212,6 +212,52 @@ def _missing(res: dict) -> list[str]:
     return out
 
 
+def ladder_section(result: dict) -> list[str]:
+    """The rule over every model with a selection half (``choose_ladder``): a table of each candidate on each
+    model, and the choice, or the plain statement that no candidate meets every model's target. Empty when fewer
+    than two models have a selection half."""
+    selects = {m: r["select"] for m, r in result.get("models", {}).items() if "select" in r}
+    ratios = {r["config"]["budget_ratio"] for m, r in result.get("models", {}).items() if "select" in r}
+    if len(selects) < 2 or len(ratios) != 1:
+        return []
+    try:
+        lad = choose_ladder(selects, ratios.pop())
+    except ValueError:
+        return []
+    models = lad["models"]
+    targets = ", ".join(f"{m}: x{lad['table'][lad['closest']][m]['target']}" for m in models)
+    out = ["### The ladder: one rule over every model's selection half", "",
+           "Each cell: perplexity x dense / selection needle found (teacher-forced). A cell in **bold** is within that "
+           f"model's perplexity target ({targets}). The random twin (seed 0) of a candidate, where every model "
+           "measured it, is the chance floor beside it.", ""]
+    rows = []
+    for name in lad["table"]:
+        cells = []
+        for m in models:
+            c = lad["table"][name][m]
+            text = f"x{c['x_dense']:.3f} / {c['found']:.2f}"
+            cells.append(f"**{text}**" if c["ok"] else text)
+        worst = min(c["found"] for c in lad["table"][name].values())
+        mark = " (chosen)" if name == lad["chosen"] else (" (closest)" if name == lad["closest"] else "")
+        rows.append([name + mark, *cells, "yes" if name in lad["within_target"] else "no", f"{worst:.2f}"])
+    for name in CANDIDATES:  # the twins, as the floor
+        twin = name + "-random"
+        if all(twin in sel["runs"] for sel in selects.values()):
+            cells = []
+            for m in models:
+                sel = selects[m]
+                cells.append(f"x{sel['runs'][twin]['ppl'] / sel['dense']['ppl']:.3f} / "
+                             f"{sel['runs'][twin]['needle']['found']:.2f}")
+            rows.append([twin, *cells, "", ""])
+    out += _table(["candidate", *models, "within every target", "worst-case needle"], rows)
+    out.append(f"Rule: {lad['rule']}.")
+    if lad["chosen"]:
+        out.append(f"Chosen over the ladder: `{lad['chosen']}`.")
+    else:
+        out.append(f"**No candidate meets every model's target**; the closest is `{lad['closest']}`.")
+    return [*out, ""]
+
+
 def render(result: dict) -> str:
     parts = ["## KV-side study (Quality II)", "",
              f"{result.get('seconds', 0) / 60:.0f} min, torch {result.get('torch')}, {result.get('threads')} threads. "
@@ -226,6 +272,7 @@ def render(result: dict) -> str:
             parts += select_section(res["select"], res["config"]["budget_ratio"])
         if "heldout" in res:
             parts += heldout_section(res["heldout"], model)
+    parts += ladder_section(result)
     return "\n".join(parts)
 
 
