@@ -142,6 +142,17 @@ def test_min_fusion_lets_the_most_novel_head_decide():
     assert fuse(s_k, s_v.neg(), "key-min", 1.0).argmin() == 2
 
 
+def test_kv_min_fusion_filters_only_what_key_and_value_both_repeat():
+    from tokenfilter.algorithm.scores import fuse
+
+    g = torch.Generator().manual_seed(4)
+    s_k, s_v = torch.rand(5, 4, generator=g) * 0.5 + 0.5, torch.rand(5, 4, generator=g) * 0.5 + 0.5
+    fused = fuse(s_k, s_v, "kv-min", 1.0)
+    assert torch.equal(fused, torch.minimum(s_k.mean(-1), s_v.mean(-1)))
+    s_v[3] = -1.0  # token 3's value is novel though its key is not: it is the least redundant
+    assert fuse(s_k, s_v, "kv-min", 1.0).argmin() == 3 and fuse(s_k, s_v, "key", 1.0).argmin() != 3
+
+
 def test_two_horizon_is_redundant_only_on_both_horizons():
     keys, values = _kv(n=12)
     both = SCORES["two-horizon"](keys, values, _state(None))

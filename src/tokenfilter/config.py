@@ -79,7 +79,7 @@ class TokenFilter:
     budget: int | None = None
     gamma: float = 0.95
     warmup: int = 4
-    fusion: Literal["variance", "mean", "key", "value", "min", "key-min"] = "key"
+    fusion: Literal["variance", "mean", "key", "value", "min", "key-min", "kv-min"] = "key"
     lam: float = 1.0
     schedule: str | Sequence[float] = "uniform"
     start_layer: int | None = 2  # None: the SPEC's L // 2

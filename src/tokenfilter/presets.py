@@ -90,6 +90,8 @@ KV_STUDY: dict[str, dict] = {
     # the values alone (the ladder: on Gemma 3, one KV head and QK-norm, the keys alone pick worse than chance)
     "kv-w64-value": {**KV_SIDE, "recent": 64, "fusion": "value"},
     "kv-w64-2h-value": {**TWO_HORIZON_KEY, "gamma": 0.95, "fusion": "value"},
+    # filtered only when the key and the value both repeat the past (on both horizons)
+    "kv-w64-2h-kvmin": {**TWO_HORIZON_KEY, "gamma": 0.95, "fusion": "kv-min"},
     "kv-w64-cummean-post": {**KV_SIDE, "recent": 64, "score": "cumulative-mean", "pre_rope": False},
     "kv-w64-2h": {**KV_SIDE, "recent": 64, "score": "two-horizon"},
     "kv-w64-2h-g0.99": {**KV_SIDE, "recent": 64, "score": "two-horizon", "gamma": 0.99},

@@ -25,7 +25,7 @@ import torch
 from tokenfilter.algorithm.anchors import ema_scan
 from tokenfilter.algorithm.scores.state import Score, ScoreState
 
-FUSIONS = ("variance", "mean", "key", "value", "min", "key-min")
+FUSIONS = ("variance", "mean", "key", "value", "min", "key-min", "kv-min")
 KEY_FUSIONS = ("key", "key-min")  # the fusions that read the key similarities only
 _FEW = 1024  # up to this many similarities, fewer operators beat faster ones
 _EPS2 = 1e-8 * 1e-8  # head_cosine's eps, squared
@@ -74,6 +74,8 @@ def fuse_stacked(
         return s.amin(-1).mean(-1)
     if fusion == "key-min":  # the same on the keys alone
         return s[..., 0, :].amin(-1)
+    if fusion == "kv-min":  # redundant only when the key and the value both are (each averaged over heads)
+        return s.mean(-1).amin(-1)
     if fusion != "variance":
         raise ValueError(f"Unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}.")
     if (s.numel() <= _FEW) if few is None else few:  # decode: one operator for both statistics
