@@ -38,7 +38,13 @@ def test_ladder_choice_is_the_best_worst_case_within_every_models_target():
     lad = quality.choose_ladder(ladder, 0.5)
     assert lad["within_target"] == [a, b]  # c is above x1.08 on "small"; kv-w32 was measured on one model only
     assert lad["chosen"] == b  # worst case 0.5 against a's 0.3, though a finds more on "small"
-    assert lad["table"][a]["other"]["x_dense"] == pytest.approx(1.05)
+    assert lad["table"][a]["other"]["x_dense"] == pytest.approx(1.05) and "kv-w32" not in lad["table"]
+    third = _sel(30.0, {a: (30.0, 1.0), b: (30.0, 1.0)})  # a model that measured two of them
+    three = quality.choose_ladder({**ladder, "third": third}, 0.5)
+    assert three["ruled"] == [a, b] and three["table"][c]["third"] is None and three["chosen"] == b
+    text = "\n".join(quality_report.ladder_section({"models": {m: {"select": s, "config": {"budget_ratio": 0.5}}
+                                                                for m, s in {**ladder, "third": third}.items()}}))
+    assert f"| {c} | x1.200 / 1.00 | **x1.005 / 1.00** | – |  |  |" in text  # shown, not ruled on
     text = "\n".join(quality_report.ladder_section({"models": {m: {"select": s, "config": {"budget_ratio": 0.5}}
                                                                 for m, s in ladder.items()}}))
     assert f"| {b} (chosen) | **x1.020 / 0.50** | **x1.050 / 0.60** | yes | 0.50 |" in text

@@ -336,16 +336,18 @@ def choose_ladder(selects: dict[str, dict], ratio: float) -> dict:
     if len(selects) < 2 or not names:
         raise ValueError("The ladder rule needs the selection half of two or more models with candidates in common.")
 
-    def per_model(name: str) -> dict[str, dict]:
-        out = {}
-        for model, sel in selects.items():
-            row, dense = sel["runs"][name], sel["dense"]["ppl"]
-            target = ppl_target(model, ratio) or 1.08
-            out[model] = {"x_dense": row["ppl"] / dense, "target": target, "ok": row["ppl"] <= target * dense,
-                          "found": row["needle"]["found"], "logp": row["needle"].get("logp", 0.0)}
-        return out
+    def cell(model: str, name: str) -> dict | None:
+        sel = selects[model]
+        if name not in sel["runs"]:
+            return None
+        row, dense = sel["runs"][name], sel["dense"]["ppl"]
+        target = ppl_target(model, ratio) or 1.08
+        return {"x_dense": row["ppl"] / dense, "target": target, "ok": row["ppl"] <= target * dense,
+                "found": row["needle"]["found"], "logp": row["needle"].get("logp", 0.0)}
 
-    table = {n: per_model(n) for n in names}
+    # every candidate two or more models measured (None where one did not); the rule reads those all measured
+    shown = [n for n in CANDIDATES if sum(n in sel["runs"] for sel in selects.values()) >= 2]
+    table = {n: {m: cell(m, n) for m in selects} for n in shown}
     within = [n for n in names if all(m["ok"] for m in table[n].values())]
     if within:
         best = max(within, key=lambda n: (min(m["found"] for m in table[n].values()),
@@ -360,7 +362,7 @@ def choose_ladder(selects: dict[str, dict], ratio: float) -> dict:
         rule += ("; no candidate meets every model's target, so none is chosen: the closest (smallest worst-case "
                  "perplexity over target) is named")
     return {"chosen": best if within else None, "closest": best, "within_target": within, "table": table,
-            "models": list(selects), "rule": rule}
+            "ruled": names, "models": list(selects), "rule": rule}
 
 
 def merge_results(parts: dict[str, dict], notes: list[str] | None = None) -> dict:

@@ -228,26 +228,28 @@ def ladder_section(result: dict) -> list[str]:
     targets = ", ".join(f"{m}: x{lad['table'][lad['closest']][m]['target']}" for m in models)
     out = ["### The ladder: one rule over every model's selection half", "",
            "Each cell: perplexity x dense / selection needle found (teacher-forced). A cell in **bold** is within that "
-           f"model's perplexity target ({targets}). The random twin (seed 0) of a candidate, where every model "
-           "measured it, is the chance floor beside it.", ""]
+           f"model's perplexity target ({targets}); – where the model did not measure the candidate (the rule reads "
+           "the candidates every model measured). The random twin (seed 0) of a candidate, where two or more "
+           "models measured it, is the chance floor beside it.", ""]
     rows = []
-    for name in lad["table"]:
+    for name, by_model in lad["table"].items():
         cells = []
         for m in models:
-            c = lad["table"][name][m]
-            text = f"x{c['x_dense']:.3f} / {c['found']:.2f}"
-            cells.append(f"**{text}**" if c["ok"] else text)
-        worst = min(c["found"] for c in lad["table"][name].values())
+            c = by_model[m]
+            text = "–" if c is None else f"x{c['x_dense']:.3f} / {c['found']:.2f}"
+            cells.append(f"**{text}**" if c and c["ok"] else text)
+        ruled = name in lad["ruled"]
+        worst = f"{min(c['found'] for c in by_model.values()):.2f}" if ruled else ""
         mark = " (chosen)" if name == lad["chosen"] else (" (closest)" if name == lad["closest"] else "")
-        rows.append([name + mark, *cells, "yes" if name in lad["within_target"] else "no", f"{worst:.2f}"])
+        within = ("yes" if name in lad["within_target"] else "no") if ruled else ""
+        rows.append([name + mark, *cells, within, worst])
     for name in CANDIDATES:  # the twins, as the floor
         twin = name + "-random"
-        if all(twin in sel["runs"] for sel in selects.values()):
+        if sum(twin in sel["runs"] for sel in selects.values()) >= 2:
             cells = []
             for m in models:
-                sel = selects[m]
-                cells.append(f"x{sel['runs'][twin]['ppl'] / sel['dense']['ppl']:.3f} / "
-                             f"{sel['runs'][twin]['needle']['found']:.2f}")
+                run, dense = selects[m]["runs"].get(twin), selects[m]["dense"]["ppl"]
+                cells.append("–" if run is None else f"x{run['ppl'] / dense:.3f} / {run['needle']['found']:.2f}")
             rows.append([twin, *cells, "", ""])
     out += _table(["candidate", *models, "within every target", "worst-case needle"], rows)
     out.append(f"Rule: {lad['rule']}.")
