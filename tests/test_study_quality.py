@@ -59,7 +59,8 @@ def test_ladder_without_a_candidate_within_every_target_says_so():
     assert lad["chosen"] is None and lad["within_target"] == [] and lad["closest"] == a  # x1.15 beats x1.20
     text = "\n".join(quality_report.ladder_section({"models": {m: {"select": s, "config": {"budget_ratio": 0.5}}
                                                                 for m, s in ladder.items()}}))
-    assert "**No candidate meets every model's target**; the closest is `kv-w64`." in text
+    assert "**No candidate meets every model's target**; the closest on perplexity alone" in text
+    assert "target) is `kv-w64`." in text
     assert f"| {a} (closest) |" in text
     with pytest.raises(ValueError, match="two or more models"):
         quality.choose_ladder({"small": ladder["small"]}, 0.5)
@@ -313,6 +314,16 @@ def test_merge_takes_each_stage_from_the_run_that_measured_it(tiny_study, tmp_pa
     assert main(["study", "--kv-side", "--merge", str(tmp_path / "nothing"), "--output", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "No KV-side study in" in err and "\n" not in err
+
+
+def test_report_of_a_run_stopped_mid_selection_applies_the_rule_to_what_it_measured(tiny_study):
+    import copy
+
+    result, _ = tiny_study
+    cut = copy.deepcopy(result)
+    del cut["select"]["choice"]  # stopped before the last candidate: rows saved, no choice yet
+    text = render({"models": {"tiny": cut}, "seconds": 1})
+    assert f"| {result['select']['choice']['chosen']} (chosen) |" in text and "Rule: most selection-needle" in text
 
 
 def test_report_of_a_run_stopped_mid_ratio_says_what_is_missing(tiny_study):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tokenfilter.study.quality import CANDIDATES, choose_ladder, needle_summary, ppl_target
+from tokenfilter.study.quality import CANDIDATES, choose, choose_ladder, needle_summary, ppl_target
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -16,7 +16,8 @@ def _ppl_cells(row: dict, dense: float) -> list[str]:
 
 def select_section(sel: dict, ratio: float) -> list[str]:
     dense = sel["dense"]["ppl"]
-    choice = sel["choice"]
+    # a run stopped mid-selection saved its rows but not its choice: the same rule over what it measured
+    choice = sel.get("choice") or choose(sel, ratio, [n for n in sel["runs"] if n in CANDIDATES])
     forced = sel["dense"]["needle"].get("scoring") == "teacher-forced"
     out = [f"### Selection half (even WikiText-2 windows, selection needle facts and depths), ratio {ratio}", "",
            f"Dense PPL {dense:.2f}. KV held and pairs are shares of dense over all layers after each window."
@@ -256,7 +257,8 @@ def ladder_section(result: dict) -> list[str]:
     if lad["chosen"]:
         out.append(f"Chosen over the ladder: `{lad['chosen']}`.")
     else:
-        out.append(f"**No candidate meets every model's target**; the closest is `{lad['closest']}`.")
+        out.append(f"**No candidate meets every model's target**; the closest on perplexity alone (the smallest "
+                   f"worst-case ratio to a model's target) is `{lad['closest']}`.")
     return [*out, ""]
 
 
