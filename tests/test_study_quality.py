@@ -196,7 +196,7 @@ def test_a_resumed_run_adds_a_ratio_with_the_twin_needle_and_records_it(tiny_stu
 def test_report_renders_the_tables_and_verdicts(tiny_study):
     result, _ = tiny_study
     text = render({"models": {"tiny": result}, "commands": ["tokenfilter study --kv-side"], "seconds": 1})
-    assert "### Selection half" in text and "### Held-out half: tiny" in text
+    assert "### Selection half: tiny" in text and "### Held-out half: tiny" in text
     assert "sliding window" in text and "Targets (issue 15), computed:" in text
     assert "needle" in text and ("met" in text or "MISSED" in text)
     assert "Notes:" not in text

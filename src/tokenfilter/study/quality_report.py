@@ -14,12 +14,13 @@ def _ppl_cells(row: dict, dense: float) -> list[str]:
     return [f"{row['ppl']:.2f}", f"{row['ppl'] / dense:.3f}", f"{row['kv_held']:.3f}", f"{row['pairs']:.3f}"]
 
 
-def select_section(sel: dict, ratio: float) -> list[str]:
+def select_section(sel: dict, ratio: float, model: str | None = None) -> list[str]:
     dense = sel["dense"]["ppl"]
     # a run stopped mid-selection saved its rows but not its choice: the same rule over what it measured
     choice = sel.get("choice") or choose(sel, ratio, [n for n in sel["runs"] if n in CANDIDATES])
     forced = sel["dense"]["needle"].get("scoring") == "teacher-forced"
-    out = [f"### Selection half (even WikiText-2 windows, selection needle facts and depths), ratio {ratio}", "",
+    named = f": {model}" if model else ""
+    out = [f"### Selection half{named} (even WikiText-2 windows, selection needle facts and depths), ratio {ratio}", "",
            f"Dense PPL {dense:.2f}. KV held and pairs are shares of dense over all layers after each window."
            + (" Needle answers teacher-forced: found = every answer token is the argmax (what greedy decoding "
               "writes), log p = the answer's log-probability, kept = share of the needle's (token, layer) entries "
@@ -273,7 +274,7 @@ def render(result: dict) -> str:
         if missing:
             parts += [f"Not measured on {model}: {'; '.join(missing)}.", ""]
         if "select" in res:
-            parts += select_section(res["select"], res["config"]["budget_ratio"])
+            parts += select_section(res["select"], res["config"]["budget_ratio"], model)
         if "heldout" in res:
             parts += heldout_section(res["heldout"], model)
     parts += ladder_section(result)
