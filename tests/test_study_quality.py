@@ -356,3 +356,21 @@ def test_forced_log_probability_equals_a_full_forward():
     n = len(p.input_ids)
     lp = torch.log_softmax(logits[n - 1 : n - 1 + len(answer)], -1).gather(-1, torch.tensor(answer)[:, None]).sum()
     assert forced["logp"] == pytest.approx(float(lp), abs=1e-4)
+
+
+def test_a_stopped_run_keeps_its_rows_and_the_command_that_measured_them(tmp_path, monkeypatch, capsys):
+    from tokenfilter.cli import main
+
+    def stopped(cfg, previous=None, save=None, progress=True):
+        save({"select": {"runs": {"kv-w64": {"ppl": 1.0}}}})  # one row measured, then stopped
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quality, "run_quality", stopped)
+    argv = ["study", "--kv-side", "--stages", "select", "--candidates", "kv-w64", "--output", str(tmp_path)]
+    monkeypatch.setattr("sys.argv", ["tokenfilter", *argv])  # what the command line records
+    assert main(argv) != 0
+    assert "interrupted" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "kv-study.json").read_text(encoding="utf-8"))
+    assert saved["commands"] == ["tokenfilter " + " ".join(argv)]
+    (row,) = saved["models"].values()
+    assert row["select"]["runs"]["kv-w64"]["ppl"] == 1.0

@@ -317,8 +317,9 @@ def _run_kv_study(args: argparse.Namespace) -> int:
         models[label] = partial
         json_path.write_text(json.dumps(everything, indent=1, default=str), encoding="utf-8")
 
-    result = quality.run_quality(cfg, previous=models.get(label) if args.resume else None, save=save)
+    # recorded before the run, so that the rows of a stopped run name the command that measured them
     everything.setdefault("commands", []).append("tokenfilter " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    result = quality.run_quality(cfg, previous=models.get(label) if args.resume else None, save=save)
     everything["seconds"] = sum(m.get("seconds", 0) for m in models.values())
     everything["torch"], everything["threads"] = result["torch"], result["threads"]
     save(result)
