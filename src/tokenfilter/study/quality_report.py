@@ -17,7 +17,7 @@ def _ppl_cells(row: dict, dense: float) -> list[str]:
 def select_section(sel: dict, ratio: float, model: str | None = None) -> list[str]:
     dense = sel["dense"]["ppl"]
     # a run stopped mid-selection saved its rows but not its choice: the same rule over what it measured
-    choice = sel.get("choice") or choose(sel, ratio, [n for n in sel["runs"] if n in CANDIDATES])
+    choice = sel.get("choice") or choose(sel, ratio, [n for n in sel["runs"] if n in CANDIDATES], model)
     forced = sel["dense"]["needle"].get("scoring") == "teacher-forced"
     named = f": {model}" if model else ""
     out = [f"### Selection half{named} (even WikiText-2 windows, selection needle facts and depths), ratio {ratio}", "",
