@@ -165,3 +165,43 @@ def test_two_horizon_is_redundant_only_on_both_horizons():
     ema, mean = SCORES["similarity"](keys, values, _state(None)), SCORES["cumulative-mean"](keys, values, _state(None))
     assert (ema[:, 32] > mean[:, 32]).all()
     assert torch.equal(SCORES["two-horizon"](keys, values, _state(None))[:, 32], mean[:, 32])
+
+
+def test_standardize_uses_each_parts_prefix_statistics():
+    from tokenfilter.algorithm.scores.standardized import standardize
+
+    g = torch.Generator().manual_seed(5)
+    s = torch.rand(2, 9, 2, generator=g)
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, 5:] = False  # row 1: five real entries, then padding
+    s[1, 5:] = float("nan")
+    z = standardize(s.clone(), _state(valid))
+    for row, n in ((0, 9), (1, 5)):
+        for t in range(n):
+            past = s[row, : t + 1].double()  # the part's similarities up to and including t
+            want = (past[-1] - past.mean(0)) / (past.var(0, unbiased=False) + 1e-6).sqrt()
+            torch.testing.assert_close(z[row, t].double(), want, atol=1e-4, rtol=1e-4)
+    assert (z[:, 0] == 0).all()  # no spread yet
+
+
+def test_standardized_min_compares_key_and_value_on_a_common_scale():
+    from tokenfilter.algorithm.scores.standardized import standardize
+
+    g = torch.Generator().manual_seed(6)
+    s = torch.stack([0.9 + 0.02 * torch.rand(1, 40, generator=g), 0.3 + 0.02 * torch.rand(1, 40, generator=g)], -1)
+    s[0, 30, 0] = 0.6  # token 30's key is novel; its value is as usual, and the values run far lower than the keys
+    # a raw minimum reads the values alone and misses it; on a common scale the novel key decides
+    assert s.amin(-1)[0, 30] > s.amin(-1)[0, 20:].min()
+    assert standardize(s, _state(None, b=1)).amin(-1)[0].argmin() == 30
+
+
+def test_standardized_scores_read_the_two_horizon_similarities():
+    from tokenfilter.algorithm.scores.standardized import part_similarities, standardize
+
+    keys, values = _kv(n=12)
+    parts = part_similarities(keys, values, _state(None))
+    for i, fusion in enumerate(("key", "value")):  # each part: the two-horizon score of that part alone
+        torch.testing.assert_close(parts[..., i], SCORES["two-horizon"](keys, values, _state(None, fusion=fusion)))
+    z = standardize(parts, _state(None))
+    assert torch.equal(SCORES["standardized-min"](keys, values, _state(None)), z.amin(-1))
+    assert torch.equal(SCORES["standardized-mean"](keys, values, _state(None)), z.mean(-1))

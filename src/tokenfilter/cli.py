@@ -287,9 +287,7 @@ def _run_kv_study(args: argparse.Namespace) -> int:
     args.candidates = args.candidates and [_preset_name(n) for n in args.candidates]
     args.chosen = args.chosen and _preset_name(args.chosen)
     for name in args.candidates or []:
-        if not quality.is_candidate(name):
-            raise ValueError(f"Unknown KV-side candidate {name!r}; choose from {', '.join(quality.CANDIDATES)} "
-                             "(or <name>-random, its random twin).")
+        quality.candidate_fields(name)  # one sentence naming the candidates if unknown
     if args.chosen and args.chosen not in quality.CANDIDATES:
         raise ValueError(f"Unknown KV-side candidate {args.chosen!r}; choose from {', '.join(quality.CANDIDATES)}.")
     cfg = quality.QualityConfig(model=args.model, stages=args.stages or ["select", "heldout"], chosen=args.chosen,

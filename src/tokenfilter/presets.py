@@ -92,6 +92,9 @@ KV_STUDY: dict[str, dict] = {
     "kv-w64-2h-value": {**TWO_HORIZON_KEY, "gamma": 0.95, "fusion": "value"},
     # filtered only when the key and the value both repeat the past (on both horizons)
     "kv-w64-2h-kvmin": {**TWO_HORIZON_KEY, "gamma": 0.95, "fusion": "kv-min"},
+    # the key and the value each standardized over the tokens seen so far, so neither one's scale decides
+    "kv-w64-2h-zmin": {**TWO_HORIZON_KEY, "gamma": 0.95, "score": "standardized-min"},
+    "kv-w64-2h-zmean": {**TWO_HORIZON_KEY, "gamma": 0.95, "score": "standardized-mean"},
     "kv-w64-cummean-post": {**KV_SIDE, "recent": 64, "score": "cumulative-mean", "pre_rope": False},
     "kv-w64-2h": {**KV_SIDE, "recent": 64, "score": "two-horizon"},
     "kv-w64-2h-g0.99": {**KV_SIDE, "recent": 64, "score": "two-horizon", "gamma": 0.99},

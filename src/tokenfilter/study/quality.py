@@ -35,13 +35,11 @@ PPL_TARGET = {0.3: 1.03, 0.5: 1.08, 0.7: 1.20}  # x dense, SmolLM2-135M (issue 1
 PPL_TARGET_BY_MODEL = {"qwen2.5-coder-1.5b": {0.5: 1.03}}  # other models' targets (issue 15)
 
 
-def ppl_target(model: str, ratio: float) -> float | None:
-    """The perplexity target (x dense) for ``model`` (a short name or a display name) at ``ratio``, if any."""
-    name = model.lower()
-    for key, table in PPL_TARGET_BY_MODEL.items():
-        if key in name:
-            return table.get(ratio)
-    return PPL_TARGET.get(ratio)
+def ppl_target(model: str | None, ratio: float, default: float | None = PPL_TARGET[0.5]) -> float | None:
+    """The perplexity target (x dense) for ``model`` (a short name or a display name; None: SmolLM2-135M's) at
+    ``ratio``, or ``default`` where none is written for that ratio."""
+    table = next((t for key, t in PPL_TARGET_BY_MODEL.items() if key in (model or "").lower()), PPL_TARGET)
+    return table.get(ratio, default)
 
 
 def is_candidate(name: str) -> bool:
@@ -50,11 +48,11 @@ def is_candidate(name: str) -> bool:
 
 
 def candidate_fields(name: str) -> dict:
+    """A candidate's ``TokenFilter`` fields (its random twin's: seed 0); one sentence naming the choices if unknown."""
     if not is_candidate(name):
-        raise ValueError(f"Unknown KV-side candidate {name!r}; choose from {', '.join(CANDIDATES)} (or <name>-random).")
-    if name in CANDIDATES:
-        return dict(CANDIDATES[name])
-    return random_twin(CANDIDATES[name.removesuffix(presets.RANDOM_SUFFIX)], 0)
+        raise ValueError(f"Unknown KV-side candidate {name!r}; choose from {', '.join(CANDIDATES)} "
+                         "(or <name>-random, its random twin).")
+    return presets.fields(name)
 
 
 def random_twin(kwargs: dict, seed: int) -> dict:
@@ -153,7 +151,7 @@ def needle_forced(model, tok, tf: TokenFilter | None, lengths: list[int], depths
                 p = builder.build(length, depth)
                 with torch.no_grad(), cfg.apply(model) as run:
                     logits = model(torch.tensor([p.input_ids + answer]), use_cache=False, **head).logits[0].float()
-                n = len(p.input_ids) - (len(p.input_ids) + len(answer) - logits.shape[0])  # the kept logits' offset
+                n = logits.shape[0] - len(answer)  # the prompt's last kept position + 1 (the head kept the tail only)
                 lp = torch.log_softmax(logits[n - 1:n - 1 + len(answer)], -1)
                 target = torch.tensor(answer)
                 kept = [float((~d[0, ..., p.needle_start:p.needle_end]).float().mean()) for d in run.decisions
@@ -197,8 +195,7 @@ def select(model, tok, ids: torch.Tensor, cfg: QualityConfig, progress: bool,
             row = out["runs"][name]
             print(f"  {name}: PPL x{row['ppl'] / out['dense']['ppl']:.3f}, needle {row['needle']['found']:.2f} "
                   f"(logp {row['needle']['logp']:.2f})", flush=True)
-    out["choice"] = choose(out, r, [n for n in cfg.candidates if n in out["runs"] and n in CANDIDATES],
-                           cfg.model or "smollm2-135m")
+    out["choice"] = choose(out, r, [n for n in cfg.candidates if n in out["runs"] and n in CANDIDATES], cfg.model)
     return out
 
 
@@ -206,7 +203,7 @@ def choose(sel: dict, ratio: float, names: list[str] | None = None, model: str |
     """Most needle hits among the candidates within the perplexity target at ``ratio`` (``model``'s own, where it
     has one); ties by the answer's log-probability (when measured), then by perplexity."""
     dense = sel["dense"]["ppl"]
-    target = (ppl_target(model, ratio) if model else PPL_TARGET.get(ratio)) or 1.08
+    target = ppl_target(model, ratio)
     runs = {n: sel["runs"][n] for n in (names or sel["runs"])}
     ok = {n: r for n, r in runs.items() if r["ppl"] <= target * dense}
     pool = ok or runs
@@ -342,7 +339,7 @@ def choose_ladder(selects: dict[str, dict], ratio: float) -> dict:
         if name not in sel["runs"]:
             return None
         row, dense = sel["runs"][name], sel["dense"]["ppl"]
-        target = ppl_target(model, ratio) or 1.08
+        target = ppl_target(model, ratio)
         return {"x_dense": row["ppl"] / dense, "target": target, "ok": row["ppl"] <= target * dense,
                 "found": row["needle"]["found"], "logp": row["needle"].get("logp", 0.0)}
 

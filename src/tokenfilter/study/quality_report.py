@@ -126,7 +126,7 @@ def verdicts(held: dict, model: str) -> list[str]:
         if "chosen" not in runs:
             continue
         x = runs["chosen"]["ppl"] / dense
-        target = ppl_target(model, float(ratio))
+        target = ppl_target(model, float(ratio), default=None)
         if target:
             verdict = "met" if x <= target else "MISSED"
             out.append(f"- ratio {ratio}: PPL x{x:.3f} dense, target <= x{target}: {verdict}.")

@@ -21,12 +21,15 @@ from tokenfilter.algorithm.scores.similarity import (
     fuse_stacked,
     head_cosine,
 )
+from tokenfilter.algorithm.scores.standardized import STANDARDIZED_MEAN, STANDARDIZED_MIN
 from tokenfilter.algorithm.scores.state import Score, ScoreFn, ScoreState, StepFn
 
 SCORES: dict[str, Score] = {
     "similarity": SIMILARITY,
     "cumulative-mean": CUMULATIVE_MEAN,
     "two-horizon": TWO_HORIZON,
+    "standardized-min": STANDARDIZED_MIN,
+    "standardized-mean": STANDARDIZED_MEAN,
     "key-norm": Score(key_norm),
     "value-norm": Score(value_norm),
     "random": Score(random),

@@ -95,12 +95,10 @@ def scored_parts(keys: torch.Tensor, values: torch.Tensor, fusion: str) -> torch
     return keys[:, :, None] if fusion in KEY_FUSIONS else torch.stack([keys, values], dim=2)
 
 
-def similarity(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> torch.Tensor:
-    """The SPEC's score: fused cosine of ``k_t, v_t`` ``[B, N, H, d]`` to the EMA anchors before their update
-    -> ``[B, N]``. Keeps the anchors ``[B, 2, H, d]`` (key, then value; ``[B, 1, H, d]``, the key's, under a fusion
-    of the keys alone) in ``state.memory["anchors"]``."""
-    gamma, fusion, lam = (state.params[p] for p in PARAMS)
-    x = scored_parts(keys, values, fusion)  # [B, N, 2 (or 1: keys), H, d]
+def ema_cosines(x: torch.Tensor, state: ScoreState) -> torch.Tensor:
+    """Per-head cosine of each token ``x`` ``[B, N, P, H, d]`` (P parts: keys, values) to its EMA anchor before its
+    update -> ``[B, N, P, H]`` float32. Keeps the anchors ``[B, P, H, d]`` in ``state.memory["anchors"]``."""
+    gamma = state.params["gamma"]
     b, n, parts, heads, d = x.shape
     before = state.memory.get("anchors")
     if before is None:
@@ -111,16 +109,15 @@ def similarity(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> t
     a = a.reshape(b, n, parts, heads, d)
     prev = torch.cat([init[:, None], a[:, :-1]], dim=1)  # the anchor before each token's update
     state.memory["anchors"] = state.last(a, before)
-    return fuse_stacked(head_cosine(x, prev), fusion, lam).float()
+    return head_cosine(x, prev)
 
 
-def cumulative_mean(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> torch.Tensor:
-    """Fused cosine to the mean of every earlier real token (the first token: to itself) -> ``[B, N]``.
-    Keeps the running sums ``[B, 2, H, d]`` in ``state.memory["sum"]`` (``[B, 1, H, d]``, the keys', under a
-    fusion of the keys alone)."""
-    fusion, lam = state.params["fusion"], state.params["lam"]
-    x = scored_parts(keys, values, fusion).float()
-    b, n, parts, heads, d = x.shape  # [B, N, 2 (or 1: keys), H, d]
+def mean_cosines(x: torch.Tensor, state: ScoreState) -> torch.Tensor:
+    """Per-head cosine of each token ``x`` ``[B, N, P, H, d]`` to the mean of every earlier real token (the first
+    token: to itself) -> ``[B, N, P, H]`` float32. Keeps the running sums ``[B, P, H, d]`` in
+    ``state.memory["sum"]``."""
+    x = x.float()
+    b, n, parts, heads, d = x.shape
     if state.valid is not None:
         x = x * state.valid[:, :, None, None, None]  # padding entries (after the real ones) add nothing
     before = state.memory.get("sum")
@@ -130,7 +127,23 @@ def cumulative_mean(keys: torch.Tensor, values: torch.Tensor, state: ScoreState)
     count = (state.seen[:, None] + torch.arange(n, device=x.device))[:, :, None, None, None]  # tokens before
     prev = torch.where(count > 0, (after - x) / count.clamp(min=1), x)
     state.memory["sum"] = state.last(after, before)
-    return fuse_stacked(head_cosine(x, prev), fusion, lam).float()
+    return head_cosine(x, prev)
+
+
+def similarity(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> torch.Tensor:
+    """The SPEC's score: fused cosine of ``k_t, v_t`` ``[B, N, H, d]`` to the EMA anchors before their update
+    -> ``[B, N]``. Keeps the anchors ``[B, 2, H, d]`` (key, then value; ``[B, 1, H, d]``, the key's, under a fusion
+    of the keys alone) in ``state.memory["anchors"]``."""
+    fusion, lam = state.params["fusion"], state.params["lam"]
+    return fuse_stacked(ema_cosines(scored_parts(keys, values, fusion), state), fusion, lam).float()
+
+
+def cumulative_mean(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> torch.Tensor:
+    """Fused cosine to the mean of every earlier real token (the first token: to itself) -> ``[B, N]``.
+    Keeps the running sums ``[B, 2, H, d]`` in ``state.memory["sum"]`` (``[B, 1, H, d]``, the keys', under a
+    fusion of the keys alone)."""
+    fusion, lam = state.params["fusion"], state.params["lam"]
+    return fuse_stacked(mean_cosines(scored_parts(keys, values, fusion), state), fusion, lam).float()
 
 
 def two_horizon(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> torch.Tensor:

@@ -1,0 +1,65 @@
+"""Key and value on a common scale: each one's two-horizon similarity standardized over the tokens seen so far.
+
+The key and the value similarities of a layer do not run on the same scale (on SmolLM2-135M and Gemma 3 270M the
+value cosines run well below the key cosines), so a raw fusion lets one of them decide: the lower of the two is
+nearly always the value's (``fusion="kv-min"`` measures as the values alone). Here each part's similarity (the
+two-horizon cosine, averaged over heads) becomes a z-score against the mean and spread of that part's similarities
+over the row's real tokens up to and including this one, so a token is redundant in a part when it is more
+redundant than that part usually is:
+
+* ``standardized-min``: the lower z-score decides: filtered only when the key *and* the value are more redundant
+  than usual;
+* ``standardized-mean``: the mean of the two z-scores.
+
+The statistics are prefix statistics (each token is standardized with those of the tokens up to it), so a sequence
+scored in several calls gives one call's scores, as every score must (``tests/test_scores_registry.py``). Nothing is
+calibrated: the model's own similarities, on the prompt at hand, set the scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenfilter.algorithm.scores.similarity import ema_cosines, mean_cosines
+from tokenfilter.algorithm.scores.state import Score, ScoreState
+
+_EPS = 1e-6  # added to each variance: the first token (no spread yet) scores 0
+PARAMS = ("gamma",)
+
+
+def part_similarities(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> torch.Tensor:
+    """Two-horizon similarity of the key and of the value, each averaged over heads: ``keys, values`` ``[B, N, H, d]``
+    -> ``[B, N, 2]`` (key, value) float32. Keeps ``memory["anchors"]`` and ``memory["sum"]`` (``[B, 2, H, d]``)."""
+    x = torch.stack([keys, values], dim=2)  # [B, N, 2, H, d]
+    return torch.minimum(ema_cosines(x, state).mean(-1), mean_cosines(x, state).mean(-1))
+
+
+def standardize(s: torch.Tensor, state: ScoreState) -> torch.Tensor:
+    """``s`` ``[B, N, P]`` -> z-scores ``[B, N, P]``: each entry against the mean and (population) variance of its
+    part over the row's real entries up to and including it. Keeps the running count, sum and sum of squares
+    ``[B, 3, P]`` in ``memory["moments"]``; padding entries add nothing (their z-scores are meaningless)."""
+    w = torch.ones_like(s[..., :1]) if state.valid is None else state.valid[..., None].to(s.dtype)
+    s = torch.where(w > 0, s, 0.0)  # a padding entry's similarity may be anything
+    before = state.memory.get("moments")
+    if before is None:
+        before = torch.zeros(s.shape[0], 3, s.shape[-1], device=s.device)
+    moments = before[:, None] + torch.stack([w.expand_as(s), s, s * s], dim=2).cumsum(1)  # [B, N, 3, P]
+    count, total, squares = moments.unbind(2)
+    mean = total / count.clamp_min(1)
+    var = (squares / count.clamp_min(1) - mean * mean).clamp_min(0)
+    state.memory["moments"] = state.last(moments, before)
+    return (s - mean) * (var + _EPS).rsqrt()
+
+
+def standardized_min(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> torch.Tensor:
+    """The lower of the key's and the value's standardized similarity -> ``[B, N]``."""
+    return standardize(part_similarities(keys, values, state), state).amin(-1)
+
+
+def standardized_mean(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> torch.Tensor:
+    """The mean of the key's and the value's standardized similarity -> ``[B, N]``."""
+    return standardize(part_similarities(keys, values, state), state).mean(-1)
+
+
+STANDARDIZED_MIN = Score(standardized_min, None, PARAMS)
+STANDARDIZED_MEAN = Score(standardized_mean, None, PARAMS)
