@@ -13,7 +13,10 @@ from tokenfilter.algorithm.scores import SCORES, ScoreState
 from conftest import BACKENDS, assert_ran_and_kept_everything, left_pad, make_tiny, random_ids
 
 NAMES = sorted(SCORES)
-DRAWS = {"random"}  # scores whose values depend on how the calls split the tokens (the order of the draws)
+DRAWS = {"random"}  # scores whose values depend on the order of their draws
+# scores whose values depend on how the calls split the tokens: the draws, and the scores standardized with the
+# statistics of each call's tokens (tokenfilter.algorithm.scores.standardized)
+PER_CALL = DRAWS | {"standardized-min", "standardized-mean"}
 
 
 def _state(valid, seed=0, seen=None, b=2, fusion="variance"):
@@ -51,7 +54,7 @@ def test_score_function_shape_and_determinism(name):
 KEY_FUSED = [("cumulative-mean", "key"), ("cumulative-mean", "key-min"), ("two-horizon", "key")]
 
 
-@pytest.mark.parametrize("name,fusion", [(n, "variance") for n in sorted(set(NAMES) - DRAWS)] + KEY_FUSED)
+@pytest.mark.parametrize("name,fusion", [(n, "variance") for n in sorted(set(NAMES) - PER_CALL)] + KEY_FUSED)
 def test_score_state_carries_across_calls(name, fusion):
     """Scoring a sequence in two calls (the state kept in ``memory``) gives one call's scores."""
     keys, values = _kv(n=12)
@@ -167,7 +170,14 @@ def test_two_horizon_is_redundant_only_on_both_horizons():
     assert torch.equal(SCORES["two-horizon"](keys, values, _state(None))[:, 32], mean[:, 32])
 
 
-def test_standardize_uses_each_parts_prefix_statistics():
+def _z(seen: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``s`` against the mean and population variance of ``seen`` (each ``[..., P]``), in float64."""
+    seen = seen.double()
+    return (s.double() - seen.mean(0)) / (seen.var(0, unbiased=False) + 1e-6).sqrt()
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_standardize_uses_each_parts_statistics(prefix):
     from tokenfilter.algorithm.scores.standardized import standardize
 
     g = torch.Generator().manual_seed(5)
@@ -175,13 +185,21 @@ def test_standardize_uses_each_parts_prefix_statistics():
     valid = torch.ones(2, 9, dtype=torch.bool)
     valid[1, 5:] = False  # row 1: five real entries, then padding
     s[1, 5:] = float("nan")
-    z = standardize(s.clone(), _state(valid))
+    state = _state(valid)
+    z = standardize(s.clone(), state, prefix=prefix)
     for row, n in ((0, 9), (1, 5)):
-        for t in range(n):
-            past = s[row, : t + 1].double()  # the part's similarities up to and including t
-            want = (past[-1] - past.mean(0)) / (past.var(0, unbiased=False) + 1e-6).sqrt()
-            torch.testing.assert_close(z[row, t].double(), want, atol=1e-4, rtol=1e-4)
-    assert (z[:, 0] == 0).all()  # no spread yet
+        for t in range(n):  # the part's similarities up to and including t, or all of the call's
+            torch.testing.assert_close(z[row, t].double(), _z(s[row, : (t + 1 if prefix else n)], s[row, t]),
+                                       atol=1e-4, rtol=1e-4)
+    if prefix:
+        assert (z[:, 0] == 0).all()  # no spread yet
+    # the next call (one decode token per row) reads every real token so far, this one included
+    nxt = torch.rand(2, 1, 2, generator=g)
+    state.valid, state.seen = None, torch.tensor([9, 5])
+    z = standardize(nxt, state, prefix=prefix)
+    for row, n in ((0, 9), (1, 5)):
+        torch.testing.assert_close(z[row, 0].double(), _z(torch.cat([s[row, :n], nxt[row]]), nxt[row, 0]),
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_standardized_min_compares_key_and_value_on_a_common_scale():
@@ -192,7 +210,8 @@ def test_standardized_min_compares_key_and_value_on_a_common_scale():
     s[0, 30, 0] = 0.6  # token 30's key is novel; its value is as usual, and the values run far lower than the keys
     # a raw minimum reads the values alone and misses it; on a common scale the novel key decides
     assert s.amin(-1)[0, 30] > s.amin(-1)[0, 20:].min()
-    assert standardize(s, _state(None, b=1)).amin(-1)[0].argmin() == 30
+    for prefix in (False, True):
+        assert standardize(s, _state(None, b=1), prefix=prefix).amin(-1)[0].argmin() == 30
 
 
 def test_standardized_scores_read_the_two_horizon_similarities():
@@ -205,3 +224,5 @@ def test_standardized_scores_read_the_two_horizon_similarities():
     z = standardize(parts, _state(None))
     assert torch.equal(SCORES["standardized-min"](keys, values, _state(None)), z.amin(-1))
     assert torch.equal(SCORES["standardized-mean"](keys, values, _state(None)), z.mean(-1))
+    z = standardize(parts, _state(None), prefix=True)
+    assert torch.equal(SCORES["standardized-min-prefix"](keys, values, _state(None)), z.amin(-1))

@@ -95,6 +95,7 @@ KV_STUDY: dict[str, dict] = {
     # the key and the value each standardized over the tokens seen so far, so neither one's scale decides
     "kv-w64-2h-zmin": {**TWO_HORIZON_KEY, "gamma": 0.95, "score": "standardized-min"},
     "kv-w64-2h-zmean": {**TWO_HORIZON_KEY, "gamma": 0.95, "score": "standardized-mean"},
+    "kv-w64-2h-zmin-prefix": {**TWO_HORIZON_KEY, "gamma": 0.95, "score": "standardized-min-prefix"},
     "kv-w64-cummean-post": {**KV_SIDE, "recent": 64, "score": "cumulative-mean", "pre_rope": False},
     "kv-w64-2h": {**KV_SIDE, "recent": 64, "score": "two-horizon"},
     "kv-w64-2h-g0.99": {**KV_SIDE, "recent": 64, "score": "two-horizon", "gamma": 0.99},

@@ -21,7 +21,7 @@ from tokenfilter.algorithm.scores.similarity import (
     fuse_stacked,
     head_cosine,
 )
-from tokenfilter.algorithm.scores.standardized import STANDARDIZED_MEAN, STANDARDIZED_MIN
+from tokenfilter.algorithm.scores.standardized import STANDARDIZED_MEAN, STANDARDIZED_MIN, STANDARDIZED_MIN_PREFIX
 from tokenfilter.algorithm.scores.state import Score, ScoreFn, ScoreState, StepFn
 
 SCORES: dict[str, Score] = {
@@ -30,6 +30,7 @@ SCORES: dict[str, Score] = {
     "two-horizon": TWO_HORIZON,
     "standardized-min": STANDARDIZED_MIN,
     "standardized-mean": STANDARDIZED_MEAN,
+    "standardized-min-prefix": STANDARDIZED_MIN_PREFIX,
     "key-norm": Score(key_norm),
     "value-norm": Score(value_norm),
     "random": Score(random),

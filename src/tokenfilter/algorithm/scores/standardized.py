@@ -11,9 +11,11 @@ redundant than that part usually is:
   than usual;
 * ``standardized-mean``: the mean of the two z-scores.
 
-The statistics are prefix statistics (each token is standardized with those of the tokens up to it), so a sequence
-scored in several calls gives one call's scores, as every score must (``tests/test_scores_registry.py``). Nothing is
-calibrated: the model's own similarities, on the prompt at hand, set the scale.
+The statistics are those of every real token seen by the end of the call: in a prefill, the whole prompt's; in
+decode, every token so far. So, like the random score, a sequence scored in several calls (chunked prefill) does not
+give one call's scores. ``standardized-min-prefix`` standardizes each token with the tokens up to it, which would;
+it measured worse on both models of the ladder (docs/ladder.md): a prompt's first tokens are standardized with
+almost no spread. Nothing is calibrated: the model's own similarities, on the prompt at hand, set the scale.
 """
 
 from __future__ import annotations
@@ -34,20 +36,26 @@ def part_similarities(keys: torch.Tensor, values: torch.Tensor, state: ScoreStat
     return torch.minimum(ema_cosines(x, state).mean(-1), mean_cosines(x, state).mean(-1))
 
 
-def standardize(s: torch.Tensor, state: ScoreState) -> torch.Tensor:
+def standardize(s: torch.Tensor, state: ScoreState, prefix: bool = False) -> torch.Tensor:
     """``s`` ``[B, N, P]`` -> z-scores ``[B, N, P]``: each entry against the mean and (population) variance of its
-    part over the row's real entries up to and including it. Keeps the running count, sum and sum of squares
-    ``[B, 3, P]`` in ``memory["moments"]``; padding entries add nothing (their z-scores are meaningless)."""
+    part over the row's real entries seen by the end of this call (earlier calls' and all of this one's), or with
+    ``prefix`` up to and including the entry. Keeps the running count, sum and sum of squares ``[B, 3, P]`` in
+    ``memory["moments"]``; padding entries add nothing (their z-scores are meaningless)."""
     w = torch.ones_like(s[..., :1]) if state.valid is None else state.valid[..., None].to(s.dtype)
     s = torch.where(w > 0, s, 0.0)  # a padding entry's similarity may be anything
     before = state.memory.get("moments")
     if before is None:
         before = torch.zeros(s.shape[0], 3, s.shape[-1], device=s.device)
-    moments = before[:, None] + torch.stack([w.expand_as(s), s, s * s], dim=2).cumsum(1)  # [B, N, 3, P]
-    count, total, squares = moments.unbind(2)
+    terms = torch.stack([w.expand_as(s), s, s * s], dim=2)  # [B, N, 3, P]
+    if prefix:
+        moments = before[:, None] + terms.cumsum(1)  # [B, N, 3, P]: after each entry
+        state.memory["moments"] = state.last(moments, before)
+    else:
+        moments = (before + terms.sum(1))[:, None]  # [B, 1, 3, P]: after the call
+        state.memory["moments"] = moments[:, 0]
+    count, total, squares = moments.clamp_min(0).unbind(2)
     mean = total / count.clamp_min(1)
     var = (squares / count.clamp_min(1) - mean * mean).clamp_min(0)
-    state.memory["moments"] = state.last(moments, before)
     return (s - mean) * (var + _EPS).rsqrt()
 
 
@@ -61,5 +69,11 @@ def standardized_mean(keys: torch.Tensor, values: torch.Tensor, state: ScoreStat
     return standardize(part_similarities(keys, values, state), state).mean(-1)
 
 
+def standardized_min_prefix(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> torch.Tensor:
+    """``standardized_min`` with prefix statistics (each token against the tokens up to it) -> ``[B, N]``."""
+    return standardize(part_similarities(keys, values, state), state, prefix=True).amin(-1)
+
+
 STANDARDIZED_MIN = Score(standardized_min, None, PARAMS)
 STANDARDIZED_MEAN = Score(standardized_mean, None, PARAMS)
+STANDARDIZED_MIN_PREFIX = Score(standardized_min_prefix, None, PARAMS)
