@@ -14,6 +14,7 @@ import torch
 from tiny_lm import one_thread
 from tokenfilter import TokenFilter
 from tokenfilter.config import SPEC_SCORE
+from tokenfilter.integration.backends import BACKENDS
 from tokenfilter.integration.backends import fast as fast_backend
 from tokenfilter.integration.kv_store import RaggedKV
 
@@ -96,10 +97,21 @@ def test_decode_fast_path_scores_are_bitwise_the_general_ones(count_fast_decode)
         assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
 
 
-def test_sliding_window_beyond_the_window_uses_the_general_path(count_fast_decode):
-    model = make_tiny("mistral")  # window 24
+def test_past_the_layers_own_window_decode_reads_the_evicted_store_and_equals_the_reference(count_fast_decode):
+    """Past a layer's own window the store has let go of what the window passed (the band is capped at the
+    window), so the lean step reads it whole; it gives the reference path's tokens and logits."""
+    model = make_tiny("mistral")  # window 24 on every layer, below the default band of 64
     ids = random_ids(1, 30)
-    _generate(model, TokenFilter(ratio=0.5), ids, torch.ones_like(ids), new=4)
+    out = {p: _generate(model, TokenFilter(ratio=0.5, path=p), ids, torch.ones_like(ids), new=6) for p in BACKENDS}
+    assert count_fast_decode["n"] > 0
+    assert torch.equal(out["fast"][0], out["reference"][0])
+    torch.testing.assert_close(out["fast"][1], out["reference"][1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_budget_past_the_layers_own_window_uses_the_general_path(count_fast_decode):
+    model = make_tiny("mistral")  # a budget does not evict by the layer's window: the general step masks it
+    ids = random_ids(1, 30)
+    _generate(model, TokenFilter(budget=16, recent=8), ids, torch.ones_like(ids), new=4)
     assert count_fast_decode["n"] == 0
 
 

@@ -37,6 +37,20 @@ def held_after(filtered: torch.Tensor, recent: int | None) -> int:
     return int(filtered[:, filtered.shape[1] - (r - 1) :].sum()) if r > 1 else 0
 
 
+def in_window(n: int, window: int | None) -> int:
+    """The first of ``n`` unpadded columns that a layer with the model's ``window`` still holds after the last one
+    (transformers keeps the latest ``window - 1``)."""
+    return 0 if window is None else max(n - (window - 1), 0)
+
+
+def held_entries(filtered: torch.Tensor, recent: int | None, window: int | None) -> tuple[int, int]:
+    """After unpadded rows ``filtered`` ``[B, n]``: the entries a filtered layer holds (its kept entries in the model's
+    window, plus the band's live ones) and those the unmodified model's layer holds (its window's, or every token)."""
+    b, n = filtered.shape
+    first = in_window(n, window)
+    return int((~filtered[:, first:]).sum()) + held_after(filtered, recent), b * (n - first)
+
+
 # -- 1. nothing filtered: the unmodified model, bit for bit --------------------------------------------------
 # ratio=0 patches no layer (the unmodified code runs: guarantee 1 as stated). The KV-side path itself runs under a
 # finite threshold above every score (the score is a cosine: <= 1), and under threshold=inf with the scores
@@ -238,25 +252,28 @@ def test_stats_equal_brute_force(tiny, recent, path):
     fm, s = run.flops, run.stats
     entry = fm.kv_entry_bytes(4)
     for stats, n in ((prefill, prompt), (s, prompt + new)):
-        dropped = held = pairs_total = 0
+        held = dense = pairs_total = 0
         expected_flops = n * 2 * fm.lm_head
         for layer in range(tiny.config.num_hidden_layers):
             dec = run.decisions[layer][:, :n]
             window = layer_window(tiny, layer)
             dense_mask = rule_mask(torch.zeros_like(dec), None, cfg.warmup, window)
+            layer_dense = held_entries(torch.zeros_like(dec), None, window)[1]
+            dense += layer_dense
             if layer in run.filtered_layers:
                 pairs = int(rule_mask(dec, recent, cfg.warmup, window).sum())
-                dropped += int(dec.sum()) - held_after(dec, recent)
-                held += held_after(dec, recent)
+                held += held_entries(dec, recent, window)[0]
             else:
                 pairs = int(dense_mask.sum())
+                held += layer_dense
             assert stats.layers[layer].pairs == pairs
             assert stats.layers[layer].pairs_dense == int(dense_mask.sum())
             pairs_total += pairs
             # KV side: every token still computes Q, attention, O projection and MLP
             expected_flops += 2 * n * (fm.qo_proj + fm.kv_proj + fm.mlp) + pairs * fm.per_pair
-        assert stats.kv_bytes_saved == dropped * entry
-        assert stats.kv_held_fraction == pytest.approx(1 - dropped / (2 * n * fm.layers))
+        assert stats.kv_bytes_saved == (dense - held) * entry
+        assert stats.kv_bytes_dense == dense * entry
+        assert stats.kv_held_fraction == pytest.approx(held / dense)
         assert stats.flops_actual == pytest.approx(expected_flops)
         assert stats.pairs_fraction == pytest.approx(pairs_total / sum(c.pairs_dense for c in stats.layers))
     # what the caches really hold at the end: kept entries, plus the band's live ones
@@ -264,7 +281,8 @@ def test_stats_equal_brute_force(tiny, recent, path):
         for layer in run.filtered_layers:
             dec = run.decisions[layer]
             entry_layer = cache.layers[layer]
-            assert entry_layer.kv.stored_entries() == int((~dec).sum())
+            first = in_window(dec.shape[1], layer_window(tiny, layer))  # what the model's window passed is gone
+            assert entry_layer.kv.stored_entries() == int((~dec[:, first:]).sum())
             assert entry_layer.ring.held == held_after(dec, recent)
 
 
@@ -354,8 +372,13 @@ def test_sliding_window_preset_equals_streaming_llm(tiny, recent, band_block, mo
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert run.filtered_layers == list(range(n_layers))
     assert prefill.ratio == pytest.approx((t - sinks) / t)
-    held = sinks + min(recent - 1, t - sinks)  # per layer and sequence, after the prompt
-    assert prefill.kv_held_fraction == pytest.approx(held / t)
+    # per layer and sequence, after the prompt: the sinks and the band, less what the model's own window passed
+    held = dense = 0
+    for layer in range(n_layers):
+        first = in_window(t, layer_window(tiny, layer))
+        held += max(sinks - first, 0) + min(recent - 1, t - sinks)
+        dense += t - first
+    assert prefill.kv_held_fraction == pytest.approx(held / dense)
 
 
 def test_sliding_window_preset_real_weights(stories):
@@ -471,3 +494,36 @@ def test_first_call_within_the_band_is_causal_attention_and_equals_reference(mon
         torch.testing.assert_close(runs[path][0][real], runs["reference"][0][real], atol=1e-5, rtol=1e-5)
         assert all(torch.equal(a, b) for a, b in zip(runs[path][1], runs["reference"][1], strict=True))
         assert runs[path][2] == runs["reference"][2]
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text"])
+def test_window_layers_hold_no_more_than_the_model_and_the_stats_say_so(family):
+    """On a layer with its own sliding window, what the window has passed leaves the filtered store as it leaves the
+    model's own cache; the statistics count KV against what the unmodified model holds (its latest window - 1
+    tokens), and they equal what the caches measure. Decode runs past the window (the lean step included)."""
+    from transformers import DynamicCache
+
+    from tokenfilter.bench.kv import measure_cache
+    from tokenfilter.stats import FlopModel
+
+    model = make_tiny(family)
+    ids = random_ids(2, 40, seed=4)
+    entry = FlopModel.from_config(model.config).kv_entry_bytes(4)
+    run_args = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    dense_cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model.generate(ids, past_key_values=dense_cache, **run_args)
+    dense_bytes = measure_cache(dense_cache, entry).used_bytes
+    outs = {}
+    for path in BACKENDS:
+        cache = DynamicCache(config=model.config)
+        with TokenFilter(ratio=0.5, recent=8, path=path).apply(model) as run, torch.no_grad():
+            outs[path] = model.generate(ids, past_key_values=cache, **run_args)
+        stats = run.stats
+        assert stats.kv_bytes_dense == dense_bytes
+        assert stats.kv_bytes_dense - measure_cache(cache, entry).used_bytes == stats.kv_bytes_saved > 0
+        for layer in run.filtered_layers:
+            window = layer_window(model, layer)
+            if window is not None:
+                assert cache.layers[layer].kv.stored_entries() <= 2 * (window - 1)
+    assert torch.equal(outs["fast"], outs["reference"])

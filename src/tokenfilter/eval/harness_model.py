@@ -158,7 +158,7 @@ class TokenFilterLM(HFLM):
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         if self.token_filter is None:  # counting off (e.g. a model with layers removed)
             return super()._model_call(inps, attn_mask, labels)
-        with for_input(self.token_filter, inps.shape[1]).apply(self.model) as run:
+        with for_input(self.token_filter, inps.shape[1], self.model).apply(self.model) as run:
             if inps.shape[0] > 1 and attn_mask is None:
                 with torch.no_grad():
                     out = self.model(inps, attention_mask=right_padding_mask(inps)).logits

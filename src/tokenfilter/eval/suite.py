@@ -238,7 +238,7 @@ def _perplexities(run: _Run, method: str, ratio: float, record: dict,
         ppl, t0 = {}, time.time()
         for name, ids in run.ppl_sets.items():
             torch.manual_seed(run.cfg.seed)
-            ppl[name], stats = perplexity(run.model, ids, tf and for_input(tf, ids.shape[1]), False, name)
+            ppl[name], stats = perplexity(run.model, ids, tf and for_input(tf, ids.shape[1], run.model), False, name)
             if name == "wikitext2":
                 record["ppl_flops_skipped"] = stats.total_flops_skipped
         record["perplexity"] = ppl

@@ -119,6 +119,10 @@ class FilteredAttention:
         out, pairs, selection = plan.backend.attend(reading, self, vis, units, state.kv)
         call.keep[self.idx] = (units.any_unit(readers if pads is None else readers | pads), selection)
         evicted = state.kv.evicted - evicted_before  # a budget's evictions: entries no longer held
+        if vis.window is not None and vis.slots is None:  # entries the model's window has passed leave the store,
+            first = state.columns - (vis.window - 1)  # as the unmodified model's cache keeps the latest window - 1
+            if first > state.kv.horizon:
+                dropped += state.kv.evict_before(first)
         self.run.record_layer(
             self.idx, n_filtered + evicted, pairs, dropped + evicted, n_unread,
             filtered=units.per_sequence(filtered), scores=units.per_sequence(scores), held=state.kv.peak_held,
@@ -150,12 +154,16 @@ class FilteredAttention:
     def _is_lean(self, state: FilteredCacheLayer) -> bool:
         """A decode step the lean branch computes: every row's token real and past warm-up, every stored entry in
         the model's window, a backend that has the branch."""
-        window = self.plan.vis.window
+        vis = self.plan.vis
+        # past the window: every stored entry is in it when the store has evicted up to the new token's window
+        # (and the band fits in it)
+        in_window = vis.window is None or state.columns < vis.window or (
+            vis.slots is None and vis.recent <= vis.window and state.kv.horizon >= state.columns - vis.window + 1)
         return (
             self.plan.backend.lean
             and self.run.call.all_real
             and state.min_real_seen >= self.plan.warmup
-            and (window is None or state.columns < window)
+            and in_window
         )
 
     def _score(

@@ -180,6 +180,12 @@ def attention_layers(model: nn.Module) -> list[LayerAttention]:
     return [LayerAttention(family, layer.self_attn, model.config, i) for i, layer in enumerate(layers)]
 
 
+def layer_windows(model: nn.Module) -> list[int | None]:
+    """Each decoder layer's own attention window in columns (None: full attention), without patching anything."""
+    family, n = family_of(model), len(decoder_layers(model))
+    return [family.layer_window(model.config, i) for i in range(n)]
+
+
 def global_layers(model: nn.Module) -> list[int]:
     """The layers without a sliding window of their own (Gemma 3's global layers; every layer of a model without
     windows). Where the model keeps only a window of keys, filtering saves little memory; on these it saves what

@@ -12,7 +12,9 @@ Two layouts, same interface, so the attention code does not care which one it re
 * ``BudgetKV`` (a layer under a KV budget, fast path): only the entries the layer holds now, unordered.
 
 Every store counts the entries it ``evicted`` (a budget's; 0 for the others, whose drops the layer path counts from
-its decisions) and the most a row held after a call (``peak_held``; None where it is not tracked).
+its decisions) and the most a row held after a call (``peak_held``; None where it is not tracked). On a layer with
+its own sliding window, ``RaggedKV`` and ``MaskedKV`` drop what the window has passed (``evict_before``, which the
+layer path calls every so many columns and counts).
 
 ``RecentRing`` (KV side) holds what only the recent band may still read: the entries of the last R - 1 real
 tokens of each sequence, flagged ``live`` where the token is not stored for good (filtered).
@@ -26,6 +28,7 @@ import torch
 class RaggedKV:
     evicted = 0
     peak_held: int | None = None
+    horizon = 0  # every entry before this column has been evicted (the model's window passed it)
 
     def __init__(self) -> None:
         self.keys: torch.Tensor | None = None  # [B, H, cap, d]
@@ -161,13 +164,36 @@ class RaggedKV:
         mask[:, n:] = live
         return self.keys[:, :, : n + s], self.values[:, :, : n + s], mask[:, None, None, :]
 
+    def evict_before(self, first: int) -> int:
+        """Drop every entry of a column before ``first`` (no later query reads it: the model's window has passed it).
+        Each row's entries are in column order, so its dead entries are its first ones: when every row drops as many
+        the buffers become a view past them, else they are gathered into smaller ones. Returns how many left."""
+        self.horizon = first
+        if self.keys is None or self.total == 0:
+            return 0
+        n = self.max_len
+        dead = ((self.pos[:, :n] < first) & (torch.arange(n, device=self.pos.device) < self.lengths[:, None])).sum(-1)
+        worst, least, gone = torch.stack([dead.max(), dead.min(), dead.sum()]).tolist()
+        if worst == 0:
+            return 0
+        self.lengths = self.lengths - dead
+        self._mirror()
+        if worst == least:  # every row drops its first `worst` entries: a view (the next growth frees the rest)
+            self.keys, self.values, self.pos = self.keys[:, :, worst:], self.values[:, :, worst:], self.pos[:, worst:]
+            return gone
+        cap = self.max_len + max(self.max_len // 4, 16)
+        at = (dead[:, None] + torch.arange(cap, device=dead.device)).clamp(max=self.keys.shape[2] - 1)  # [B, cap]
+        g = at[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[3])
+        self.keys, self.values, self.pos = self.keys.gather(2, g), self.values.gather(2, g), self.pos.gather(1, at)
+        return gone
+
     def stored_entries(self) -> int:
         return self.total if self.lengths is not None else 0
 
     def allocated_bytes(self) -> int:
         if self.keys is None:
             return 0
-        return (self.keys.numel() + self.values.numel()) * self.keys.element_size()
+        return self.keys.untyped_storage().nbytes() + self.values.untyped_storage().nbytes()
 
     def select_batch(self, index: torch.Tensor) -> None:
         if self.keys is not None:
@@ -177,6 +203,8 @@ class RaggedKV:
 
 
 class MaskedKV:
+    horizon = 0  # every column before this one has been evicted (the model's window passed it)
+
     def __init__(self) -> None:
         self.evicted = 0  # a budget's (its backend counts them, and the entries held now)
         self.held_total = 0
@@ -228,6 +256,21 @@ class MaskedKV:
     def view_all(self) -> tuple[torch.Tensor, ...]:
         """``(keys [B,H,S,d], values, cols [B,S], stored [B,S], real [B,S], idx [B,S])``: every column."""
         return self.keys, self.values, self.cols[None, :].expand_as(self.valid), self.valid, self.real, self.idx
+
+    def evict_before(self, first: int) -> int:
+        """Drop the columns before ``first`` (the model's window has passed them). Returns how many stored entries
+        left with them."""
+        self.horizon = first
+        if self.keys is None:
+            return 0
+        n = int((self.cols < first).sum())  # columns are in order
+        if n == 0:
+            return 0
+        gone = int(self.valid[:, :n].sum())
+        self.keys, self.values = self.keys[:, :, n:].clone(), self.values[:, :, n:].clone()
+        self.cols, self.scores = self.cols[n:], self.scores[:, n:]
+        self.valid, self.real, self.idx = self.valid[:, n:], self.real[:, n:], self.idx[:, n:]
+        return gone
 
     def stored_entries(self) -> int:
         return int(self.valid.sum()) if self.valid is not None else 0

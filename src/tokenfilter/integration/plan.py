@@ -69,10 +69,15 @@ class LayerPlan:
     @classmethod
     def build(cls, cfg: TokenFilter, index: int, attn: LayerAttention, target: float) -> LayerPlan:
         kv_side = cfg.skip == "none"
+        recent = (cfg.window or 1) if kv_side else 0
+        if attn.window is not None and cfg.mode != "budget":
+            # a band wider than the layer's own window reads no more than the window (a real-token gap never exceeds
+            # its column gap), so it is the window: the ring then holds no entry the model would have let go
+            recent = min(recent, attn.window)
         vis = Visibility(
             filtered_reads=kv_side,
             filtered_stored=cfg.kv == "keep",
-            recent=(cfg.window or 1) if kv_side else 0,
+            recent=recent,
             sinks=cfg.warmup,
             window=attn.window,  # the layer's own window (its family's rule: every layer, or its layer type)
             slots=cfg.budget - cfg.warmup - ((cfg.window or 1) - 1) if cfg.mode == "budget" else None,

@@ -145,17 +145,19 @@ class FilterRun:
         aligned = all_real or not bool((~real[:, :-1] & real[:, 1:]).any())  # no real token after a padding one
         self.call = CallContext(real=real, all_real=all_real, aligned=aligned, cache=cache, past=past)
         self._call_decisions, self._call_scores = {}, {}
-        pairs_by_window: dict[int | None, int] = {}
+        if past == 0:
+            self._held_dense = {}
+        dense = _dense_call(set(self._windows), seen, real, mask, past, self._held_dense)
         for idx, c in enumerate(self._counts):
-            window = self._windows[idx]
-            if window not in pairs_by_window:
-                s = seen.clamp(max=window) if window else seen
-                pairs_by_window[window] = int((s * real).sum())
-            dense_pairs = pairs_by_window[window]
+            dense_pairs, dense_held = dense[self._windows[idx]]
             c.tokens += tokens
             c.pairs_dense += dense_pairs
-            if idx not in self.targets:
+            c.kv_dense += dense_held
+            if idx in self.targets:
+                c.kv_held += tokens  # the call's entries; record_layer takes off those the layer drops
+            else:
                 c.pairs += dense_pairs
+                c.kv_held += dense_held
 
     def _after_call(self, module: nn.Module, args: tuple, output: object) -> None:
         if self.call is not None and self.config.record_decisions:
@@ -190,6 +192,7 @@ class FilterRun:
         c.filtered += n_filtered
         c.pairs += n_pairs
         c.kv_dropped += dropped
+        c.kv_held -= dropped
         c.qo_skipped += qo_skipped
         if held is not None:
             c.peak_held = max(c.peak_held or 0, held)
@@ -207,6 +210,7 @@ class FilterRun:
     # -- results -------------------------------------------------------------------------------------------
     def reset_stats(self) -> None:
         self._counts = [LayerCounts() for _ in range(self.num_layers)]
+        self._held_dense: dict[int | None, int] = {}  # per window: real entries a dense layer holds now, all rows
         self._decisions: list[list[torch.Tensor]] = []
         self._scores: list[list[torch.Tensor]] = []
         self._call_decisions: dict[int, torch.Tensor] = {}
@@ -235,6 +239,40 @@ class FilterRun:
         if not calls:
             return []
         return [torch.cat([call[i] for call in calls], dim=-1) for i in range(self.num_layers)]
+
+
+def _dense_call(
+    windows: set[int | None], seen: torch.Tensor, real: torch.Tensor, mask: torch.Tensor | None, past: int,
+    held: dict[int | None, int],
+) -> dict[int | None, tuple[int, int]]:
+    """What the unmodified model does in this call, per layer window (None: full attention): the (query, key) pairs it
+    attends, and the entries its cache gains, over all rows. ``seen``: ``[B, T]`` real tokens up to each column;
+    ``held``: per window, the entries held after the previous call, updated here."""
+    tokens, out = int(real.sum()), {}
+    for window in windows:
+        pairs = int(((seen.clamp(max=window) if window else seen) * real).sum())
+        if window is None:
+            out[window] = (pairs, tokens)
+            continue
+        after = _dense_held(mask, real.shape[0], past, real.shape[1], window)
+        out[window] = (pairs, after - held.get(window, 0))
+        held[window] = after
+    return out
+
+
+def _dense_held(mask: torch.Tensor | None, b: int, past: int, t: int, window: int) -> int:
+    """Real entries, over the ``b`` rows, that the unmodified model's cache of a sliding-window layer holds after this
+    call: the real tokens among the last ``window - 1`` columns (transformers keeps those; the next token reads them
+    and itself). ``mask``: ``[B, columns]``, this call's or the whole sequence's (None: every column real)."""
+    keep = window - 1
+    if keep <= 0:
+        return 0
+    if mask is None:
+        return b * min(past + t, keep)
+    held = int(mask[:, -keep:].sum())
+    if mask.shape[1] < past + t:  # the mask covers only this call: the earlier columns are real
+        held += b * min(past, max(keep - mask.shape[1], 0))
+    return held
 
 
 def _raise_mask() -> None:

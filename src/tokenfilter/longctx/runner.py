@@ -99,7 +99,7 @@ class PerInput:
         self.model, self.method, self.stats = model, method, []
 
     def answer(self, tokenizer: object, input_ids: Sequence[int], max_new_tokens: int, first_line: bool = False) -> str:
-        with for_input(self.method, len(input_ids)).apply(self.model) as run:
+        with for_input(self.method, len(input_ids), self.model).apply(self.model) as run:
             out = greedy(self.model, tokenizer, input_ids, max_new_tokens, first_line)
         self.stats.append(run.stats.as_dict())
         return out

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tokenfilter.integration.families import layer_windows
 from tokenfilter.longctx.longbench import ENGLISH_TASKS
 from tokenfilter.longctx.runner import greedy_ids
 from tokenfilter.peers import inputs
@@ -31,12 +32,12 @@ class Matched:
     warmup: int = 4
     held: dict[str, float] = field(default_factory=dict)
 
-    def __call__(self, prompt: SplitPrompt) -> object:
+    def __call__(self, prompt: SplitPrompt, windows: Sequence[int | None] | None = None) -> object:
         from tokenfilter.config import TokenFilter
 
         if prompt.id not in self.held:
             raise KeyError(f"No KV held of {self.reference!r} on {prompt.id!r}: run it before its sliding window.")
-        return TokenFilter.sliding_window_holding(self.held[prompt.id], prompt.tokens, warmup=self.warmup)
+        return TokenFilter.sliding_window_holding(self.held[prompt.id], prompt.tokens, self.warmup, windows)
 
 
 class _AfterPrefill:
@@ -83,10 +84,11 @@ def run_ours(
     """``{"rows": [...]}``: one row per (method, prompt). ``methods``: name -> ``TokenFilter``, None (dense) or a
     :class:`Matched` sliding window (its row says ``budget_of`` = the reference row and its window ``recent``)."""
     rows = []
+    windows = layer_windows(model) if any(isinstance(m, Matched) for m in methods.values()) else None
     for name, method in methods.items():
         for i, p in enumerate(prompts):
             first_line = p.family == "longbench" and ENGLISH_TASKS[p.task].first_line
-            tf = method(p) if isinstance(method, Matched) else method
+            tf = method(p, windows) if isinstance(method, Matched) else method
             t0 = time.perf_counter()
             if tf is None:
                 answer, new, snap = generate(model, tokenizer, p.input_ids, p.max_new_tokens, first_line, None)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from tokenfilter import presets
 from tokenfilter.config import TokenFilter
 from tokenfilter.eval.ppl import wikitext_text, windows
+from tokenfilter.integration.families import layer_windows
 from tokenfilter.loading import display_name, load_model
 
 # name -> TokenFilter fields (without ratio): a view of tokenfilter.presets; every candidate fits the budget at
@@ -195,7 +196,9 @@ def select(model, tok, ids: torch.Tensor, cfg: QualityConfig, progress: bool,
             row = out["runs"][name]
             print(f"  {name}: PPL x{row['ppl'] / out['dense']['ppl']:.3f}, needle {row['needle']['found']:.2f} "
                   f"(logp {row['needle']['logp']:.2f})", flush=True)
-    out["choice"] = choose(out, r, [n for n in cfg.candidates if n in out["runs"] and n in CANDIDATES], cfg.model)
+    # over every candidate measured on this half, an earlier run's too: a run that adds candidates (``--resume
+    # --candidates new``) chooses among all of them, not among the new ones alone
+    out["choice"] = choose(out, r, [n for n in out["runs"] if n in CANDIDATES], cfg.model)
     return out
 
 
@@ -251,15 +254,16 @@ def heldout(model, tok, ids: torch.Tensor, chosen: str, cfg: QualityConfig, prog
             done(out)
 
     once(out, "dense", lambda: ppl_point(model, ids, None))
+    wins = layer_windows(model)  # the windows at equal KV and pairs are sized against what this model holds
     for ratio in tqdm(cfg.ratios, desc="held-out", disable=not progress):
         runs: dict = out["runs"].setdefault(str(ratio), {})
         tf = TokenFilter(ratio=ratio, **kwargs)
         twins = [TokenFilter(ratio=ratio, **random_twin(kwargs, s)) for s in range(cfg.seeds)]
         chosen_run = once(runs, "chosen", lambda tf=tf: ppl_point(model, ids, tf))
         once(runs, "sliding_window", lambda c=chosen_run: ppl_point(
-            model, ids, TokenFilter.sliding_window_holding(c["kv_held"], n, **cfg.overrides)))
+            model, ids, TokenFilter.sliding_window_holding(c["kv_held"], n, windows=wins, **cfg.overrides)))
         once(runs, "sliding_window_pairs", lambda c=chosen_run: ppl_point(
-            model, ids, TokenFilter.sliding_window_pairing(c["pairs"], n, **cfg.overrides)))
+            model, ids, TokenFilter.sliding_window_pairing(c["pairs"], n, windows=wins, **cfg.overrides)))
         randoms = runs.setdefault("random", [])
         for twin in twins[len(randoms):]:
             randoms.append(ppl_point(model, ids, twin))
@@ -274,12 +278,12 @@ def heldout(model, tok, ids: torch.Tensor, chosen: str, cfg: QualityConfig, prog
         by_length = chosen_run["needle"]["by_length"]
         if windows:
             needle_once(runs["sliding_window"], lambda k, b=by_length: TokenFilter.sliding_window_holding(
-                b[str(k)]["kv_held"], b[str(k)].get("tokens", k), **cfg.overrides), lengths)
+                b[str(k)]["kv_held"], b[str(k)].get("tokens", k), windows=wins, **cfg.overrides), lengths)
         for run, twin in zip(randoms, twins, strict=True):  # the floor every target is judged against
             needle_once(run, lambda _n, t=twin: t, lengths=lengths)
         if windows:
             needle_once(runs["sliding_window_pairs"], lambda k, b=by_length: TokenFilter.sliding_window_pairing(
-                b[str(k)]["pairs"], b[str(k)].get("tokens", k), **cfg.overrides), lengths)
+                b[str(k)]["pairs"], b[str(k)].get("tokens", k), windows=wins, **cfg.overrides), lengths)
     return out
 
 
