@@ -439,7 +439,8 @@ def test_lean_band_decode_is_taken_and_equals_reference(monkeypatch, recent, mod
     original = FastBackend._attend_one
 
     def counted(self, r, *args, **kwargs):
-        calls["n"] += r.band is not None  # the lean step with the recent band
+        calls["n"] += 1  # the lean step (its band left out when the ring holds nothing live before or after it)
+        calls["idle"] = calls.get("idle", 0) + (r.band is None)
         return original(self, r, *args, **kwargs)
 
     monkeypatch.setattr(FastBackend, "_attend_one", counted)
@@ -527,3 +528,36 @@ def test_window_layers_hold_no_more_than_the_model_and_the_stats_say_so(family):
             if window is not None:
                 assert cache.layers[layer].kv.stored_entries() <= 2 * (window - 1)
     assert torch.equal(outs["fast"], outs["reference"])
+
+
+def test_a_lean_step_with_nothing_live_in_the_band_leaves_the_ring_and_equals_dense(monkeypatch):
+    """Every score below the threshold: no token is ever only in the band, so the lean step leaves the ring alone
+    (no band at all), and generation equals the unmodified model's."""
+    from tokenfilter.integration.attention import FilteredAttention
+    from tokenfilter.integration.backends.fast import FastBackend
+
+    seen = {"lean": 0, "idle": 0, "slid": 0}
+    attend_one, advance = FastBackend._attend_one, FilteredAttention._advance_ring
+
+    def counted(self, r, *args, **kwargs):
+        seen["lean"] += 1
+        seen["idle"] += r.band is None
+        return attend_one(self, r, *args, **kwargs)
+
+    def sliding(self, *args, **kwargs):
+        seen["slid"] += 1
+        return advance(self, *args, **kwargs)
+
+    monkeypatch.setattr(FastBackend, "_attend_one", counted)
+    monkeypatch.setattr(FilteredAttention, "_advance_ring", sliding)
+    model = make_tiny("llama")
+    ids = random_ids(1, 30, seed=3)
+    args = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        dense = model.generate(ids, **args)
+    with TokenFilter(threshold=2.0, skip="none", recent=8).apply(model) as run, torch.no_grad():
+        out = model.generate(ids, **args)
+    layers = len(run.filtered_layers)
+    assert layers > 0 and seen["lean"] == seen["idle"] == 7 * layers and seen["slid"] == layers  # the prefill only
+    assert torch.equal(out.sequences, dense.sequences)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(dense.scores), atol=1e-5, rtol=1e-5)

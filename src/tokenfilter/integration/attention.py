@@ -108,7 +108,10 @@ class FilteredAttention:
         state.kv.append(k_rot, v, cols, stored, real=real, idx=idx, n_store=b - n_unstored if lean else None,
                         scores=scores)
         held_before = state.ring.held if state.ring is not None else 0
-        band = self._advance_ring(state, k_rot, v, cols, idx, real, stored)
+        # a lean step that leaves nothing only the band reads, as before it, need not slide the ring: its entries
+        # are all dead, and a dead entry is never read whatever its place
+        idle = lean and held_before == 0 and n_unstored == 0
+        band = None if idle else self._advance_ring(state, k_rot, v, cols, idx, real, stored)
         # an entry not stored for good is dropped when it leaves the ring (at once without a band)
         dropped = held_before + n_unstored - (state.ring.held if state.ring is not None else 0)
         state.columns += t
