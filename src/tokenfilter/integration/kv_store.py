@@ -14,7 +14,7 @@ Two layouts, same interface, so the attention code does not care which one it re
 Every store counts the entries it ``evicted`` (a budget's; 0 for the others, whose drops the layer path counts from
 its decisions) and the most a row held after a call (``peak_held``; None where it is not tracked). On a layer with
 its own sliding window, ``RaggedKV`` and ``MaskedKV`` drop what the window has passed (``evict_before``, which the
-layer path calls every so many columns and counts).
+layer path calls after every call that moves the window past an entry, and counts).
 
 ``RecentRing`` (KV side) holds what only the recent band may still read: the entries of the last R - 1 real
 tokens of each sequence, flagged ``live`` where the token is not stored for good (filtered).
