@@ -96,3 +96,70 @@ def test_infinite_threshold_leaves_the_layers_alone():
         with torch.no_grad():
             assert torch.equal(model(ids).logits, dense)
         assert all(torch.isfinite(s).all() for s in run.scores) and not any(d.any() for d in run.decisions)
+
+
+@pytest.mark.parametrize("rotary", [16, 8])  # every dimension of a head, or half of it (Phi-3's partial rotary)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_by_roll_is_the_models_rope_bit_for_bit(rotary, dtype):
+    from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
+
+    from tokenfilter.integration.attention import rope, rope_tables
+
+    g = torch.Generator().manual_seed(rotary)
+    q, k = (torch.randn(2, 3, 5, 16, generator=g).to(dtype) for _ in range(2))  # [B, H, T, d]
+    angles = torch.randn(2, 5, rotary // 2, generator=g).repeat(1, 1, 2)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)  # [B, T, r]
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    tables = rope_tables(cos, sin)
+    for x, want in ((q, want_q), (k, want_k)):
+        got = rope(x.transpose(1, 2), tables).transpose(1, 2)  # rope reads [B, T, H, d]
+        assert got.dtype == dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize(("family", "embeddings"), [("llama", 1), ("gemma3_text", 2)])
+def test_rope_tables_are_built_once_per_call_and_position_embedding(family, embeddings, monkeypatch):
+    import tokenfilter.integration.run as run_module
+
+    built = []
+    real_tables = run_module.rope_tables
+
+    def counting(cos, sin):
+        built.append(cos.shape)
+        return real_tables(cos, sin)
+
+    monkeypatch.setattr(run_module, "rope_tables", counting)
+    model = make_tiny(family)
+    ids = random_ids(2, 30)
+    with torch.no_grad():
+        dense = model.generate(ids, max_new_tokens=4, do_sample=False)
+        with TokenFilter(threshold=2.0, start_layer=0).apply(model) as run:  # every layer scored, nothing filtered
+            out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert len(run.filtered_layers) == 4 and torch.equal(out, dense)
+    assert len(built) == 4 * embeddings  # the prefill and three decode steps, each once per embedding
+
+
+def test_ragged_kv_settles_deferred_decode_steps_before_anything_reads_them():
+    from tokenfilter.integration.kv_store import RaggedKV
+
+    b, h, d = 2, 1, 2
+    kv = RaggedKV()
+
+    def column(c: int, t: int = 1) -> torch.Tensor:
+        return torch.arange(c, c + t, dtype=torch.float32).view(1, 1, t, 1).expand(b, h, t, d).clone()
+
+    kv.append(column(0, 5), column(0, 5), torch.arange(5), torch.ones(b, 5, dtype=torch.bool))
+    expected = list(range(5))
+    for col in [*range(5, 40), *range(50, 60)]:  # a gap in the columns starts a new run; the buffer grows inside runs
+        kv.append_one(column(col)[:, :, 0], column(col)[:, :, 0], col, None, b)
+        expected.append(col)
+        if col == 20:  # the window passes columns 0..9 mid-run: what it reads is settled first
+            assert kv.evict_before(10) == b * 10
+            expected = expected[10:]
+    assert (kv.max_len, kv.min_len, kv.total) == (len(expected),) * 2 + (b * len(expected),)
+    keys, _, pos, valid = kv.view()
+    assert valid.all() and kv.lengths.tolist() == [len(expected)] * b
+    for r in range(b):
+        assert pos[r].tolist() == expected and keys[r, 0, :, 0].tolist() == [float(c) for c in expected]
+    kv.append_one(column(60)[:, :, 0], column(60)[:, :, 0], 60, torch.tensor([True, False]), 1)  # one row stores
+    kv.select_batch(torch.tensor([1, 0]))
+    assert kv.lengths.tolist() == [len(expected), len(expected) + 1] and kv.pos[1, len(expected)].item() == 60

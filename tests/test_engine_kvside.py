@@ -531,13 +531,13 @@ def test_window_layers_hold_no_more_than_the_model_and_the_stats_say_so(family):
 
 
 def test_a_lean_step_with_nothing_live_in_the_band_leaves_the_ring_and_equals_dense(monkeypatch):
-    """Every score below the threshold: no token is ever only in the band, so the lean step leaves the ring alone
-    (no band at all), and generation equals the unmodified model's."""
-    from tokenfilter.integration.attention import FilteredAttention
+    """Every score below the threshold: no token is ever only in the band, so no call slides the ring (the prefill
+    included) and no lean step has a band, and generation equals the unmodified model's."""
+    import tokenfilter.integration.attention as attention_module
     from tokenfilter.integration.backends.fast import FastBackend
 
     seen = {"lean": 0, "idle": 0, "slid": 0}
-    attend_one, advance = FastBackend._attend_one, FilteredAttention._advance_ring
+    attend_one, advance = FastBackend._attend_one, attention_module.advance_ring
 
     def counted(self, r, *args, **kwargs):
         seen["lean"] += 1
@@ -549,7 +549,7 @@ def test_a_lean_step_with_nothing_live_in_the_band_leaves_the_ring_and_equals_de
         return advance(self, *args, **kwargs)
 
     monkeypatch.setattr(FastBackend, "_attend_one", counted)
-    monkeypatch.setattr(FilteredAttention, "_advance_ring", sliding)
+    monkeypatch.setattr(attention_module, "advance_ring", sliding)
     model = make_tiny("llama")
     ids = random_ids(1, 30, seed=3)
     args = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
@@ -558,6 +558,44 @@ def test_a_lean_step_with_nothing_live_in_the_band_leaves_the_ring_and_equals_de
     with TokenFilter(threshold=2.0, skip="none", recent=8).apply(model) as run, torch.no_grad():
         out = model.generate(ids, **args)
     layers = len(run.filtered_layers)
-    assert layers > 0 and seen["lean"] == seen["idle"] == 7 * layers and seen["slid"] == layers  # the prefill only
+    assert layers > 0 and seen["lean"] == seen["idle"] == 7 * layers and seen["slid"] == 0
     assert torch.equal(out.sequences, dense.sequences)
     torch.testing.assert_close(torch.stack(out.scores), torch.stack(dense.scores), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_ring_left_alone_by_quiet_calls_serves_the_first_filtered_tokens(monkeypatch, padded):
+    """A prompt inside the warm-up (nothing filtered: the ring is not slid, it holds no entry only the band reads),
+    then decode steps that filter every token: their bands read the ring from there on. Fast and reference agree on
+    every token, decision and statistic."""
+    import tokenfilter.integration.attention as attention_module
+
+    slid = {"n": 0}
+    advance = attention_module.advance_ring
+
+    def sliding(self, *args, **kwargs):
+        slid["n"] += 1
+        return advance(self, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "advance_ring", sliding)
+    model = make_tiny("llama")
+    if padded:
+        ids, mask = left_pad([random_ids(1, 20, seed=3)[0], random_ids(1, 16, seed=4)[0]])
+    else:
+        ids, mask = random_ids(2, 20, seed=3), None
+    runs = {}
+    for path in ("fast", "reference"):
+        cfg = TokenFilter(threshold=-2.0, warmup=20, recent=4, path=path, record_decisions=True)
+        with cfg.apply(model) as run, torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True)
+        runs[path] = (out.sequences, torch.stack(out.scores), run)
+    (f_seq, f_logits, f_run), (r_seq, r_logits, r_run) = runs["fast"], runs["reference"]
+    filtered = f_run.decisions[f_run.filtered_layers[0]]  # [B, prompt + 8]
+    assert not filtered[:, : ids.shape[1]].any() and filtered[:, -3:].all()  # past the warm-up, every token
+    layers = len(f_run.filtered_layers)
+    assert slid["n"] == 2 * 7 * layers  # the decode steps only (each path: the prefill is quiet)
+    assert torch.equal(f_seq, r_seq)
+    torch.testing.assert_close(f_logits, r_logits, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(f_run.decisions, r_run.decisions, strict=True))
+    assert f_run.stats.as_dict() == r_run.stats.as_dict()

@@ -25,19 +25,50 @@ from __future__ import annotations
 import torch
 
 
+class _Settled:
+    """An attribute of ``RaggedKV`` (held as ``_name``) that settles the store's deferred decode steps before it is
+    read or written."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj: RaggedKV | None, owner: type | None = None) -> torch.Tensor | None:
+        if obj is None:
+            return self
+        obj._settle()
+        return getattr(obj, self.slot)
+
+    def __set__(self, obj: RaggedKV, value: torch.Tensor) -> None:
+        obj._settle()
+        setattr(obj, self.slot, value)
+
+
 class RaggedKV:
     evicted = 0
     peak_held: int | None = None
     horizon = 0  # every entry before this column has been evicted (the model's window passed it)
+    pos = _Settled()  # [B, cap] column index of each entry
+    lengths = _Settled()  # [B] entries each row holds
 
     def __init__(self) -> None:
         self.keys: torch.Tensor | None = None  # [B, H, cap, d]
         self.values: torch.Tensor | None = None
-        self.pos: torch.Tensor | None = None  # [B, cap] column index of each entry
-        self.lengths: torch.Tensor | None = None  # [B]
+        self._pos: torch.Tensor | None = None
+        self._lengths: torch.Tensor | None = None
         self.max_len = 0  # Python mirrors of lengths.max(), lengths.min(), lengths.sum() (always exact)
         self.min_len = 0
         self.total = 0
+        # decode steps every row stored at the same slot, in consecutive slots and columns from (slot, column), not
+        # yet written into _pos and _lengths: a lean step writes only the keys and values, and the first reader of
+        # ``pos`` or ``lengths`` settles the run in two operators
+        self._run = (0, 0, 0)  # (first slot, first column, steps)
+
+    def _settle(self) -> None:
+        slot, col, steps = self._run
+        if steps:
+            self._run = (0, 0, 0)
+            self._pos[:, slot : slot + steps] = torch.arange(col, col + steps, device=self._pos.device)
+            self._lengths = self._lengths + steps
 
     def _init(self, b: int, h: int, d: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
         if self.keys is None:
@@ -51,6 +82,10 @@ class RaggedKV:
         if need <= cap:
             return
         grow = max(need, cap + max(cap // 4, 16)) - cap
+        if cap == 0:  # the first entries: nothing to copy
+            self.keys, self.values = self.keys.new_zeros(b, h, grow, d), self.values.new_zeros(b, h, grow, d)
+            self.pos = self.pos.new_zeros(b, grow)
+            return
         self.keys = torch.cat([self.keys, self.keys.new_zeros(b, h, grow, d)], dim=2)
         self.values = torch.cat([self.values, self.values.new_zeros(b, h, grow, d)], dim=2)
         self.pos = torch.cat([self.pos, self.pos.new_zeros(b, grow)], dim=1)
@@ -75,15 +110,17 @@ class RaggedKV:
         scores: torch.Tensor | None = None,
     ) -> None:
         """``k, v``: ``[B, H, T, d]``; ``cols``: ``[T]``; ``store``: ``[B, T]`` bool (entries to keep).
-        ``real, idx`` are what the masked layout records; this one keeps only the stored entries. ``n_store``:
-        how many entries ``store`` holds, when the caller knows it (one column then needs no host sync)."""
+        ``real, idx`` are what the masked layout records; this one keeps only the stored entries (a decode step's
+        one column: ``append_one``). ``n_store``: how many entries ``store`` holds, when the caller knows it."""
         b, h, t, d = k.shape
-        if t == 1 and n_store is not None and self.keys is not None:
-            return self.append_one(k[:, :, 0], v[:, :, 0], cols[0], store[:, 0], n_store)
         self._init(b, h, d, k, v)
         start, aligned, before, old_lengths = self.max_len, self.max_len == self.min_len, self.total, self.lengths
-        self.lengths = self.lengths + store.sum(-1)
-        self._mirror()
+        if n_store == b * t:  # every column of every row (the caller counted them): no count to take
+            self.lengths = old_lengths + t
+            self.max_len, self.min_len, self.total = self.max_len + t, self.min_len + t, self.total + b * t
+        else:
+            self.lengths = old_lengths + store.sum(-1)
+            self._mirror()
         self._reserve(self.max_len)
         if aligned and self.total - before == b * t:  # every row stores every column at the same offset
             self.keys[:, :, start : start + t] = k
@@ -97,11 +134,10 @@ class RaggedKV:
         self.values[bi, :, di] = v[bi, :, ti]
         self.pos[bi, di] = cols[ti]
 
-    def append_one(
-        self, k: torch.Tensor, v: torch.Tensor, col: int | torch.Tensor, store: torch.Tensor, n_store: int
-    ) -> None:
-        """One new column (a decode step). ``k, v``: ``[B, H, d]``; ``store``: ``[B]`` bool (read only when some
-        row does not store); ``n_store``: how many rows store (known to the caller, so no host sync is needed).
+    def append_one(self, k: torch.Tensor, v: torch.Tensor, col: int, store: torch.Tensor, n_store: int) -> None:
+        """One new column (a decode step). ``k, v``: ``[B, H, d]``; ``store``: ``[B]`` or ``[B, 1]`` bool (read only
+        when some row does not store); ``n_store``: how many rows store (known to the caller, so no host sync is
+        needed).
 
         Rows that do not store get the entry written just past their end, where it is never read (``view``
         and ``lean_view`` stop at each row's length) and the next stored entry overwrites it.
@@ -115,17 +151,23 @@ class RaggedKV:
             at = self.max_len
             self.keys[:, :, at] = k
             self.values[:, :, at] = v
-            self.pos[:, at] = col
-        else:
-            rows = torch.arange(b, device=k.device)
-            self.keys[rows, :, self.lengths] = k
-            self.values[rows, :, self.lengths] = v
-            self.pos[rows, self.lengths] = col
+            slot, first, steps = self._run
+            if not (steps and slot + steps == at and first + steps == col):
+                self._settle()
+                slot, first, steps = at, col, 0
+            self._run = (slot, first, steps + 1)  # its column and length are written when first read
+            self.max_len, self.min_len, self.total = self.max_len + 1, self.min_len + 1, self.total + b
+            return
+        rows = torch.arange(b, device=k.device)
+        lengths = self.lengths
+        self.keys[rows, :, lengths] = k
+        self.values[rows, :, lengths] = v
+        self.pos[rows, lengths] = col
         if n_store == b:
-            self.lengths = self.lengths + 1
+            self.lengths = lengths + 1
             self.max_len, self.min_len, self.total = self.max_len + 1, self.min_len + 1, self.total + b
         else:
-            self.lengths = self.lengths + store.long()
+            self.lengths = lengths + store.long().view(b)
             self._mirror()
 
     @property

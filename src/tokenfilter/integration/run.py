@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from tokenfilter.integration.attention import FilteredAttention
+from tokenfilter.integration.attention import FilteredAttention, RopeTables, rope_tables
 from tokenfilter.integration.cache_args import cache_argument
 from tokenfilter.integration.families import attention_layers, decoder_layers
 from tokenfilter.integration.mlp import FilteredMLP
@@ -40,6 +40,26 @@ class CallContext:
     past: int = 0  # columns already processed before this call
     keep: dict[int, tuple] = field(default_factory=dict)  # layer -> (keep [B,T], kept-token gather or None)
     transient: dict = field(default_factory=dict)  # layer -> state, when the call has no cache
+    rotary: dict = field(default_factory=dict)  # (id(cos), id(sin), rows) -> (cos, sin, cos_b, sin_b, tables)
+
+    def rope(self, cos: torch.Tensor, sin: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, RopeTables]:
+        """The position embeddings ``cos, sin`` (``[1 or rows, T, r]``, as the model hands them to every layer)
+        expanded to ``rows`` sequences, and their rope tables: built once per call and embedding (Gemma 3 has two),
+        not once per layer."""
+        key = (id(cos), id(sin), rows)
+        hit = self.rotary.get(key)
+        if hit is None:  # the entry holds its sources, so their ids are not reused while the call lasts
+            cos_b, sin_b = (cos, sin) if cos.shape[0] == rows else (cos.expand(rows, -1, -1), sin.expand(rows, -1, -1))
+            hit = self.rotary[key] = (cos, sin, cos_b, sin_b, rope_tables(cos_b, sin_b))
+        return hit[2], hit[3], hit[4]
+
+    def tables(self, cos: torch.Tensor, sin: torch.Tensor) -> RopeTables:
+        """The rope tables of ``cos, sin`` ``[B, T, r]``: the call's own when they are what ``rope`` returned, else
+        built (a backend's gathered rows)."""
+        for _, _, cos_b, sin_b, tables in self.rotary.values():
+            if cos_b is cos and sin_b is sin:
+                return tables
+        return rope_tables(cos, sin)
 
 
 class FilterRun:

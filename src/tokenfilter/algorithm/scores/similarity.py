@@ -64,8 +64,8 @@ def fuse_stacked(
     with two terms the weights are ``w_k = v_v / (v_k + v_v)`` and ``w_v = v_k / (v_k + v_v)``, which is
     how it is computed (no reciprocals).
     """
-    if fusion == "key":
-        return s[..., 0, :].mean(-1)
+    if fusion == "key":  # the keys alone (the only part: one reduction)
+        return s.mean((-2, -1)) if s.shape[-2] == 1 else s[..., 0, :].mean(-1)
     if fusion == "value":
         return s[..., 1, :].mean(-1)
     if fusion == "mean":
@@ -115,7 +115,8 @@ def ema_cosines(x: torch.Tensor, state: ScoreState) -> torch.Tensor:
 def mean_cosines(x: torch.Tensor, state: ScoreState) -> torch.Tensor:
     """Per-head cosine of each token ``x`` ``[B, N, P, H, d]`` to the mean of every earlier real token (the first
     token: to itself) -> ``[B, N, P, H]`` float32. Keeps the running sums ``[B, P, H, d]`` in
-    ``state.memory["sum"]``."""
+    ``state.memory["sum"]``. The cosine is taken against the sum, which points the same way as the mean: no division,
+    and the decode step reads the running sum as it is."""
     x = x.float()
     b, n, parts, heads, d = x.shape
     if state.valid is not None:
@@ -124,8 +125,9 @@ def mean_cosines(x: torch.Tensor, state: ScoreState) -> torch.Tensor:
     if before is None:
         before = torch.zeros(b, parts, heads, d, device=x.device)
     after = before[:, None] + x.cumsum(1)  # the sum after each token
+    earlier = torch.cat([before[:, None], after[:, :-1]], dim=1)  # the sum before each token
     count = (state.seen[:, None] + torch.arange(n, device=x.device))[:, :, None, None, None]  # tokens before
-    prev = torch.where(count > 0, (after - x) / count.clamp(min=1), x)
+    prev = torch.where(count > 0, earlier, x)
     state.memory["sum"] = state.last(after, before)
     return head_cosine(x, prev)
 
@@ -152,6 +154,13 @@ def two_horizon(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> 
 
 
 # -- decode steps ------------------------------------------------------------------------------------------------
+def _step_parts(k: torch.Tensor, v: torch.Tensor, fusion: str) -> torch.Tensor:
+    """``scored_parts`` of one token per row (``k, v``: ``[B, 1, H, d]``) -> ``[B, P, H, d]`` float32: the token
+    dimension of size 1 becomes the parts'."""
+    x = k if fusion in KEY_FUSIONS else torch.cat([k, v], dim=1)
+    return x if x.dtype == torch.float32 else x.float()
+
+
 def similarity_step(k: torch.Tensor, v: torch.Tensor, state: ScoreState) -> torch.Tensor | None:
     """``similarity`` of one decode token per row, ``k, v``: ``[B, 1, H, d]`` -> ``[B]`` float32, with the anchors
     ``memory["anchors"]`` advanced past it. None (nothing done) when the anchors are not there yet."""
@@ -159,9 +168,7 @@ def similarity_step(k: torch.Tensor, v: torch.Tensor, state: ScoreState) -> torc
     if before is None:
         return None
     gamma, fusion, lam = (state.params[p] for p in PARAMS)
-    x = scored_parts(k, v, fusion)[:, 0]  # [B, 2 (or 1: keys), H, d]
-    if x.dtype != torch.float32:
-        x = x.float()
+    x = _step_parts(k, v, fusion)  # [B, 2 (or 1: keys), H, d]
     state.memory["anchors"] = gamma * before + (1 - gamma) * x  # ema_scan's one-token update, the same expression
     pair = torch.stack([x, before])  # [2, B, 2, H, d]: the token and the anchor before its update
     gram = (pair[:, None] * pair[None]).sum(-1)  # [2, 2, B, 2, H]: x.x, x.a / a.x, a.a
@@ -177,31 +184,25 @@ def cumulative_mean_step(k: torch.Tensor, v: torch.Tensor, state: ScoreState) ->
     if before is None:
         return None
     fusion, lam = state.params["fusion"], state.params["lam"]
-    x = scored_parts(k, v, fusion)[:, 0].float()
-    after = before + x
-    prev = (after - x) / state.seen.clamp(min=1).view(k.shape[0], 1, 1, 1)  # the score's (after - x) / count
-    state.memory["sum"] = after
-    return fuse_stacked(head_cosine(x, prev), fusion, lam).float()
+    x = _step_parts(k, v, fusion)
+    state.memory["sum"] = before + x
+    return fuse_stacked(head_cosine(x, before), fusion, lam).float()  # the cosine to the sum before the token
 
 
 def two_horizon_step(k: torch.Tensor, v: torch.Tensor, state: ScoreState) -> torch.Tensor | None:
     """``two-horizon`` of one decode token per row: the lower of the two steps above, computed together (one
-    stack of the token and its two anchors, the cosines' five dot products in two reductions)."""
+    stack of the token and its two anchors, their cosines' dot products in two reductions)."""
     anchors, total = state.memory.get("anchors"), state.memory.get("sum")
     if anchors is None or total is None:
         return None  # neither memory is touched
     gamma, fusion, lam = (state.params[p] for p in PARAMS)
-    x = scored_parts(k, v, fusion)[:, 0]  # [B, 2 (or 1: keys), H, d]
-    if x.dtype != torch.float32:
-        x = x.float()
-    after = total + x
-    mean = (after - x) / state.seen.clamp(min=1).view(k.shape[0], 1, 1, 1)  # the score's (after - x) / count
-    state.memory["anchors"] = gamma * anchors + (1 - gamma) * x
-    state.memory["sum"] = after
-    trio = torch.stack([x, anchors, mean])  # [3, B, 2, H, d]: the token, the EMA anchor before it, the mean before
-    cross = (trio[0] * trio).sum(-1)  # [3, B, 2, H]: x.x, x.a, x.m
-    own = (trio[1:] * trio[1:]).sum(-1)  # [2, B, 2, H]: a.a, m.m
-    cos = cross[1:] * (cross[0] * own).clamp_min(_EPS2).rsqrt()  # [2, B, 2, H]
+    x = _step_parts(k, v, fusion)  # [B, P, H, d]
+    state.memory["anchors"] = gamma * anchors + (1 - gamma) * x  # ema_scan's one-token update, the same expression
+    state.memory["sum"] = total + x
+    trio = torch.stack([x, anchors, total])  # [3, B, P, H, d]: the token, the EMA anchor and the sum before it
+    cross = (trio * x).sum(-1)  # [3, B, P, H]: x.x, a.x, s.x
+    own = (trio * trio).sum(-1)  # x.x, a.a, s.s
+    cos = (cross * (own * own[0]).clamp_min(_EPS2).rsqrt())[1:]  # [2, B, P, H]: head_cosine's products, in its order
     # both horizons fused in one call (the reductions are per row), each as its own score's call would
     return fuse_stacked(cos, fusion, lam, few=cos[0].numel() <= _FEW).amin(0)
 

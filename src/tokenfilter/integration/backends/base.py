@@ -39,7 +39,8 @@ class Reading:
 
     ``band``: the recent band's sources (``RecentRing.extend``), or None without a band. ``fresh``: the store was
     empty before this call. ``lean``: a decode step with one real token per row, past warm-up, every stored entry
-    in the past and in the model's window; ``n_readers`` (Python) is then how many rows read.
+    in the past and in the model's window; ``n_readers`` (Python) is then how many rows read. ``cols`` and ``idx``
+    are None on a lean step without a band (the lean branch reads neither).
 
     ``pads`` ``[rows, T]`` (None when there is none): padding columns after a real token of their row (right
     padding). The unmodified model computes their attention over the real tokens before them, and ``generate``
@@ -52,8 +53,8 @@ class Reading:
     sin: torch.Tensor
     readers: torch.Tensor
     stored: torch.Tensor
-    cols: torch.Tensor
-    idx: torch.Tensor
+    cols: torch.Tensor | None
+    idx: torch.Tensor | None
     band: tuple[torch.Tensor, ...] | None
     fresh: bool
     lean: bool = False
@@ -61,6 +62,7 @@ class Reading:
     pads: torch.Tensor | None = None
     band_live: int = 0  # entries only the band reads among its sources (Python: no host sync to ask)
     aligned: bool = False
+    all_read: bool = False  # every column of every row is a real token that reads (``readers`` all True)
 
 
 def attend_pads(

@@ -67,10 +67,13 @@ class FastBackend:
         b, t, dim = r.h.shape
         computed = r.readers | r.pads if fold_pads else r.readers
         aligned = vis.filtered_reads and r.aligned  # every real token reads, and they lead their rows: no sort
-        sel, q_valid, n = compact_order(computed, aligned)
-        if n == 0:
-            return r.h.new_zeros(b, t, dim), torch.zeros((), dtype=torch.long), None
-        all_read = n == t and bool(q_valid.all())
+        if r.all_read:  # every column reads: nothing to count or gather
+            sel, q_valid, n, all_read = None, r.readers, t, True
+        else:
+            sel, q_valid, n = compact_order(computed, aligned)
+            if n == 0:
+                return r.h.new_zeros(b, t, dim), torch.zeros((), dtype=torch.long), None
+            all_read = n == t and bool(q_valid.all())
         if all_read:  # nothing to gather
             hs, cs, ss, q_pos, q_idx = r.h, r.cos, r.sin, r.cols.expand(b, t), r.idx
             q_read = r.readers
