@@ -106,6 +106,20 @@ def test_nothing_filtered_real_weights(stories, path):
 
 
 # -- 2. threshold mode: one prefill == token by token == chunks of 7 -----------------------------------------
+def _counting(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> dict[str, int]:
+    """Replace ``owner.name`` (a method or a module's function) by one that counts its calls in the returned
+    ``{"n": calls}`` and then runs it."""
+    calls = {"n": 0}
+    original = getattr(owner, name)
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
 def _chunked(model, ids, size):
     cache, steps = None, []
     for s in range(0, ids.shape[1], size):
@@ -469,14 +483,7 @@ def test_first_call_within_the_band_is_causal_attention_and_equals_reference(mon
     the fast backend runs one causal attention; the same logits, decisions and statistics as the reference."""
     from tokenfilter.integration.backends.fast import FastBackend
 
-    calls = {"n": 0}
-    original = FastBackend._attend_within_band
-
-    def counted(self, *args, **kwargs):
-        calls["n"] += 1
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(FastBackend, "_attend_within_band", counted)
+    calls = _counting(monkeypatch, FastBackend, "_attend_within_band")
     model = make_tiny("llama")
     if padded:
         ids, mask = left_pad([random_ids(1, 30, seed=3)[0], random_ids(1, 24, seed=4)[0]])
@@ -536,20 +543,16 @@ def test_a_lean_step_with_nothing_live_in_the_band_leaves_the_ring_and_equals_de
     import tokenfilter.integration.attention as attention_module
     from tokenfilter.integration.backends.fast import FastBackend
 
-    seen = {"lean": 0, "idle": 0, "slid": 0}
-    attend_one, advance = FastBackend._attend_one, attention_module.advance_ring
+    seen = {"lean": 0, "idle": 0}
+    attend_one = FastBackend._attend_one
 
     def counted(self, r, *args, **kwargs):
         seen["lean"] += 1
         seen["idle"] += r.band is None
         return attend_one(self, r, *args, **kwargs)
 
-    def sliding(self, *args, **kwargs):
-        seen["slid"] += 1
-        return advance(self, *args, **kwargs)
-
     monkeypatch.setattr(FastBackend, "_attend_one", counted)
-    monkeypatch.setattr(attention_module, "advance_ring", sliding)
+    slid = _counting(monkeypatch, attention_module, "advance_ring")
     model = make_tiny("llama")
     ids = random_ids(1, 30, seed=3)
     args = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
@@ -558,7 +561,7 @@ def test_a_lean_step_with_nothing_live_in_the_band_leaves_the_ring_and_equals_de
     with TokenFilter(threshold=2.0, skip="none", recent=8).apply(model) as run, torch.no_grad():
         out = model.generate(ids, **args)
     layers = len(run.filtered_layers)
-    assert layers > 0 and seen["lean"] == seen["idle"] == 7 * layers and seen["slid"] == 0
+    assert layers > 0 and seen["lean"] == seen["idle"] == 7 * layers and slid["n"] == 0
     assert torch.equal(out.sequences, dense.sequences)
     torch.testing.assert_close(torch.stack(out.scores), torch.stack(dense.scores), atol=1e-5, rtol=1e-5)
 
@@ -570,14 +573,7 @@ def test_a_ring_left_alone_by_quiet_calls_serves_the_first_filtered_tokens(monke
     every token, decision and statistic."""
     import tokenfilter.integration.attention as attention_module
 
-    slid = {"n": 0}
-    advance = attention_module.advance_ring
-
-    def sliding(self, *args, **kwargs):
-        slid["n"] += 1
-        return advance(self, *args, **kwargs)
-
-    monkeypatch.setattr(attention_module, "advance_ring", sliding)
+    slid = _counting(monkeypatch, attention_module, "advance_ring")
     model = make_tiny("llama")
     if padded:
         ids, mask = left_pad([random_ids(1, 20, seed=3)[0], random_ids(1, 16, seed=4)[0]])

@@ -140,9 +140,7 @@ class FilteredAttention:
     # -- the Projections its backend calls ---------------------------------------------------------------
     def queries(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """``h``: ``[B, Q, D]`` -> queries with RoPE ``[B, Hq, Q, d]``."""
-        call = self.run.call
-        tables = call.tables(cos, sin) if call is not None else rope_tables(cos, sin)
-        return rope(self.attn.queries(h), tables).transpose(1, 2)
+        return rope(self.attn.queries(h), self.run.call.tables(cos, sin)).transpose(1, 2)
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
         """``[B, Hq, Q, d]`` -> ``[B, Q, D]``."""
