@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenfilter.algorithm.anchors import ema_scan
+from tokenfilter.algorithm.anchors import ema_scan, sum_scan
 from tokenfilter.algorithm.decisions import top_ratio
 from tokenfilter.algorithm.schedule import resolve
 from tokenfilter.algorithm.scores import fuse
@@ -58,9 +58,22 @@ def test_ema_scan_matches_recurrence():
     init = torch.randn(2, 3, 4)
     got = ema_scan(x, init, 0.9)
     a = init.clone()
-    for t in range(150):
+    for t in range(150):  # blocks of 32 and a ragged last block
         a = 0.9 * a + 0.1 * x[:, t]
         torch.testing.assert_close(got[:, t], a, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 20, 32, 150, 2048])  # one token, one block, exact blocks, a ragged last block
+def test_sum_scan_is_the_running_sum(n):
+    """The blocked running sum (two-horizon's long horizon) equals a float64 cumulative sum to float rounding; a
+    single token is the step's own ``before + x``, bit for bit."""
+    torch.manual_seed(n)
+    x, init = torch.randn(2, n, 3, 4), torch.randn(2, 3, 4)
+    got = sum_scan(x, init)
+    want = init.double()[:, None] + x.double().cumsum(1)
+    torch.testing.assert_close(got.double(), want, atol=1e-4 * n**0.5, rtol=1e-5)
+    if n == 1:
+        assert torch.equal(got[:, 0], init + x[:, 0])
 
 
 def test_fusion_variance_prefers_consistent_signal():

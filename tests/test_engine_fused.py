@@ -62,6 +62,69 @@ def test_mean_steps_are_the_registry_scores_bit_for_bit(name, fusion, batch, dty
         assert torch.equal(memory[key], state.memory[key]), key
 
 
+def _prefill_state(parts: int, padded: bool, fusion: str = "variance") -> tuple[torch.Tensor, ScoreState]:
+    """Tokens ``[3, 40, parts, 3, 16]`` of a fresh row, a continuing row and (``padded``) a row of 25 real tokens
+    then padding, with running memories."""
+    g = torch.Generator().manual_seed(parts + 2 * padded)
+    x = torch.randn(3, 40, parts, 3, 16, generator=g)
+    valid = None
+    if padded:
+        valid = torch.ones(3, 40, dtype=torch.bool)
+        valid[2, 25:] = False
+    memory = {"anchors": torch.randn(3, parts, 3, 16, generator=g), "sum": torch.randn(3, parts, 3, 16, generator=g)}
+    return x, ScoreState(valid, torch.tensor([0, 7, 0]), memory, params=_params(fusion))
+
+
+@pytest.mark.parametrize("parts", [1, 2])
+@pytest.mark.parametrize("padded", [False, True])
+def test_cosines_to_the_previous_anchors_are_head_cosine_bit_for_bit(parts, padded):
+    """The prefill takes each token's cosine to its previous anchor on the reductions (the anchors are not copied
+    shifted): the numbers are ``head_cosine``'s against the previous anchors built out, for a fresh row (its first
+    token compared with itself), a continuing row and padding; the memories are each row's last real anchors."""
+    from tokenfilter.algorithm.anchors import ema_scan, sum_scan
+    from tokenfilter.algorithm.scores import head_cosine
+    from tokenfilter.algorithm.scores.similarity import horizon_cosines
+
+    x, state = _prefill_state(parts, padded)
+    anchors, sums = state.memory["anchors"], state.memory["sum"]
+    got = horizon_cosines(x, state)
+    b, n = x.shape[:2]
+    past = (state.seen > 0)[:, None, None, None]
+    first = torch.where(past, anchors, x[:, 0])
+    after = ema_scan(x.reshape(b, n, parts * 3, 16), first.reshape(b, parts * 3, 16), 0.9).view(x.shape)
+    want_ema = head_cosine(x, torch.cat([first[:, None], after[:, :-1]], dim=1))
+    real = torch.ones(b, n, dtype=torch.bool) if state.valid is None else state.valid
+    xs = x * real[:, :, None, None, None]
+    total = sum_scan(xs.reshape(b, n, parts * 3, 16), sums.reshape(b, parts * 3, 16)).view(x.shape)
+    earlier = torch.cat([sums[:, None], total[:, :-1]], dim=1)
+    count = state.seen[:, None] + torch.arange(n)
+    want_sum = head_cosine(xs, torch.where((count > 0)[:, :, None, None, None], earlier, xs))
+    assert torch.equal(got[0][real], want_ema[real]) and torch.equal(got[1][real], want_sum[real])
+    last = real.sum(-1) - 1
+    assert torch.equal(state.memory["anchors"], after[torch.arange(b), last])
+    assert torch.equal(state.memory["sum"], total[torch.arange(b), last])
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_two_horizon_is_the_lower_of_its_two_scores_bit_for_bit(fusion, padded):
+    """``two-horizon`` computes both horizons together; each is what its own score gives, memories included."""
+    x, state = _prefill_state(2, padded, fusion)
+    k, v = x[:, :, 0], x[:, :, 1]
+    if fusion in ("key", "key-min"):  # a fusion of the keys alone keeps the keys' memories only
+        state.memory = {key: m[:, :1] for key, m in state.memory.items()}
+    alone = {}
+    for name, key in (("similarity", "anchors"), ("cumulative-mean", "sum")):
+        own = ScoreState(state.valid, state.seen, dict(state.memory), params=state.params)
+        alone[name] = SCORES[name](k, v, own)
+        alone[key] = own.memory[key]
+    got = SCORES["two-horizon"](k, v, state)
+    real = torch.ones(3, 40, dtype=torch.bool) if state.valid is None else state.valid
+    want = torch.minimum(alone["similarity"], alone["cumulative-mean"])
+    assert torch.equal(got[real], want[real])
+    assert torch.equal(state.memory["anchors"], alone["anchors"]) and torch.equal(state.memory["sum"], alone["sum"])
+
+
 def test_similarity_step_without_anchors_does_nothing():
     memory: dict = {}
     seen = torch.ones(1, dtype=torch.long)

@@ -39,9 +39,10 @@ def _reference(q, keys, values, allowed, scale):
     return p @ v, lse
 
 
+@pytest.mark.parametrize("b", [1, 2])  # one row: the CPU kernel's batch-of-heads layout; two: heads stacked
 @pytest.mark.parametrize("impl", ["cpu-flash", "math"])
-def test_lse_kernels_agree_with_the_formula_in_float64(impl):
-    q, keys, values, allowed = _inputs()
+def test_lse_kernels_agree_with_the_formula_in_float64(impl, b):
+    q, keys, values, allowed = (x[:b] for x in _inputs())
     out, lse = attend_lse(q, keys, values, allowed, 0.25, impl=impl)
     want_out, want_lse = _reference(q, keys, values, allowed, 0.25)
     none = ~allowed.any(-1)[:, None].expand_as(lse)
@@ -51,14 +52,38 @@ def test_lse_kernels_agree_with_the_formula_in_float64(impl):
     torch.testing.assert_close(out[~none].double(), want_out[~none], atol=1e-5, rtol=1e-5)
 
 
-def test_merging_two_parts_is_attention_over_their_union():
+@pytest.mark.parametrize("impl", ["cpu-flash", "math"])
+def test_merging_two_parts_is_attention_over_their_union(impl):
+    """Queries with keys in one part only, in both, and in neither (output 0) included."""
     q, keys, values, allowed = _inputs(k=12, seed=3)
     part = torch.zeros_like(allowed)
     part[..., :5] = True
-    parts = [attend_lse(q, keys, values, allowed & m, 0.3, impl="math") for m in (part, ~part)]
+    allowed[0, 1, :5] = False  # keys in the second part only
+    allowed[0, 2, 5:] = False  # keys in the first part only
+    parts = [attend_lse(q, keys, values, allowed & m, 0.3, impl=impl) for m in (part, ~part)]
     merged = merge_lse(parts[0][0], parts[0][1], parts[1][0], parts[1][1])
-    whole, _ = attend_lse(q, keys, values, allowed, 0.3, impl="cpu-flash")
+    whole, _ = attend_lse(q, keys, values, allowed, 0.3, impl="math")
+    assert (merged[0, :, 0] == 0).all() and (merged[1, :, 2] == 0).all()
     torch.testing.assert_close(merged, whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [True, False])
+def test_cpu_kernel_gives_one_row_what_it_gives_that_row_in_a_batch(dtype, masked):
+    """One row runs the CPU kernel with the query heads of a key head as a batch over the same keys (a stride-0
+    view); a batch stacks them along the queries: the same numbers for the same row."""
+    q, keys, values, allowed = _inputs(hq=6, h=2, n=70, k=90, d=32, seed=4, dtype=dtype)
+    mask = allowed if masked else None
+    out, lse = attend_lse(q, keys, values, mask, 0.2, impl="cpu-flash")
+    for row in range(2):
+        one = attend_lse(q[row:row + 1], keys[row:row + 1], values[row:row + 1],
+                         None if mask is None else mask[row:row + 1], 0.2, impl="cpu-flash")
+        torch.testing.assert_close(one[0], out[row:row + 1], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(one[1], lse[row:row + 1], atol=1e-6, rtol=1e-6)
+    want_out, want_lse = attend_lse(q, keys, values, mask, 0.2, impl="math")
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(out, want_out, **tol)
+    torch.testing.assert_close(lse, want_lse, **tol)
 
 
 def test_unknown_lse_kernel_is_an_error():

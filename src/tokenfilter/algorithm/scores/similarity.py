@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenfilter.algorithm.anchors import ema_scan
+from tokenfilter.algorithm.anchors import ema_scan, sum_scan
 from tokenfilter.algorithm.scores.state import Score, ScoreState
 
 FUSIONS = ("variance", "mean", "key", "value", "min", "key-min", "kv-min")
@@ -95,21 +95,57 @@ def scored_parts(keys: torch.Tensor, values: torch.Tensor, fusion: str) -> torch
     return keys[:, :, None] if fusion in KEY_FUSIONS else torch.stack([keys, values], dim=2)
 
 
-def ema_cosines(x: torch.Tensor, state: ScoreState) -> torch.Tensor:
-    """Per-head cosine of each token ``x`` ``[B, N, P, H, d]`` (P parts: keys, values) to its EMA anchor before its
-    update -> ``[B, N, P, H]`` float32. Keeps the anchors ``[B, P, H, d]`` in ``state.memory["anchors"]``."""
-    gamma = state.params["gamma"]
+def _to_previous(x: torch.Tensor, xx: torch.Tensor, after: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """``head_cosine`` of each token ``x`` ``[B, N, P, H, d]`` to the anchor before its update -> ``[B, N, P, H]``:
+    ``first`` ``[B, P, H, d]`` for token 0, ``after[:, t - 1]`` for token t (``after``: the anchors after each
+    token). ``xx``: ``(x * x).sum(-1)``. The same products as ``head_cosine(x, previous)`` without building
+    ``previous`` (a copy of every anchor): the shift is taken on the reductions."""
+    dot = torch.cat([(x[:, :1] * first[:, None]).sum(-1), (x[:, 1:] * after[:, :-1]).sum(-1)], dim=1)
+    aa = torch.cat([(first * first).sum(-1)[:, None], (after[:, :-1] * after[:, :-1]).sum(-1)], dim=1)
+    return dot * (xx * aa).clamp_min(_EPS2).rsqrt()
+
+
+def _ema_anchors(x: torch.Tensor, state: ScoreState) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``[B, N, P, H, d]`` float32 -> ``(after [B, N, P, H, d], first [B, P, H, d])``: the EMA anchors after
+    each token and the anchor before token 0 (a row's first token ever is its own anchor, ``A_{-1} = x_0``).
+    Advances ``state.memory["anchors"]``."""
     b, n, parts, heads, d = x.shape
     before = state.memory.get("anchors")
     if before is None:
         before = torch.zeros(b, parts, heads, d, device=x.device)
-    init = torch.where((state.seen > 0)[:, None, None, None], before, x[:, 0].float())  # A_{-1}; A_0 = x_0
-    # the K and V anchors are independent recurrences over features: scan them as 2H heads at once
-    a = ema_scan(x.reshape(b, n, parts * heads, d), init.reshape(b, parts * heads, d), gamma)
-    a = a.reshape(b, n, parts, heads, d)
-    prev = torch.cat([init[:, None], a[:, :-1]], dim=1)  # the anchor before each token's update
-    state.memory["anchors"] = state.last(a, before)
-    return head_cosine(x, prev)
+    first = torch.where((state.seen > 0)[:, None, None, None], before, x[:, 0])
+    # the K and V anchors are independent recurrences over features: scan them as P * H heads at once
+    after = ema_scan(x.reshape(b, n, parts * heads, d), first.reshape(b, parts * heads, d), state.params["gamma"])
+    after = after.reshape(b, n, parts, heads, d)
+    state.memory["anchors"] = state.last(after, before)
+    return after, first
+
+
+def _running_sums(x: torch.Tensor, state: ScoreState) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``[B, N, P, H, d]`` float32, padding zeroed -> ``(after, first)`` as ``_ema_anchors``, for the sum of
+    every earlier real token (the cosine to the sum is the cosine to the mean: no division); a row's first token
+    ever is compared with itself. Advances ``state.memory["sum"]``."""
+    b, n, parts, heads, d = x.shape
+    before = state.memory.get("sum")
+    if before is None:
+        before = torch.zeros(b, parts, heads, d, device=x.device)
+    after = sum_scan(x.reshape(b, n, parts * heads, d), before.reshape(b, parts * heads, d)).view(x.shape)
+    first = torch.where((state.seen > 0)[:, None, None, None], before, x[:, 0])
+    state.memory["sum"] = state.last(after, before)
+    return after, first
+
+
+def _zero_padding(x: torch.Tensor, state: ScoreState) -> torch.Tensor:
+    """Padding entries (after a row's real ones) zeroed: they add nothing to a running sum."""
+    return x if state.valid is None else x * state.valid[:, :, None, None, None]
+
+
+def ema_cosines(x: torch.Tensor, state: ScoreState) -> torch.Tensor:
+    """Per-head cosine of each token ``x`` ``[B, N, P, H, d]`` (P parts: keys, values) to its EMA anchor before its
+    update -> ``[B, N, P, H]`` float32. Keeps the anchors ``[B, P, H, d]`` in ``state.memory["anchors"]``."""
+    x = x.float()
+    after, first = _ema_anchors(x, state)
+    return _to_previous(x, (x * x).sum(-1), after, first)
 
 
 def mean_cosines(x: torch.Tensor, state: ScoreState) -> torch.Tensor:
@@ -117,19 +153,19 @@ def mean_cosines(x: torch.Tensor, state: ScoreState) -> torch.Tensor:
     token: to itself) -> ``[B, N, P, H]`` float32. Keeps the running sums ``[B, P, H, d]`` in
     ``state.memory["sum"]``. The cosine is taken against the sum, which points the same way as the mean: no division,
     and the decode step reads the running sum as it is."""
+    x = _zero_padding(x.float(), state)
+    after, first = _running_sums(x, state)
+    return _to_previous(x, (x * x).sum(-1), after, first)
+
+
+def horizon_cosines(x: torch.Tensor, state: ScoreState) -> torch.Tensor:
+    """``ema_cosines`` and ``mean_cosines`` together -> ``[2, B, N, P, H]`` (EMA first), the same numbers: the
+    token's own norms are reduced once for both. Keeps both memories."""
     x = x.float()
-    b, n, parts, heads, d = x.shape
-    if state.valid is not None:
-        x = x * state.valid[:, :, None, None, None]  # padding entries (after the real ones) add nothing
-    before = state.memory.get("sum")
-    if before is None:
-        before = torch.zeros(b, parts, heads, d, device=x.device)
-    after = before[:, None] + x.cumsum(1)  # the sum after each token
-    earlier = torch.cat([before[:, None], after[:, :-1]], dim=1)  # the sum before each token
-    count = (state.seen[:, None] + torch.arange(n, device=x.device))[:, :, None, None, None]  # tokens before
-    prev = torch.where(count > 0, earlier, x)
-    state.memory["sum"] = state.last(after, before)
-    return head_cosine(x, prev)
+    xx = (x * x).sum(-1)
+    ema = _to_previous(x, xx, *_ema_anchors(x, state))
+    x = _zero_padding(x, state)
+    return torch.stack([ema, _to_previous(x, xx, *_running_sums(x, state))])
 
 
 def similarity(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> torch.Tensor:
@@ -149,8 +185,12 @@ def cumulative_mean(keys: torch.Tensor, values: torch.Tensor, state: ScoreState)
 
 
 def two_horizon(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> torch.Tensor:
-    """``min(similarity, cumulative_mean)`` -> ``[B, N]``; keeps both scores' memories (``anchors`` and ``sum``)."""
-    return torch.minimum(similarity(keys, values, state), cumulative_mean(keys, values, state))
+    """``min(similarity, cumulative_mean)`` -> ``[B, N]``; keeps both scores' memories (``anchors`` and ``sum``).
+    Both horizons' cosines come from one ``horizon_cosines`` and are fused in one call, each as its own score's
+    call would fuse it."""
+    fusion, lam = state.params["fusion"], state.params["lam"]
+    cos = horizon_cosines(scored_parts(keys, values, fusion), state)
+    return fuse_stacked(cos, fusion, lam, few=cos[0].numel() <= _FEW).amin(0).float()
 
 
 # -- decode steps ------------------------------------------------------------------------------------------------

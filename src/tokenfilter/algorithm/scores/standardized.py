@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenfilter.algorithm.scores.similarity import ema_cosines, mean_cosines
+from tokenfilter.algorithm.scores.similarity import horizon_cosines
 from tokenfilter.algorithm.scores.state import Score, ScoreState
 
 _EPS = 1e-6  # added to each variance: the first token (no spread yet) scores 0
@@ -33,7 +33,7 @@ def part_similarities(keys: torch.Tensor, values: torch.Tensor, state: ScoreStat
     """Two-horizon similarity of the key and of the value, each averaged over heads: ``keys, values`` ``[B, N, H, d]``
     -> ``[B, N, 2]`` (key, value) float32. Keeps ``memory["anchors"]`` and ``memory["sum"]`` (``[B, 2, H, d]``)."""
     x = torch.stack([keys, values], dim=2)  # [B, N, 2, H, d]
-    return torch.minimum(ema_cosines(x, state).mean(-1), mean_cosines(x, state).mean(-1))
+    return horizon_cosines(x, state).mean(-1).amin(0)
 
 
 def standardize(s: torch.Tensor, state: ScoreState, prefix: bool = False) -> torch.Tensor:

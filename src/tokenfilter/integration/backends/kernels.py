@@ -133,39 +133,59 @@ def attend_lse(
     if impl not in LSE_IMPLS:
         raise ValueError(f"impl must be one of {', '.join(LSE_IMPLS)}, got {impl!r}.")
     b, hq, n_q, d = q.shape
-    h, g = keys.shape[1], hq // keys.shape[1]
-    qg = q.reshape(b, h, g * n_q, d)  # the g query heads of one key head, stacked along the queries
-    if allowed is None:  # every query reads every key (at least one): no mask, and no query without a key
-        allowed = torch.ones((), dtype=torch.bool, device=q.device).expand(b, n_q, keys.shape[2])  # a view only
-        mask = none = None
-    else:
-        mask = allowed[:, None, None].expand(b, 1, g, n_q, allowed.shape[-1]).reshape(b, 1, g * n_q, -1)
-        none = ~allowed.any(-1)  # [B, Q]
+    none = None if allowed is None else ~allowed.any(-1)  # [B, Q] queries with no key
     out = lse = None
-    if impl == "cpu-flash":
-        bias = None
-        if mask is not None:
-            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-            bias = bias.expand(b, h, -1, -1)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qg, keys, values, attn_mask=bias, scale=scale
-        )[:2]
-    elif impl == "cuda-efficient":
-        try:
-            full = allowed[:, None, None].expand(b, 1, g, n_q, allowed.shape[-1]).reshape(b, 1, g * n_q, -1)
-            out, lse = _efficient_lse(qg, keys, values, full if mask is None else mask, scale)
-        except RuntimeError as exc:  # a dtype, head size or alignment the kernel does not take
-            if "cuda-efficient" not in _FELL_BACK:
-                _FELL_BACK.add("cuda-efficient")
-                warnings.warn(f"tokenfilter: the CUDA memory-efficient kernel refused an lse attention ({exc}); "
-                              "using the plain formula", stacklevel=2)
-    if out is None:
-        out, lse = _math_lse(qg, keys, values, allowed[:, None, None].expand(b, 1, g, n_q, allowed.shape[-1]), scale)
+    if impl == "cpu-flash":  # the kernel gives a query with no key output 0 (its lse is set below)
+        out, lse = _cpu_flash_lse(q, keys, values, allowed, scale)
+    else:
+        h, g = keys.shape[1], hq // keys.shape[1]
+        qg = q.reshape(b, h, g * n_q, d)  # the g query heads of one key head, stacked along the queries
+        if allowed is None:  # every query reads every key: the all-True mask as a view
+            allowed = torch.ones((), dtype=torch.bool, device=q.device).expand(b, n_q, keys.shape[2])
+        mask = allowed[:, None, None].expand(b, 1, g, n_q, allowed.shape[-1])
+        if impl == "cuda-efficient":
+            try:
+                out, lse = _efficient_lse(qg, keys, values, mask.reshape(b, 1, g * n_q, -1), scale)
+            except RuntimeError as exc:  # a dtype, head size or alignment the kernel does not take
+                if "cuda-efficient" not in _FELL_BACK:
+                    _FELL_BACK.add("cuda-efficient")
+                    warnings.warn(f"tokenfilter: the CUDA memory-efficient kernel refused an lse attention ({exc}); "
+                                  "using the plain formula", stacklevel=2)
+        if out is None:
+            out, lse = _math_lse(qg, keys, values, mask, scale)
+        if none is not None:
+            out = out.reshape(b, hq, n_q, d).masked_fill(none[:, None, :, None], 0.0)
     out, lse = out.float().reshape(b, hq, n_q, d), lse.float().reshape(b, hq, n_q)
     if none is not None:
         lse = lse.masked_fill(none[:, None, :], float("-inf"))
-        out = out.masked_fill(none[:, None, :, None], 0.0)  # whatever a kernel gives a row with no key at all
     return out, lse
+
+
+def _cpu_flash_lse(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attend_lse`` through ATen's CPU flash kernel: ``(out [B, Hq, Q, d], lse [B, Hq, Q])`` in the query's
+    dtype; a query with no allowed key gets output 0 and an undefined lse. The mask becomes an additive bias
+    ``[B, 1, Q, K]`` (one pass; the kernel takes no bool mask). With one row (B == 1) the g query heads of a key
+    head go as a batch of g over the same keys (a stride-0 view): the queries are not copied and the bias is not
+    repeated; otherwise they are stacked along the queries and the bias repeated g times."""
+    b, hq, n_q, d = q.shape
+    h, k_len = keys.shape[1], keys.shape[2]
+    g = hq // h
+    bias = None
+    if allowed is not None:
+        zero, never = q.new_zeros(()), q.new_full((), float("-inf"))
+        bias = torch.where(allowed, zero, never)[:, None]  # [B, 1, Q, K]
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if b == 1:
+        qb = q.view(h, g, n_q, d).transpose(0, 1)  # [g, H, Q, d]: batch gi holds query head h * g + gi
+        out, lse = flash(qb, keys.expand(g, h, k_len, d), values.expand(g, h, k_len, d), attn_mask=bias,
+                         scale=scale)[:2]
+        return out.transpose(0, 1).reshape(1, hq, n_q, d), lse.transpose(0, 1).reshape(1, hq, n_q)
+    if bias is not None:
+        bias = bias[:, :, None].expand(b, 1, g, n_q, k_len).reshape(b, 1, g * n_q, k_len).expand(b, h, -1, -1)
+    out, lse = flash(q.reshape(b, h, g * n_q, d), keys, values, attn_mask=bias, scale=scale)[:2]
+    return out.reshape(b, hq, n_q, d), lse.reshape(b, hq, n_q)
 
 
 def _math_lse(
@@ -322,7 +342,9 @@ def merge_lse(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> torch.Tensor:
     """Softmax attention over the union of two disjoint key sets, from each part's output ``[B, Hq, N, d]``
-    and log-sum-exp ``[B, Hq, N]``. A query with no key in either part gets 0."""
-    m = torch.maximum(lse_a, lse_b).clamp_min(-1e30)[..., None]
-    wa, wb = torch.exp(lse_a[..., None] - m), torch.exp(lse_b[..., None] - m)
-    return (wa * out_a + wb * out_b) / (wa + wb).clamp_min(1e-30)
+    and log-sum-exp ``[B, Hq, N]``. A query with no key in either part gets 0 (each part's output for it is 0).
+
+    Part b's share of the softmax mass is ``sigmoid(lse_b - lse_a)``, so the merge is one interpolation over the
+    outputs (a part with no key has share 0; a query with none in either, ``-inf - -inf``, keeps part a's 0)."""
+    share = torch.sigmoid(lse_b - lse_a).nan_to_num_(0.0)
+    return torch.lerp(out_a, out_b, share[..., None])
