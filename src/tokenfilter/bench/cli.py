@@ -109,6 +109,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=_threads, default="auto",
                    help="torch threads, or 'auto' (default): torch's choice on an idle machine, 1 when the load "
                    "average is already >= 1 (OpenMP threads waiting on busy cores slow down several-fold)")
+    g.add_argument("--malloc", default="keep", choices=["keep", "system"],
+                   help="keep (default): glibc's malloc keeps freed memory for the next tensor, for every method "
+                   "alike, so that page faults from what the process allocated before do not decide a comparison "
+                   "(tokenfilter.bench.malloc); system: the allocator as configured. Timings only: --memory never "
+                   "changes it")
     g = parser.add_argument_group("grid (defaults fit ~10 min on 2 CPU cores)")
     g.add_argument("--lengths", type=positive_ints, default=None,
                    help=f"context lengths (default {','.join(map(str, DEFAULTS['lengths']))}; "
@@ -255,12 +260,15 @@ def run(args: argparse.Namespace) -> int:
 
         threads, _ = choose_threads(getattr(args, "threads", "auto"))
         return memory.run(args, _command_line(), threads)
+    from tokenfilter.bench.malloc import apply_setting
     from tokenfilter.bench.plot import plot_speedup
     from tokenfilter.bench.report import write_docs
     from tokenfilter.bench.runner import run_bench
 
     threads, why = choose_threads(getattr(args, "threads", "auto"))
     print(f"torch threads: {threads} ({why})", file=sys.stderr)
+    allocator = apply_setting(getattr(args, "malloc", "keep"))
+    print(f"allocator: {allocator}", file=sys.stderr)
     cfg = config_from_args(args)
     command = _command_line()
     what = f"a random-weight {args.shape}" if getattr(args, "shape", None) else (args.model or "the default model")
@@ -276,6 +284,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_bench(model, tok, cfg, model_name=name, log=lambda s: print(s, file=sys.stderr))
     result["command"] = command
     result["config"]["threads"] = {"threads": threads, "why": why}
+    result["config"]["allocator"] = allocator
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "results.json"

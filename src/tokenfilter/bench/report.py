@@ -112,6 +112,8 @@ def render(
     th = cfg.get("threads")
     if th:
         add(f"- torch threads: {th['threads']} ({th['why']}).")
+    if cfg.get("allocator"):
+        add(f"- Allocator: {cfg['allocator']}.")
     add(f"- Memory {m.get('memory_gib')} GiB; {m.get('os')}; Python {m.get('python')}; GPU: {m.get('gpu') or 'none'}.")
     add(f"- Run took {result.get('elapsed_s', 0) / 60:.1f} min, started {result.get('created')}.")
     add("")
