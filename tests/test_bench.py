@@ -220,6 +220,16 @@ def test_report_and_plot_from_json(result, tmp_path):
     assert text.count("| 40 | query side 0.5 |") == 8 and "## The same ratios from process CPU time" in text
 
 
+def test_the_report_says_when_the_run_started(result):
+    """A run stamps its start; a result from before that stamped only when its measurements ended (``created``), so
+    its start is read as that less the time it took."""
+    assert result["started"] <= result["created"]
+    assert f"started {result['started']}." in render(result)
+    old = {k: v for k, v in result.items() if k != "started"}
+    old.update(created="2026-12-07T23:16:31+0000", elapsed_s=21.3 * 60)
+    assert "Run took 21.3 min, started 2026-12-07T22:55:13+0000." in render(old)
+
+
 def test_cli_end_to_end_writes_json_png_and_docs(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_cli, "load", lambda spec, dtype: (tiny_llama(), None, "tiny"))
     parser = argparse.ArgumentParser()

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from tokenfilter.bench.grid import SIDE
@@ -56,13 +57,26 @@ def gpu_section(result: dict, gpu: dict | None) -> list[str]:
     gm, model = gpu["machine"], gpu["model"]
     out += [
         f"- {summary_line(gm)}; model {model['name']} ({model['layers']} layers, hidden {model['hidden']}, "
-        f"{model['q_heads']}/{model['kv_heads']} heads), {model['dtype']}, started {gpu.get('created')}.",
+        f"{model['q_heads']}/{model['kv_heads']} heads), {model['dtype']}, started {started_at(gpu)}.",
         f"- Command: `{gpu.get('command')}`." if gpu.get("command") else "",
         "",
     ]
     body = render(gpu).split("## Results", 1)[1].split("## Reproduce", 1)[0]
     out += ["### Results" + body.replace("\n## ", "\n### ").replace("\n### Batch", "\n#### Batch")]
     return out
+
+
+def started_at(result: dict) -> str | None:
+    """When the run began: its ``started`` stamp; a result from before it had one was stamped (``created``) when its
+    measurements ended, so its start is that less ``elapsed_s``."""
+    if result.get("started"):
+        return result["started"]
+    created = result.get("created")
+    try:
+        end = datetime.strptime(created, "%Y-%m-%dT%H:%M:%S%z")
+    except (TypeError, ValueError):
+        return created
+    return (end - timedelta(seconds=result.get("elapsed_s", 0))).strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def _shared(machine: dict) -> bool:
@@ -115,7 +129,7 @@ def render(
     if cfg.get("allocator"):
         add(f"- Allocator: {cfg['allocator']}.")
     add(f"- Memory {m.get('memory_gib')} GiB; {m.get('os')}; Python {m.get('python')}; GPU: {m.get('gpu') or 'none'}.")
-    add(f"- Run took {result.get('elapsed_s', 0) / 60:.1f} min, started {result.get('created')}.")
+    add(f"- Run took {result.get('elapsed_s', 0) / 60:.1f} min, started {started_at(result)}.")
     add("")
     add("## Setup")
     add("")

@@ -59,7 +59,7 @@ def run_bench(
 
     cfg = config or BenchConfig()
     log = log or (lambda s: None)
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
     model.eval()
     facts = ModelFacts.read(model)
     machine = describe(facts.device)
@@ -69,6 +69,7 @@ def run_bench(
     profile = profile_one_cell(model, grid, source, cfg, facts, log)
     result = {
         "schema": SCHEMA,
+        "started": started_at,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {**machine, "load_average_at_end": load_average()},
         "model": model_info(model, model_name),
