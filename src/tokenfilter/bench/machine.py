@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+STAMP = "%Y-%m-%dT%H:%M:%S%z"  # how a run writes its times (``started``, ``created``)
+
 
 def cpu_model() -> str:
     """The CPU model name from ``/proc/cpuinfo`` (Linux), else what ``platform`` knows."""

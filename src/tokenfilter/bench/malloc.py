@@ -38,9 +38,7 @@ def _glibc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c") or "libc.so.6"
     try:
         libc = ctypes.CDLL(name)
-        libc.gnu_get_libc_version.restype = ctypes.c_char_p
-        libc.gnu_get_libc_version()
-        libc.mallopt  # noqa: B018  (present in glibc only)
+        libc.gnu_get_libc_version, libc.mallopt  # noqa: B018  (glibc's own: absent from musl and others)
     except (OSError, AttributeError):
         return None
     return libc

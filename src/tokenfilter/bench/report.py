@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from tokenfilter.bench.grid import SIDE
-from tokenfilter.bench.machine import summary_line
+from tokenfilter.bench.machine import STAMP, summary_line
 
 READS = {"kv": "the KV side's cells (the measured default)", "filter": "the query side's cells"}
 
@@ -73,10 +73,10 @@ def started_at(result: dict) -> str | None:
         return result["started"]
     created = result.get("created")
     try:
-        end = datetime.strptime(created, "%Y-%m-%dT%H:%M:%S%z")
+        end = datetime.strptime(created, STAMP)
     except (TypeError, ValueError):
         return created
-    return (end - timedelta(seconds=result.get("elapsed_s", 0))).strftime("%Y-%m-%dT%H:%M:%S%z")
+    return (end - timedelta(seconds=result.get("elapsed_s", 0))).strftime(STAMP)
 
 
 def _shared(machine: dict) -> bool:

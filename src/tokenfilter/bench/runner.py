@@ -55,11 +55,11 @@ def run_bench(
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Run the grid on ``model`` and return the results (JSON-serialisable dict)."""
-    from tokenfilter.bench.machine import describe, load_average
+    from tokenfilter.bench.machine import STAMP, describe, load_average
 
     cfg = config or BenchConfig()
     log = log or (lambda s: None)
-    started, started_at = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    started, started_at = time.perf_counter(), time.strftime(STAMP)
     model.eval()
     facts = ModelFacts.read(model)
     machine = describe(facts.device)
@@ -70,7 +70,7 @@ def run_bench(
     result = {
         "schema": SCHEMA,
         "started": started_at,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": time.strftime(STAMP),
         "machine": {**machine, "load_average_at_end": load_average()},
         "model": model_info(model, model_name),
         "config": _config_section(cfg, source, facts),
