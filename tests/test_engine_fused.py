@@ -226,3 +226,24 @@ def test_ragged_kv_settles_deferred_decode_steps_before_anything_reads_them():
     kv.append_one(column(60)[:, :, 0], column(60)[:, :, 0], 60, torch.tensor([True, False]), 1)  # one row stores
     kv.select_batch(torch.tensor([1, 0]))
     assert kv.lengths.tolist() == [len(expected), len(expected) + 1] and kv.pos[1, len(expected)].item() == 60
+
+
+def test_decode_steps_count_their_tokens_when_the_count_is_next_read():
+    """A lean step adds its token to the layer's count of real tokens lazily (no operator per step); whoever reads
+    the count next (the band's indices, a later chunk) gets every step's token."""
+    from transformers import DynamicCache
+
+    model = make_tiny("llama")
+    ids = random_ids(2, 30)
+    with TokenFilter(threshold=2.0, start_layer=0).apply(model) as run, torch.no_grad():  # nothing filtered
+        cache = DynamicCache(config=model.config)
+        model(ids, past_key_values=cache)
+        layer = cache.layers[run.filtered_layers[0]]
+        assert layer.real_seen.tolist() == [30, 30] and layer._unsettled == 0
+        for i in range(3):
+            model(ids[:, i : i + 1], past_key_values=cache)
+        assert layer._unsettled == 3  # the steps never read the count
+        assert layer.real_seen.tolist() == [33, 33] and layer._unsettled == 0
+        model(ids[:, 3:4], past_key_values=cache)
+        model(ids[:, :5], past_key_values=cache)  # a chunk reads the count: the step before it is in it
+        assert layer.real_seen.tolist() == [39, 39] and layer._unsettled == 0

@@ -52,12 +52,24 @@ def _scan(x: torch.Tensor, carry: torch.Tensor, alpha: float, beta: float) -> to
     return out.reshape(b, blocks * m, f)[:, :n]
 
 
+def one_step(h: torch.Tensor, x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """One token of the recurrence: ``alpha * h + beta * x`` (float32), in two operators (the second multiplies and
+    adds at once). A one-token call of the scans and the scores' decode steps both compute it here, so their
+    numbers agree bit for bit."""
+    return torch.add(alpha * h, x, alpha=beta)
+
+
+def ema_step(anchor: torch.Tensor, x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``ema_scan`` of one token: ``gamma * anchor + (1 - gamma) * x``, by ``one_step``."""
+    return one_step(anchor, x, gamma, 1 - gamma)
+
+
 def _linear_scan(x: torch.Tensor, init: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     b, n, h, d = x.shape
     x = x.float().reshape(b, n, h * d)
     carry = init.float().reshape(b, h * d)
     if n == 1:
-        return (alpha * carry + beta * x[:, 0]).reshape(b, 1, h, d)
+        return one_step(carry, x[:, 0], alpha, beta).reshape(b, 1, h, d)
     return _scan(x, carry, float(alpha), float(beta)).reshape(b, n, h, d)
 
 

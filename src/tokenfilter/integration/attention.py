@@ -102,10 +102,12 @@ class FilteredAttention:
         decoding = t == 1 and state.columns > 0
         lean = decoding and self._is_lean(state)
         k_rot = rope(k, tables if units.per == 1 else (units.rows(tables[0]), units.rows(tables[1])))
-        seen = state.real_seen  # [B] each row's real tokens before this call (scoring counts this call's)
+        # [B] each row's real tokens before this call (scoring counts this call's); a lean step counts its token
+        # after storing it and reads this only where it needs it (most steps do not: no operator)
+        seen = None if lean else state.real_seen
         scores, eligible = self._score(k if plan.pre_rope else k_rot, v, real, state, lean)
         filtered = plan.rule.decide(scores, eligible, real, state.history, decoding)
-        n_filtered = int(filtered.sum())
+        n_filtered = int(filtered if filtered.numel() == 1 else filtered.sum())  # one host sync
         # the tokens kept (a lean step's tokens are all real)
         keep = real if n_filtered == 0 else ~filtered if lean else real & ~filtered
         readers, stored = vis.readers(real, keep), vis.stored(real, keep)
@@ -116,6 +118,8 @@ class FilteredAttention:
         evicted_before = state.kv.evicted
         held_before = state.ring.held if state.ring is not None else 0
         cols, idx, band = store_call(state, call, k_rot, v, real, seen, stored, scores, n_unstored, lean, held_before)
+        if lean:
+            state.advance_real(1, plan.warmup)
         # an entry not stored for good is dropped when it leaves the ring (at once without a band)
         dropped = held_before + n_unstored - (state.ring.held if state.ring is not None else 0)
         state.columns += t
@@ -176,13 +180,11 @@ class FilteredAttention:
         self, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor, state: FilteredCacheLayer, lean: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scores ``[B, T]`` (NaN for padding) and eligibility ``[B, T]`` (None: every token is; lean only);
-        advances the score's memory and the count of real tokens."""
+        advances the score's memory and (but on a lean step) the count of real tokens."""
+        if lean:  # its token is counted after it is stored (``__call__``)
+            return self._score_step(k, v, state)[:, None], None
         b, t = real.shape
         warmup, seen = self.plan.warmup, state.real_seen
-        if lean:
-            scores = self._score_step(k, v, state)[:, None]
-            state.advance_real(1, warmup)
-            return scores, None
         if self.run.call.all_real:  # no padding: the tokens are already left-aligned, nothing to gather
             scores = self.plan.score(k, v, self._score_state(state, None))
             state.advance_real(t, warmup)  # every row gained t real tokens
@@ -204,12 +206,13 @@ class FilteredAttention:
 
     def _score_step(self, k: torch.Tensor, v: torch.Tensor, state: FilteredCacheLayer) -> torch.Tensor:
         """Scores ``[B]`` of one real token per row: the score's decode step where it has one, else the score."""
-        score, score_state = self.plan.score, self._score_state(state, None)
-        if score.step is not None:
-            scores = score.step(k, v, score_state)
+        score = self.plan.score
+        if score.step is not None:  # a step reads no counts (``StepFn``): the state's are not settled for it
+            scores = score.step(k, v, ScoreState(None, None, state.score_memory, self.run.generator,
+                                                 self.plan.score_params))
             if scores is not None:
                 return scores
-        return score(k, v, score_state)[:, 0]
+        return score(k, v, self._score_state(state, None))[:, 0]
 
     def _score_state(self, state: FilteredCacheLayer, valid: torch.Tensor | None) -> ScoreState:
         return ScoreState(valid=valid, seen=state.real_seen, memory=state.score_memory,
@@ -238,10 +241,12 @@ class FilteredAttention:
 
 def store_call(
     state: FilteredCacheLayer, call: CallContext, k_rot: torch.Tensor, v: torch.Tensor, real: torch.Tensor,
-    seen: torch.Tensor, stored: torch.Tensor, scores: torch.Tensor, n_unstored: int, lean: bool, held_before: int,
+    seen: torch.Tensor | None, stored: torch.Tensor, scores: torch.Tensor, n_unstored: int, lean: bool,
+    held_before: int,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[torch.Tensor, ...] | None]:
     """Step 4 of a filtered layer's call: write its stored entries (``k_rot, v``: ``[B, T, H, d]``; ``seen`` ``[B]``
-    each row's real tokens before the call) and slide the ring; returns ``(cols [T],
+    each row's real tokens before the call, None on a lean step: read from the state where needed) and slide the
+    ring; returns ``(cols [T],
     idx [B, T], band)``: the call's columns, each token's index among its row's real tokens and the band's
     sources (``RecentRing.extend``; None without a band, and all three None on a lean step that needs none)."""
     b, t = real.shape
@@ -253,7 +258,7 @@ def store_call(
     if lean and quiet:
         return None, None, None
     cols = state.columns + torch.arange(t, device=real.device)
-    idx = seen[:, None] if lean else seen[:, None] + real.long().cumsum(-1) - 1
+    idx = state.real_seen[:, None] if lean else seen[:, None] + real.long().cumsum(-1) - 1
     k_rot, v = k_rot.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
     if not lean:
         n_store = b * t - n_unstored if call.all_real else None  # every token real: the count is known

@@ -42,29 +42,45 @@ class FilteredCacheLayer(CacheLayerMixin):
         self.ring = ring  # KV side: the last real tokens, for the recent band
         self.columns = 0  # columns (real or padding) processed so far
         self.score_memory: dict[str, torch.Tensor] = {}  # the score's running tensors, [B, ...] each
-        self.real_seen: torch.Tensor | None = None  # [B] real tokens seen
+        self._real_seen: torch.Tensor | None = None  # [B] real tokens seen, less ``_unsettled``
+        self._unsettled = 0  # real tokens every row gained (decode steps) not yet added to ``_real_seen``
         self.history: ScoreHistory | None = None  # each row's eligible scores so far (the decode ratio rule)
         self.min_real_seen = 0  # Python lower bound of real_seen.min() (decides the decode fast path)
         self.is_initialized = True
 
     # -- state used by the filter -------------------------------------------------------------
+    @property
+    def real_seen(self) -> torch.Tensor | None:
+        """``[B]`` real tokens each row has seen (None before the first call). Decode steps add theirs when this is
+        next read (one operator for any number of steps): most steps never read it."""
+        if self._unsettled:
+            self._real_seen, self._unsettled = self._real_seen + self._unsettled, 0
+        return self._real_seen
+
+    @real_seen.setter
+    def real_seen(self, value: torch.Tensor | None) -> None:
+        self._real_seen, self._unsettled = value, 0
+
     def init_state(self, batch: int, device: torch.device) -> None:
-        if self.real_seen is None:
+        if self._real_seen is None:
             self.real_seen = torch.zeros(batch, dtype=torch.long, device=device)
             self.history = ScoreHistory(batch, device)
-        elif self.real_seen.shape[0] != batch:
+        elif self._real_seen.shape[0] != batch:  # (read as stored: the rows are known without settling)
             per = self.units.per
             raise ValueError(
-                f"The cache holds {self.real_seen.shape[0] // per} sequences but this call has {batch // per}; "
+                f"The cache holds {self._real_seen.shape[0] // per} sequences but this call has {batch // per}; "
                 "use a new cache for a new batch."
             )
 
     def advance_real(self, counts: torch.Tensor | int, warmup: int) -> None:
-        """Count this call's real tokens per row (``[B]``, or one int when every row gained as many)."""
-        self.real_seen = self.real_seen + counts
+        """Count this call's real tokens per row (``[B]``, or one int when every row gained as many: added when
+        ``real_seen`` is next read)."""
         if isinstance(counts, int):
+            self._unsettled += counts
             self.min_real_seen += counts
-        elif self.min_real_seen < warmup:  # a lower bound; once past warm-up it needs no more syncs
+            return
+        self.real_seen = self.real_seen + counts
+        if self.min_real_seen < warmup:  # a lower bound; once past warm-up it needs no more syncs
             self.min_real_seen = int(self.real_seen.min())
 
     # -- the CacheLayerMixin interface ------------------------------------------------------------

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenfilter.algorithm.anchors import ema_scan, sum_scan
+from tokenfilter.algorithm.anchors import ema_scan, ema_step, sum_scan
 from tokenfilter.algorithm.scores.state import Score, ScoreState
 
 FUSIONS = ("variance", "mean", "key", "value", "min", "key-min", "kv-min")
@@ -190,7 +190,7 @@ def two_horizon(keys: torch.Tensor, values: torch.Tensor, state: ScoreState) -> 
     call would fuse it."""
     fusion, lam = state.params["fusion"], state.params["lam"]
     cos = horizon_cosines(scored_parts(keys, values, fusion), state)
-    return fuse_stacked(cos, fusion, lam, few=cos[0].numel() <= _FEW).amin(0).float()
+    return fuse_stacked(cos, fusion, lam, few=cos.numel() <= 2 * _FEW).amin(0).float()
 
 
 # -- decode steps ------------------------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ def similarity_step(k: torch.Tensor, v: torch.Tensor, state: ScoreState) -> torc
         return None
     gamma, fusion, lam = (state.params[p] for p in PARAMS)
     x = _step_parts(k, v, fusion)  # [B, 2 (or 1: keys), H, d]
-    state.memory["anchors"] = gamma * before + (1 - gamma) * x  # ema_scan's one-token update, the same expression
+    state.memory["anchors"] = ema_step(before, x, gamma)
     pair = torch.stack([x, before])  # [2, B, 2, H, d]: the token and the anchor before its update
     gram = (pair[:, None] * pair[None]).sum(-1)  # [2, 2, B, 2, H]: x.x, x.a / a.x, a.a
     cos = gram[0, 1] * (gram[0, 0] * gram[1, 1]).clamp_min(_EPS2).rsqrt()  # [B, 2, H]
@@ -217,7 +217,7 @@ def similarity_step(k: torch.Tensor, v: torch.Tensor, state: ScoreState) -> torc
 
 
 def cumulative_mean_step(k: torch.Tensor, v: torch.Tensor, state: ScoreState) -> torch.Tensor | None:
-    """``cumulative-mean`` of one decode token per row (``state.seen``: ``[B]``, all >= 1) -> ``[B]``, with
+    """``cumulative-mean`` of one decode token per row (every row past its first token) -> ``[B]``, with
     ``memory["sum"]`` advanced past it: the score's expressions on one token, without its scan. None (nothing
     done) when the sums are not there yet."""
     before = state.memory.get("sum")
@@ -237,14 +237,14 @@ def two_horizon_step(k: torch.Tensor, v: torch.Tensor, state: ScoreState) -> tor
         return None  # neither memory is touched
     gamma, fusion, lam = (state.params[p] for p in PARAMS)
     x = _step_parts(k, v, fusion)  # [B, P, H, d]
-    state.memory["anchors"] = gamma * anchors + (1 - gamma) * x  # ema_scan's one-token update, the same expression
+    state.memory["anchors"] = ema_step(anchors, x, gamma)
     state.memory["sum"] = total + x
     trio = torch.stack([x, anchors, total])  # [3, B, P, H, d]: the token, the EMA anchor and the sum before it
     cross = (trio * x).sum(-1)  # [3, B, P, H]: x.x, a.x, s.x
     own = (trio * trio).sum(-1)  # x.x, a.a, s.s
     cos = (cross * (own * own[0]).clamp_min(_EPS2).rsqrt())[1:]  # [2, B, P, H]: head_cosine's products, in its order
     # both horizons fused in one call (the reductions are per row), each as its own score's call would
-    return fuse_stacked(cos, fusion, lam, few=cos[0].numel() <= _FEW).amin(0)
+    return fuse_stacked(cos, fusion, lam, few=cos.numel() <= 2 * _FEW).amin(0)
 
 
 SIMILARITY = Score(similarity, similarity_step, PARAMS)

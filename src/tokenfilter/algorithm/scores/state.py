@@ -17,7 +17,8 @@ class ScoreState:
 
     Attributes:
         valid: ``[B, N]`` bool, True on real entries; None when every entry is real (no padding in the call).
-        seen: ``[B]`` long, real tokens of each row before this call.
+        seen: ``[B]`` long, real tokens of each row before this call; None for a decode step (``StepFn``), which is
+            only called once every row is past its first token and reads no counts.
         memory: the layer's running tensors (each ``[B, ...]``, float32), kept in its cache between calls and
             reordered with it (beam search); a score owns its keys in it (e.g. ``"anchors"``).
         generator: a seeded CPU generator, for scores that draw.
@@ -25,7 +26,7 @@ class ScoreState:
     """
 
     valid: torch.Tensor | None
-    seen: torch.Tensor
+    seen: torch.Tensor | None
     memory: dict[str, torch.Tensor]
     generator: torch.Generator | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
@@ -53,8 +54,8 @@ first). Entries past a row's real tokens may hold anything: the engine ignores t
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, ScoreState], "torch.Tensor | None"]
 """A decode step: ``(k [B, 1, H, d], v, state) -> [B] | None`` for one real token per row, every row past its first
-token (``state.valid`` None). Must equal the ``ScoreFn`` bit for bit; None (nothing done, memory untouched) hands
-the token to the ``ScoreFn``."""
+token (``state.valid`` and ``state.seen`` None). Must equal the ``ScoreFn`` bit for bit; None (nothing done, memory
+untouched) hands the token to the ``ScoreFn``."""
 
 
 @dataclass(frozen=True)
