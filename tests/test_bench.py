@@ -403,3 +403,11 @@ def test_merging_runs_keeps_every_cell_once_and_reevaluates_the_targets(result, 
         paths[-1].write_text(json.dumps(r))
     assert merge_main([*map(str, paths), "-o", str(tmp_path / "m.json")]) == 0
     assert "## Results" in render(json.loads((tmp_path / "m.json").read_text()))
+
+
+def test_paired_prefill_pairs_halve_per_doubling_beyond_1024_tokens():
+    from tokenfilter.bench.cells import prefill_pairs
+
+    assert [prefill_pairs(8, t) for t in (128, 512, 1024, 2048, 4096, 8192, 16384)] == [8, 8, 8, 4, 2, 2, 2]
+    assert [prefill_pairs(6, t) for t in (512, 2048, 4096)] == [6, 3, 2]
+    assert prefill_pairs(1, 512) == 2  # never fewer than two pairs: a median needs them

@@ -36,6 +36,13 @@ class Context:
     paired: dict[int, dict]
 
 
+def prefill_pairs(n: int, t: int) -> int:
+    """Prefill pairs of the paired measurement at ``t`` tokens for ``--paired-prefills n``: ``n`` up to 1024 tokens,
+    then half as many per doubling of the context (a prefill costs about twice as much), at least 2. Short prefills
+    are cheap and their ratio the noisiest, so they get the most pairs."""
+    return max(2, n * 1024 // max(t, 1024))
+
+
 def pair_with_dense(
     model: torch.nn.Module,
     ids: torch.Tensor,
@@ -53,7 +60,7 @@ def pair_with_dense(
     lead = METHOD_OF_MODE[cfg.lead_mode]
     ratios = [(m.ratio, i) for i, m in enumerate(methods) if m.name == lead]
     chosen += [max(ratios)[1]] if ratios else []
-    pairs = cfg.paired_prefills if t < 2048 else max(2, cfg.paired_prefills // 2)
+    pairs = prefill_pairs(cfg.paired_prefills, t)
     paired = {}
     for i in chosen:
         if progress is not None:

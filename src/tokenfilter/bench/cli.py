@@ -155,7 +155,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "decode steps dense and filtered in turn on two caches, plus --paired-prefills prefill pairs, per "
                    "cell (the overhead target then reads it; 0 = off)")
     g.add_argument("--paired-prefills", type=positive_int, default=6, metavar="N",
-                   help="prefill pairs of the paired measurement (halved from 2048 tokens; default 6)")
+                   help="prefill pairs of the paired measurement up to 1024 tokens, halved per doubling of the "
+                   "context beyond, at least 2 (default 6)")
     g = parser.add_argument_group("inputs and outputs")
     g.add_argument("--data", default=None, help="text file for the contexts (default ../shared/data/wikitext-2 test)")
     g.add_argument("--seed", type=int, default=0)

@@ -72,7 +72,7 @@ class BenchConfig:
     kv_ratios: list[float] | None = None  # ratios of the KV-side mode (None: the same as ``ratios``)
     recent: int | None = None  # the window R of the KV side and of the sliding window (None: the library's, 64)
     paired_steps: int = 0  # > 0: the overhead run and the lead mode's top ratio also paired step by step with dense
-    paired_prefills: int = 6  # prefill pairs of the paired measurement (at 2048+ tokens: half, at least 2)
+    paired_prefills: int = 6  # prefill pairs of the paired measurement up to 1024 tokens (cells.prefill_pairs)
 
     def methods(self) -> list[Method]:
         """The methods of every context, dense first."""
