@@ -114,6 +114,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "alike, so that page faults from what the process allocated before do not decide a comparison "
                    "(tokenfilter.bench.malloc); system: the allocator as configured. Timings only: --memory never "
                    "changes it")
+    g.add_argument("--omp-wait", default="passive", choices=["passive", "system"],
+                   help="passive (default): idle OpenMP threads sleep at once (OMP_WAIT_POLICY=PASSIVE, set before "
+                   "torch loads, unless the environment names a policy), for every method alike, so that with "
+                   "several threads a core another process keeps busy does not stall each parallel operator "
+                   "(tokenfilter.bench.openmp); system: OpenMP as configured")
     g = parser.add_argument_group("grid (defaults fit ~10 min on 2 CPU cores)")
     g.add_argument("--lengths", type=positive_ints, default=None,
                    help=f"context lengths (default {','.join(map(str, DEFAULTS['lengths']))}; "
@@ -261,6 +266,9 @@ def run(args: argparse.Namespace) -> int:
 
         threads, _ = choose_threads(getattr(args, "threads", "auto"))
         return memory.run(args, _command_line(), threads)
+    from tokenfilter.bench import openmp  # before anything loads torch: OpenMP reads its policy when it loads
+
+    wait_policy = openmp.apply_setting(getattr(args, "omp_wait", "passive"))
     from tokenfilter.bench.malloc import apply_setting
     from tokenfilter.bench.plot import plot_speedup
     from tokenfilter.bench.report import write_docs
@@ -270,6 +278,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"torch threads: {threads} ({why})", file=sys.stderr)
     allocator = apply_setting(getattr(args, "malloc", "keep"))
     print(f"allocator: {allocator}", file=sys.stderr)
+    print(f"OpenMP: {wait_policy}", file=sys.stderr)
     cfg = config_from_args(args)
     command = _command_line()
     what = f"a random-weight {args.shape}" if getattr(args, "shape", None) else (args.model or "the default model")
@@ -286,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
     result["command"] = command
     result["config"]["threads"] = {"threads": threads, "why": why}
     result["config"]["allocator"] = allocator
+    result["config"]["omp_wait"] = wait_policy
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "results.json"

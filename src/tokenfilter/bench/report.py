@@ -128,6 +128,8 @@ def render(
         add(f"- torch threads: {th['threads']} ({th['why']}).")
     if cfg.get("allocator"):
         add(f"- Allocator: {cfg['allocator']}.")
+    if cfg.get("omp_wait"):
+        add(f"- OpenMP: {cfg['omp_wait']}.")
     add(f"- Memory {m.get('memory_gib')} GiB; {m.get('os')}; Python {m.get('python')}; GPU: {m.get('gpu') or 'none'}.")
     add(f"- Run took {result.get('elapsed_s', 0) / 60:.1f} min, started {started_at(result)}.")
     add("")
