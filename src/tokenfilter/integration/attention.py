@@ -207,15 +207,16 @@ class FilteredAttention:
     def _score_step(self, k: torch.Tensor, v: torch.Tensor, state: FilteredCacheLayer) -> torch.Tensor:
         """Scores ``[B]`` of one real token per row: the score's decode step where it has one, else the score."""
         score = self.plan.score
-        if score.step is not None:  # a step reads no counts (``StepFn``): the state's are not settled for it
-            scores = score.step(k, v, ScoreState(None, None, state.score_memory, self.run.generator,
-                                                 self.plan.score_params))
+        if score.step is not None:
+            scores = score.step(k, v, self._score_state(state, None, step=True))
             if scores is not None:
                 return scores
         return score(k, v, self._score_state(state, None))[:, 0]
 
-    def _score_state(self, state: FilteredCacheLayer, valid: torch.Tensor | None) -> ScoreState:
-        return ScoreState(valid=valid, seen=state.real_seen, memory=state.score_memory,
+    def _score_state(self, state: FilteredCacheLayer, valid: torch.Tensor | None, step: bool = False) -> ScoreState:
+        """What the layer's score reads; a decode ``step`` reads no counts (``StepFn``), so they are not settled
+        for it."""
+        return ScoreState(valid=valid, seen=None if step else state.real_seen, memory=state.score_memory,
                           generator=self.run.generator, params=self.plan.score_params)
 
     # -- state -----------------------------------------------------------------------------------------------
